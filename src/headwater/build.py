@@ -1,0 +1,251 @@
+"""Building an index: records → per-example compressed gradients → shards, on one or many ranks.
+
+Ranks take contiguous blocks of records (rank r gets records [r·n/W, (r+1)·n/W)), so the rows of
+a W-rank index come out in the same order as a 1-rank build. Launch several ranks with
+`torchrun --nproc_per_node N -m headwater build …` (gloo on CPU, nccl on GPUs); rank 0 prepares
+the directory and writes the manifest after every rank has finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .collect import GradientCollector, model_fingerprint, tracked_modules
+from .data import fingerprint_records, load_records
+from .errors import UserError
+from .normalizer import load_optimizer_state, module_scales
+from .projection import ProjectionConfig
+from .store import DTYPES, BuildLock, ShardWriter, prepare_directory, read_json, sha256_file, write_json, write_manifest
+from .task import LanguageModelTask, Task
+
+SHARD_BYTES = 1 << 27
+
+
+@dataclass
+class BuildConfig:
+    """Everything that determines an index; saved as `config.json` so a build can be replayed.
+
+    `projection_dim` is per tracked module. `modules` are fnmatch globs (default: the linear layers
+    inside the model's blocks). `unit="sentence"` stores one row per sentence (span-level).
+    """
+
+    model: str | None = None
+    data: str | None = None
+    projection: str = "factored"
+    projection_dim: int = 4096
+    seed: int = 0
+    modules: list[str] | None = None
+    dtype: str = "float16"
+    batch_size: int = 8
+    max_length: int | None = None
+    format: str = "auto"
+    unit: str = "document"
+    optimizer_state: str | None = None
+    shard_rows: int | None = None
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.unit not in ("document", "sentence"):
+            raise UserError(f"unknown unit {self.unit!r}; choose document or sentence")
+        self.projection_config()  # validates kind and dim
+
+    def projection_config(self) -> ProjectionConfig:
+        return ProjectionConfig(self.projection, self.projection_dim, self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BuildConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown build config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def load_model(name: str, device: str = "cpu"):
+    """(model, tokenizer) for a causal LM from a local path or hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except Exception as exc:
+        raise UserError(f"could not load model {name!r}: {exc}") from exc
+    return model.to(device).eval(), tokenizer
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _broadcast_error(message: str | None, world: int) -> None:
+    """Make every rank fail with rank 0's error (or none), so no rank waits forever."""
+    if world > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise UserError(message)
+
+
+def index_header(config: BuildConfig, collector: GradientCollector, model, task: Task, records, world: int) -> dict:
+    """What identifies an index: compared on resume and on every query."""
+    normalizer = None
+    if config.optimizer_state:
+        normalizer = {"path": str(config.optimizer_state), "sha256": sha256_file(Path(config.optimizer_state))}
+    return {
+        "model": {"name": config.model, "fingerprint": model_fingerprint(model)},
+        "modules": collector.describe()["modules"],
+        "projection": collector.projection.to_dict(),
+        "normalizer": normalizer,
+        "task": task.describe(),
+        "data": {"source": config.data, "fingerprint": fingerprint_records(records), "records": len(records)},
+        "segments": [{"name": n, "start": a, "stop": b} for n, (a, b) in collector.segments.items()],
+        "dim": collector.dim,
+        "dtype": config.dtype,
+        "world_size": world,
+    }
+
+
+def build_index(
+    path: str | Path,
+    model: torch.nn.Module | None = None,
+    data=None,
+    task: Task | None = None,
+    config: BuildConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Collect compressed per-example gradients of `data` under `model` into an index at `path`.
+
+    `model`/`data` default to loading `config.model` (a causal LM path or hub id) and
+    `config.data` (a file, saved data set or hub name). `task` defaults to a
+    `LanguageModelTask` with the model's tokenizer. Returns the opened `Index`.
+    """
+    from .index import Index
+
+    config = config or BuildConfig()
+    path = Path(path)
+    rank, world = distributed()
+    tokenizer = None
+    if model is None:
+        if not config.model:
+            raise UserError("no model given: pass a model or set --model")
+        model, tokenizer = load_model(config.model, config.device)
+    model = model.to(config.device).eval()
+    records = load_records(data if data is not None else _required(config.data, "data"))
+    if task is None:
+        if tokenizer is None:
+            raise UserError("pass a task (or a model path whose tokenizer can be loaded)")
+        task = LanguageModelTask(tokenizer, config.max_length, config.format, config.unit)
+    task.encode(records[0])  # fail on a bad first record before anything is written
+    scales = None
+    if config.optimizer_state:
+        tracked = tracked_modules(model, config.modules)
+        scales = module_scales(model, tracked, load_optimizer_state(config.optimizer_state))
+    collector = GradientCollector(model, task, config.projection_config(), config.modules, scales)
+    header = index_header(config, collector, model, task, records, world)
+
+    error, complete, created = None, False, not path.exists()
+    if rank == 0:
+        try:
+            complete = prepare_directory(path, resume, overwrite)
+            created = created or not (path / "config.json").exists()
+            path.mkdir(parents=True, exist_ok=True)
+            if (path / "config.json").exists():
+                _check_same_build(path, header)
+            else:
+                if config.data is None or not isinstance(data, (str, os.PathLike)) and data is not None:
+                    records.save_to_disk(str(path / "records"))  # in-memory data: keep it for result texts
+                write_json(path / "config.json", config.to_dict())
+                write_json(path / "header.json", header)
+        except UserError as exc:
+            error = str(exc)
+    _broadcast_error(error, world)
+    if complete:
+        return Index(path)
+
+    lo, hi = rank * len(records) // world, (rank + 1) * len(records) // world
+    shard_rows = config.shard_rows or max(1, SHARD_BYTES // (collector.dim * np.dtype(DTYPES[config.dtype][1]).itemsize))
+    try:
+        with BuildLock(path / "locks" / f"r{rank:03d}.lock"):
+            writer = ShardWriter(path, rank, collector.dim, config.dtype, shard_rows, resume)
+            start = writer.next_record if writer.next_record is not None else lo
+            _collect_range(collector, task, records, start, hi, config.batch_size, writer, progress and rank == 0)
+    except UserError:
+        if created and rank == 0 and world == 1:  # bad input in a fresh build: leave nothing behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    if isinstance(task, LanguageModelTask):
+        task.warn_truncation()
+    _barrier(world)
+    if rank == 0:
+        write_manifest(path, header, world)
+        shutil.rmtree(path / "locks", ignore_errors=True)
+    _barrier(world)
+    return Index(path)
+
+
+def _required(value, name: str):
+    if value is None:
+        raise UserError(f"no {name} given")
+    return value
+
+
+def _check_same_build(path: Path, header: dict) -> None:
+    old = read_json(path / "header.json")
+    for key in ("model", "modules", "projection", "normalizer", "task", "data", "dim", "dtype", "world_size"):
+        if old.get(key) != header.get(key):
+            raise UserError(f"cannot resume {path}: its {key} differs from this build's ({old.get(key)} vs {header.get(key)})")
+
+
+def _collect_range(collector, task, records, start: int, stop: int, batch_size: int, writer: ShardWriter, progress: bool) -> None:
+    """Gradients of records [start, stop) in batches of `batch_size` units, appended to `writer`."""
+    bar = tqdm(total=stop - start, desc="build", unit="doc", disable=not progress)
+    pending: list[tuple[int, int, Any]] = []
+
+    def run(batch_items, done: int) -> None:
+        rows = collector(task.collate([ex for _, _, ex in batch_items]))
+        ids = np.array([(r, u) for r, u, _ in batch_items], dtype=np.int64)
+        writer.add(rows, ids, done)
+
+    for rec in range(start, stop):
+        pending += [(rec, u, ex) for u, ex in enumerate(task.encode(records[rec]))]
+        while len(pending) >= batch_size:
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            done = rec if pending and pending[0][0] == rec else rec + 1
+            run(batch, done)
+        bar.update(1)
+    if pending:
+        run(pending, stop)
+    writer.close(stop)
+    bar.close()

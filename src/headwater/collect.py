@@ -1,0 +1,197 @@
+"""Per-example gradients of tracked linear modules, compressed as they are computed.
+
+For a linear module with per-token input a_t [d_in] and output gradient δ_t [d_out], example
+b's weight gradient (bias as the last column) is DW_b = Σ_t δ_{b,t} [a_{b,t}; 1]ᵀ. Forward hooks
+keep each call's input and output; one `torch.autograd.grad` of Σ_b L_b with respect to those
+outputs gives every δ (parameter `.grad` is never touched), and examples do not mix because the
+summed loss's gradient at example b's positions depends only on L_b. The factored projection then
+needs only P_out δ_t and P_in a_t (LoGra); `dense`/`none` form DW_b explicitly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+from .normalizer import ModuleScale
+from .projection import ProjectionConfig, dense_blocks, factored_matrices
+from .task import Batch, Task
+
+DENSE_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class TrackedModule:
+    """A linear layer whose gradient is collected. HF `Conv1D` stores its weight transposed."""
+
+    name: str
+    module: torch.nn.Module
+    d_in: int
+    d_out: int
+    has_bias: bool
+    transposed: bool
+
+    @property
+    def d_in_aug(self) -> int:
+        return self.d_in + int(self.has_bias)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias}
+
+
+def _as_linear(name: str, module: torch.nn.Module) -> TrackedModule | None:
+    if isinstance(module, torch.nn.Linear):
+        return TrackedModule(name, module, module.in_features, module.out_features, module.bias is not None, False)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        d_in, d_out = module.weight.shape
+        return TrackedModule(name, module, d_in, d_out, module.bias is not None, True)
+    return None
+
+
+def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -> dict[str, TrackedModule]:
+    """The linear modules to track, in registration order.
+
+    Default: every Linear/Conv1D inside the model's repeated blocks (any `nn.ModuleList`), or every
+    Linear/Conv1D when the model has no such list. `patterns` are fnmatch globs on module names
+    (e.g. `"*.mlp.*"`, `"transformer.h.1.*"`) and select from all linear modules.
+    """
+    linear = {n: tm for n, m in model.named_modules() if (tm := _as_linear(n, m)) is not None}
+    if patterns:
+        chosen = {n: tm for n, tm in linear.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        if not chosen:
+            raise UserError(f"no linear module matches {patterns}; linear modules are: {', '.join(list(linear)[:20])}")
+        return chosen
+    in_blocks = set()
+    for prefix, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList):
+            in_blocks.update(n for n in linear if n.startswith(prefix + "."))
+    chosen = {n: tm for n, tm in linear.items() if n in in_blocks} or linear
+    if not chosen:
+        raise UserError("the model has no Linear or Conv1D module to track")
+    return chosen
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's name, shape, dtype and values."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class GradientCollector:
+    """Computes compressed per-example gradients: `collector(batch)` → Tensor [B, dim] float32.
+
+    Rows are the concatenation, in module order, of each module's segment (see `segments`).
+    `scales` (from `normalizer.module_scales`) divides gradients by √(optimizer second moment).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        projection: ProjectionConfig = ProjectionConfig(),
+        modules: list[str] | None = None,
+        scales: dict[str, ModuleScale] | None = None,
+    ):
+        self.model, self.task, self.projection = model, task, projection
+        self.modules = tracked_modules(model, modules)
+        self.scales = scales
+        self.device = next(model.parameters()).device
+        self.segments: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, tm in self.modules.items():
+            width = projection.segment_dim(tm.d_out, tm.d_in_aug)
+            self.segments[name] = (offset, offset + width)
+            offset += width
+        self.dim = offset
+        self._matrices: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dense: dict[str, list] = {}
+
+    def describe(self) -> dict:
+        return {"modules": [tm.describe() for tm in self.modules.values()], "projection": self.projection.to_dict(), "dim": self.dim}
+
+    def _factored(self, tm: TrackedModule) -> tuple[torch.Tensor, torch.Tensor]:
+        if tm.name not in self._matrices:
+            p_out, p_in = factored_matrices(self.projection, tm.name, tm.d_out, tm.d_in_aug)
+            if self.scales is not None:  # fold the rank-one normaliser into both sides
+                p_out, p_in = p_out * self.scales[tm.name].row, p_in * self.scales[tm.name].col
+            self._matrices[tm.name] = (p_out.to(self.device), p_in.to(self.device))
+        return self._matrices[tm.name]
+
+    def _dense_blocks(self, tm: TrackedModule) -> list:
+        n = tm.d_out * tm.d_in_aug
+        if tm.name in self._dense:
+            return self._dense[tm.name]
+        blocks = [(a, b, p.to(self.device)) for a, b, p in dense_blocks(self.projection, tm.name, n)]
+        if self.projection.dim * n * 4 <= DENSE_CACHE_BYTES:
+            self._dense[tm.name] = blocks
+        return blocks
+
+    @contextmanager
+    def _recording(self):
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
+        handles = []
+        for name, tm in self.modules.items():
+            record = lambda mod, args, out, name=name: calls[name].append((args[0], out))
+            handles.append(tm.module.register_forward_hook(record))
+        needs_grad = [p for tm in self.modules.values() for p in tm.module.parameters() if not p.requires_grad]
+        for p in needs_grad:  # outputs must be in the graph even for a frozen model
+            p.requires_grad_(True)
+        try:
+            yield calls
+        finally:
+            for h in handles:
+                h.remove()
+            for p in needs_grad:
+                p.requires_grad_(False)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.enable_grad(), self._recording() as calls:
+            losses = self.task.per_example_loss(self.model, batch)
+            if losses.dim() != 1:
+                raise UserError(f"per_example_loss must return shape [B], got {tuple(losses.shape)}")
+            flat = [(name, a, out) for name, cs in calls.items() for a, out in cs]
+            if not flat:
+                raise UserError("no tracked module ran in the forward pass")
+            grads = torch.autograd.grad(losses.sum(), [out for _, _, out in flat], allow_unused=True)
+        B = losses.shape[0]
+        rows = torch.zeros(B, self.dim, device=self.device)
+        for (name, a, out), delta in zip(flat, grads):
+            if delta is None:
+                continue
+            start, stop = self.segments[name]
+            rows[:, start:stop] += self._segment(self.modules[name], a.detach(), delta)
+        return rows
+
+    def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """One call's contribution to module `tm`'s segment, [B, segment_dim]."""
+        B = a.shape[0]
+        a = a.reshape(B, -1, tm.d_in).float()
+        delta = delta.reshape(B, -1, tm.d_out).float()
+        if self.projection.kind == "factored":
+            p_out, p_in = self._factored(tm)
+            pa = a @ p_in[:, : tm.d_in].T
+            if tm.has_bias:
+                pa = pa + p_in[:, tm.d_in]
+            return torch.einsum("bto,bti->boi", delta @ p_out.T, pa).reshape(B, -1)
+        if tm.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        grad = torch.einsum("bto,bti->boi", delta, a)
+        if self.scales is not None:
+            grad = grad * self.scales[tm.name].full.to(grad)
+        flat = grad.reshape(B, -1)
+        if self.projection.kind == "none":
+            return flat
+        out = flat.new_zeros(B, self.projection.dim)
+        for start, stop, block in self._dense_blocks(tm):
+            out += flat[:, start:stop] @ block.T
+        return out

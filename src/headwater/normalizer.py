@@ -1,0 +1,132 @@
+"""Optimizer normalisation (TrackStar): divide each gradient entry by √(optimizer second moment).
+
+From an Adam/AdamW `state_dict` (`exp_avg_sq`, bias-corrected) or an Adafactor state (rank-one
+`row_var`/`col_var` in torch, `exp_avg_sq_row`/`exp_avg_sq_col` in transformers). For each
+tracked module we build the inverse-scale matrix S [d_out, d_in + 1] (bias last) so that the
+normalised gradient is DW_aug ⊙ S. The materialised paths (`dense`, `none`) apply S exactly; the
+factored path folds a rank-one fit S ≈ r cᵀ into the two projections, which is exact for
+Adafactor weights (and for any rank-one second moment) and a least-squares fit otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class ModuleScale:
+    """Inverse √(second moment) of one module: `full` [d_out, d_in_aug], `row` [d_out], `col` [d_in_aug]."""
+
+    full: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+
+
+def load_optimizer_state(path: str | Path) -> dict:
+    """Read an optimizer `state_dict` saved with `torch.save` (loaded with weights_only) or safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"optimizer state {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+        state: dict = {}
+        for key, value in flat.items():  # keys "state.<index>.<name>"
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+        return {"state": state, "param_groups": [{"params": sorted(state)}]}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"could not read optimizer state {path}: {exc}") from exc
+
+
+def _param_states(model: torch.nn.Module, sd: dict) -> dict[str, tuple[dict, dict]]:
+    """Map parameter name → (its state, its param group), checking shapes against the model."""
+    if "state" not in sd or "param_groups" not in sd:
+        raise UserError("optimizer state has no 'state'/'param_groups': not an optimizer state_dict")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    by_name = dict(named)
+    out = {}
+    position = 0
+    for group in sd["param_groups"]:
+        names = group.get("param_names")
+        for j, idx in enumerate(group["params"]):
+            if names is not None:
+                name = names[j]
+            elif position < len(named):
+                name = named[position][0]
+            else:
+                raise UserError(f"optimizer state has more parameters than the model ({position + 1} > {len(named)})")
+            position += 1
+            if name not in by_name:
+                raise UserError(f"optimizer state names parameter {name!r}, which the model does not have")
+            out[name] = (sd["state"].get(idx, {}), group)
+    return out
+
+
+def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tuple[torch.Tensor, str]:
+    """The (bias-corrected) second-moment estimate V of one parameter, and the optimizer kind."""
+    if "exp_avg_sq" in state:
+        v = state["exp_avg_sq"].double()
+        step = float(state.get("step", 0))
+        beta2 = group.get("betas", (0.9, 0.999))[1]
+        if step > 0:
+            v = v / (1 - beta2**step)
+        kind = "adam"
+    elif "row_var" in state or "exp_avg_sq_row" in state:
+        row = state.get("row_var", state.get("exp_avg_sq_row")).double().reshape(-1)
+        col = state.get("col_var", state.get("exp_avg_sq_col")).double().reshape(-1)
+        v = torch.outer(row, col) / row.mean()
+        kind = "adafactor"
+    elif "variance" in state:  # torch Adafactor keeps vectors' second moment unfactored
+        v, kind = state["variance"].double(), "adafactor"
+    else:
+        raise UserError(f"optimizer state for {name!r} has no second moment (keys: {sorted(state)})")
+    if v.numel() != shape.numel():
+        raise UserError(f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: the optimizer state does not match the model")
+    return v.reshape(shape), kind
+
+
+def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict, eps: float = 1e-8) -> dict[str, ModuleScale]:
+    """Inverse √V per tracked module. `modules` maps name → collect.TrackedModule."""
+    states = _param_states(model, sd)
+    scales = {}
+    for name, tm in modules.items():
+        w_name = f"{name}.weight"
+        if w_name not in states:
+            raise UserError(f"optimizer state has no entry for {w_name!r}: the optimizer state does not match the model")
+        w_state, group = states[w_name]
+        v_w, kind = _second_moment(w_name, tm.module.weight.shape, w_state, group)
+        if tm.transposed:  # HF Conv1D stores weight as [d_in, d_out]
+            v_w = v_w.T
+        full = torch.empty(tm.d_out, tm.d_in_aug, dtype=torch.float64)
+        full[:, : tm.d_in] = v_w
+        if tm.has_bias:
+            b_state, b_group = states[f"{name}.bias"]
+            full[:, -1] = _second_moment(f"{name}.bias", tm.module.bias.shape, b_state, b_group)[0]
+        inv = 1.0 / (full.clamp_min(0).sqrt() + eps)
+        row, col = rank_one_fit(inv[:, : tm.d_in])
+        if tm.has_bias:  # bias column given the row factor: least squares c_b = <r, s_b> / <r, r>
+            col = torch.cat([col, ((row @ inv[:, -1]) / (row @ row))[None]])
+        scales[name] = ModuleScale(inv.float(), row.float(), col.float())
+    return scales
+
+
+def rank_one_fit(m: torch.Tensor, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-one approximation m ≈ r cᵀ by power iteration; exact when m is rank one."""
+    c = m.mean(0)
+    for _ in range(iters):
+        r = m @ c
+        r = r / r.norm()
+        c_new = m.T @ r
+        if torch.allclose(c_new, c, rtol=1e-12, atol=0):
+            break
+        c = c_new
+    return r, m.T @ r

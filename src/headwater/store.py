@@ -1,0 +1,353 @@
+"""The on-disk gradient store: fixed-size shards of rows, a journal while building, a manifest when done.
+
+Layout of an index directory:
+
+    config.json                 how it was built (replayable; written before any shard)
+    manifest.json               written last, by rank 0: its presence means the build completed
+    shards/r{rank}-s{seq}.npy   rows [n, dim] (float16/float32, or bfloat16 bits stored as uint16)
+    shards/r{rank}-s{seq}.ids.npy  int64 [n, 2]: (record index, unit index) of each row
+    journal/r{rank}.jsonl       one fsynced line per shard, appended after the shard's rename
+    locks/r{rank}.lock          pid/host of the running build
+
+Crash safety: a shard is written under a temporary name, fsynced, renamed, and only then recorded
+in the journal. On `resume`, a rank keeps exactly the journaled shards (a torn last journal line is
+dropped), deletes anything else it wrote, and continues from the first record after them; shards
+cover whole records, so no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32), "bfloat16": (torch.bfloat16, np.uint16)}
+FORMAT_VERSION = 1
+
+
+class ChecksumError(UserError):
+    """A shard's bytes do not match the checksum recorded when it was written."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def to_numpy_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
+    t = rows.detach().to("cpu", DTYPES[dtype][0]).contiguous()
+    return t.view(torch.uint16).numpy() if dtype == "bfloat16" else t.numpy()
+
+
+def rows_to_float32(block: np.ndarray, dtype: str) -> torch.Tensor:
+    """A float32 copy of stored rows (memory-mapped blocks are read-only, so never alias them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only source: we copy below
+        t = torch.from_numpy(np.ascontiguousarray(block))
+    if dtype == "bfloat16":
+        return t.view(torch.bfloat16).float()
+    return t.float() if dtype != "float32" else t.clone()
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+class BuildLock:
+    """An exclusive lock file per rank; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and other.get("pid") and _alive(other["pid"]):
+                    raise UserError(f"another build (pid {other['pid']}) is writing {self.path.parent.parent}") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return self
+        raise UserError(f"could not take the build lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShardWriter:
+    """Buffers rows of one rank and writes them as shards of whole records.
+
+    `add(rows, ids, done)` takes rows [b, dim] with ids [b, 2] (global record index, unit index)
+    and `done`, the global record index before which every record is complete; a shard is written
+    once at least `shard_rows` rows are buffered, cut at a record boundary. `next_record` is where
+    a resumed build continues (None when nothing was written yet).
+    """
+
+    def __init__(self, root: Path, rank: int, dim: int, dtype: str, shard_rows: int, resume: bool):
+        self.root, self.rank, self.dim, self.dtype, self.shard_rows = root, rank, dim, dtype, shard_rows
+        self.shard_dir, self.journal = root / "shards", root / "journal" / f"r{rank:03d}.jsonl"
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        self.entries = self._recover() if resume else []
+        if not resume:
+            self.journal.unlink(missing_ok=True)
+            self._remove_strays(keep=set())
+        self.next_record: int | None = self.entries[-1]["next_record"] if self.entries else None
+        self._rows: list[np.ndarray] = []
+        self._ids: list[np.ndarray] = []
+
+    def _recover(self) -> list[dict]:
+        entries, good_bytes = [], 0
+        if self.journal.exists():
+            raw = self.journal.read_bytes()
+            for line in raw.splitlines(keepends=True):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    break  # torn final line from a kill mid-append
+                if not line.endswith(b"\n"):
+                    break
+                if not self._shard_ok(entry):
+                    break
+                entries.append(entry)
+                good_bytes += len(line)
+            if good_bytes != len(raw):
+                with open(self.journal, "r+b") as fh:
+                    fh.truncate(good_bytes)
+                    os.fsync(fh.fileno())
+        self._remove_strays(keep={e["file"] for e in entries} | {e["ids"] for e in entries})
+        return entries
+
+    def _shard_ok(self, entry: dict) -> bool:
+        path, ids = self.shard_dir / entry["file"], self.shard_dir / entry["ids"]
+        return path.exists() and ids.exists() and sha256_file(path) == entry["sha256"] and sha256_file(ids) == entry["ids_sha256"]
+
+    def _remove_strays(self, keep: set[str]) -> None:
+        for p in self.shard_dir.iterdir():
+            mine = p.name.startswith(f"r{self.rank:03d}-") or p.name.startswith(f".r{self.rank:03d}-")
+            if mine and p.name not in keep:
+                p.unlink()
+
+    @property
+    def rows_written(self) -> int:
+        return sum(e["rows"] for e in self.entries)
+
+    def add(self, rows: torch.Tensor, ids: np.ndarray, done: int) -> None:
+        self._rows.append(to_numpy_rows(rows, self.dtype))
+        self._ids.append(np.asarray(ids, dtype=np.int64).reshape(-1, 2))
+        if sum(len(r) for r in self._rows) >= self.shard_rows:
+            self._flush(done)
+
+    def close(self, done: int) -> None:
+        self._flush(done)
+
+    def _flush(self, done: int) -> None:
+        """Write the buffered rows of records before `done` as one shard."""
+        if not self._rows:
+            return
+        rows, ids = np.concatenate(self._rows), np.concatenate(self._ids)
+        complete = ids[:, 0] < done
+        if not complete.any():
+            return
+        n = int(np.argmin(complete)) if not complete.all() else len(ids)
+        self._rows, self._ids = ([rows[n:]], [ids[n:]]) if n < len(ids) else ([], [])
+        seq = len(self.entries)
+        name = f"r{self.rank:03d}-s{seq:06d}"
+        data, ids_path = self.shard_dir / f"{name}.npy", self.shard_dir / f"{name}.ids.npy"
+        atomic_save_npy(ids_path, ids[:n])
+        atomic_save_npy(data, rows[:n])
+        _fsync_dir(self.shard_dir)
+        entry = {
+            "file": data.name, "ids": ids_path.name, "rows": n,
+            "sha256": sha256_file(data), "ids_sha256": sha256_file(ids_path), "next_record": done,
+        }
+        with open(self.journal, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.entries.append(entry)
+
+
+def prepare_directory(path: Path, resume: bool, overwrite: bool) -> bool:
+    """Check what is at `path` before a build; returns True when a completed index is already there.
+
+    Refuses to write into an existing index unless `resume` or `overwrite` is set, and refuses to
+    delete a non-empty directory that is not a headwater index.
+    """
+    if resume and overwrite:
+        raise UserError("choose one of --resume and --overwrite")
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    is_index = (path / "config.json").exists() or (path / "manifest.json").exists() or (path / "journal").exists()
+    if overwrite:
+        if not is_index:
+            raise UserError(f"{path} is not empty and is not a headwater index; refusing to overwrite it")
+        shutil.rmtree(path)
+        return False
+    if not is_index:
+        raise UserError(f"{path} is not empty and is not a headwater index; choose another directory")
+    if resume:
+        return (path / "manifest.json").exists()
+    if (path / "manifest.json").exists():
+        raise UserError(f"an index already exists at {path}; pass --overwrite to replace it or --resume to reuse it")
+    raise UserError(f"{path} holds an interrupted build; pass --resume to continue it or --overwrite to start again")
+
+
+def write_manifest(path: Path, header: dict, world_size: int) -> dict:
+    """Combine every rank's journal into `manifest.json` (rank 0, after all ranks finished)."""
+    shards = []
+    for rank in range(world_size):
+        journal = path / "journal" / f"r{rank:03d}.jsonl"
+        if journal.exists():
+            shards += [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    manifest = {**header, "format_version": FORMAT_VERSION, "rows": sum(s["rows"] for s in shards), "shards": shards}
+    write_json(path / "manifest.json", manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Block:
+    """A block of stored rows: `rows` float32 [b, dim], `ids` int64 [b, 2], global row offset `start`."""
+
+    start: int
+    ids: np.ndarray
+    rows: torch.Tensor
+
+
+class GradientStore:
+    """Read access to a completed index's rows, streamed in blocks of bounded size."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.exists():
+            if (self.path / "journal").exists():
+                raise UserError(f"{self.path} is an unfinished build (no manifest.json); resume it with --resume")
+            raise UserError(f"{self.path} is not a headwater index (no manifest.json)")
+        self.manifest = read_json(manifest)
+        self.dim: int = self.manifest["dim"]
+        self.dtype: str = self.manifest["dtype"]
+        self.rows: int = self.manifest["rows"]
+        self._verified: set[tuple] = set()
+
+    def _open_shard(self, shard: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        data, ids = self.path / "shards" / shard["file"], self.path / "shards" / shard["ids"]
+        for p in (data, ids):
+            if not p.exists():
+                raise ChecksumError(f"shard {p.name} listed in the manifest is missing")
+        key = (shard["file"], data.stat().st_size, data.stat().st_mtime_ns)
+        if verify and key not in self._verified:
+            if sha256_file(data) != shard["sha256"] or sha256_file(ids) != shard["ids_sha256"]:
+                raise ChecksumError(f"shard {shard['file']} is corrupt or truncated (checksum mismatch); rebuild the index")
+            self._verified.add(key)
+        try:
+            rows = np.load(data, mmap_mode="r", allow_pickle=False)
+            row_ids = np.load(ids, allow_pickle=False)
+        except ValueError as exc:
+            raise ChecksumError(f"shard {shard['file']} is unreadable ({exc}); rebuild the index") from exc
+        if rows.shape != (shard["rows"], self.dim) or row_ids.shape != (shard["rows"], 2):
+            raise ChecksumError(f"shard {shard['file']} has shape {rows.shape}, expected ({shard['rows']}, {self.dim})")
+        return rows, row_ids
+
+    def blocks(self, block_rows: int = 8192, verify: bool = True) -> Iterator[Block]:
+        """Yield consecutive blocks of at most `block_rows` rows; each shard is checksummed before use."""
+        start = 0
+        for shard in self.manifest["shards"]:
+            rows, ids = self._open_shard(shard, verify)
+            for lo in range(0, len(rows), block_rows):
+                hi = min(len(rows), lo + block_rows)
+                yield Block(start + lo, ids[lo:hi], rows_to_float32(rows[lo:hi], self.dtype))
+            start += len(rows)
+
+    def verify(self) -> None:
+        """Checksum every shard now (raises `ChecksumError` on the first bad one)."""
+        for shard in self.manifest["shards"]:
+            self._open_shard(shard, verify=True)
+
+    def ids(self) -> np.ndarray:
+        """(record index, unit index) of every row, int64 [rows, 2]."""
+        return np.concatenate([np.load(self.path / "shards" / s["ids"]) for s in self.manifest["shards"]]) if self.rows else np.zeros((0, 2), np.int64)
+
+    def sample(self, n: int, seed: int = 0, verify: bool = True) -> torch.Tensor:
+        """`n` rows drawn uniformly without replacement (all rows if fewer), float32 [n, dim]."""
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(self.rows, size=min(n, self.rows), replace=False))
+        out, start = [], 0
+        for shard in self.manifest["shards"]:
+            rows, _ = self._open_shard(shard, verify)
+            local = take[(take >= start) & (take < start + len(rows))] - start
+            if len(local):
+                out.append(rows_to_float32(rows[local], self.dtype))
+            start += len(rows)
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
