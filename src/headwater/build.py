@@ -59,8 +59,8 @@ class BuildConfig:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.unit not in ("document", "sentence"):
-            raise UserError(f"unknown unit {self.unit!r}; choose document or sentence")
+        if self.unit not in ("document", "sentence", "token"):
+            raise UserError(f"unknown unit {self.unit!r}; choose document, sentence or token")
         self.projection_config()  # validates kind and dim
 
     def projection_config(self) -> ProjectionConfig:
@@ -168,6 +168,8 @@ def build_index(
             raise UserError("pass a task (or a model path whose tokenizer can be loaded)")
         task = LanguageModelTask(tokenizer, config.max_length, config.format, config.unit)
     task.encode(records[0])  # fail on a bad first record before anything is written
+    if isinstance(task, LanguageModelTask):  # count only this build's examples, not the probe above
+        task.stats.update(examples=0, truncated=0, empty=0)
     scales = None
     if config.optimizer_state:
         tracked = tracked_modules(model, config.modules)
@@ -179,14 +181,15 @@ def build_index(
     if rank == 0:
         try:
             complete = prepare_directory(path, resume, overwrite)
-            created = created or not (path / "config.json").exists()
+            created = created or not (path / "header.json").exists()
             path.mkdir(parents=True, exist_ok=True)
-            if (path / "config.json").exists():
+            if (path / "header.json").exists():
                 _check_same_build(path, header)
-            else:
-                if config.data is None or not isinstance(data, (str, os.PathLike)) and data is not None:
-                    records.save_to_disk(str(path / "records"))  # in-memory data: keep it for result texts
+            else:  # config.json first marks the directory as an index, header.json last as set up
                 write_json(path / "config.json", config.to_dict())
+                if config.data is None or not isinstance(data, (str, os.PathLike)) and data is not None:
+                    shutil.rmtree(path / "records", ignore_errors=True)  # a torn copy from a killed setup
+                    records.save_to_disk(str(path / "records"))  # in-memory data: keep it for result texts
                 write_json(path / "header.json", header)
         except UserError as exc:
             error = str(exc)

@@ -34,7 +34,9 @@ def load_records(source: str | os.PathLike | Iterable[dict] | datasets.Dataset) 
         rows = list(source)
         if not rows:
             raise UserError("no records given (empty list)")
-        ds = datasets.Dataset.from_list(rows)
+        # from_list takes its columns from the first row only; use every row's keys (missing → None).
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        ds = datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
     if len(ds) == 0:
         raise UserError(f"data source {source!s:.200} has no records")
     return ds

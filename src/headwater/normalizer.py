@@ -89,7 +89,7 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tu
         v, kind = state["variance"].double(), "adafactor"
     else:
         raise UserError(f"optimizer state for {name!r} has no second moment (keys: {sorted(state)})")
-    if v.numel() != shape.numel():
+    if v.numel() != shape.numel() or (v.dim() > 1 and tuple(v.shape) != tuple(shape)):  # same size, other shape: still wrong
         raise UserError(f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: the optimizer state does not match the model")
     return v.reshape(shape), kind
 

@@ -29,11 +29,17 @@ def autocorrelation(rows: torch.Tensor, blocks: list[tuple[int, int]]) -> list[t
 
 def mixing_weight(eig_train: torch.Tensor, eig_eval: torch.Tensor, k: int) -> float:
     """λ with λ σ_eval[k] = (1-λ) σ_train[k] (eigenvalues sorted descending; k clipped to both ranks)."""
-    k = min(k, len(eig_train) - 1, len(eig_eval) - 1)
-    s_t, s_e = float(eig_train[k]), float(eig_eval[k])
-    if s_t + s_e <= 0:
+    k = min(k, numerical_rank(eig_train) - 1, numerical_rank(eig_eval) - 1)
+    if k < 0:  # a zero matrix on one side
         return 0.5
+    s_t, s_e = float(eig_train[k]), float(eig_eval[k])
     return s_t / (s_t + s_e)
+
+
+def numerical_rank(eig: torch.Tensor) -> int:
+    """Eigenvalues of a PSD matrix above round-off (tolerance as in `numpy.linalg.matrix_rank`)."""
+    top = float(eig.max()) if len(eig) else 0.0
+    return int((eig > top * len(eig) * torch.finfo(torch.float64).eps).sum()) if top > 0 else 0
 
 
 @dataclass

@@ -86,14 +86,16 @@ class LanguageModelTask:
       - `text`: loss on every token.
 
     `unit="sentence"` makes each sentence of the target text its own example (span-level
-    attribution): its loss is that sentence's tokens, with the preceding text as context. A
-    record then has several rows in the index and its score is pooled over them.
+    attribution): its loss is that sentence's tokens, with the preceding text as context.
+    `unit="token"` makes each target token its own example (per-token attribution: which tokens
+    of a document carry the influence). A record then has several rows in the index and its
+    score is pooled over them.
     """
 
     tokenizer: Any
     max_length: int | None = None
     format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
-    unit: Literal["document", "sentence"] = "document"
+    unit: Literal["document", "sentence", "token"] = "document"
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -112,11 +114,13 @@ class LanguageModelTask:
     def record_format(self, record: dict) -> str:
         if self.format != "auto":
             return self.format
-        if self.messages_field in record:
+        # A column another record of the same data set has is present here as None: not this format.
+        has = lambda f: record.get(f) is not None
+        if has(self.messages_field):
             return "messages"
-        if self.prompt_field in record and self.completion_field in record:
+        if has(self.prompt_field) and has(self.completion_field):
             return "prompt_completion"
-        if self.text_field in record:
+        if has(self.text_field):
             return "text"
         raise UserError(
             f"record has none of the columns {self.text_field!r}, {self.prompt_field!r}+{self.completion_field!r} "
@@ -154,12 +158,17 @@ class LanguageModelTask:
 
     def encode(self, record: dict) -> list[TokenExample]:
         text, spans = self.target_text(record)
-        units = [spans] if self.unit == "document" else [[s] for s in sentence_spans(text, spans)]
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        covers = lambda unit: [e > b and any(s < e and b < t for s, t in unit) for b, e in offsets]
+        if self.unit == "document":
+            masks = [covers(spans)]
+        elif self.unit == "sentence":
+            masks = [covers([s]) for s in sentence_spans(text, spans)]
+        else:  # token: one unit per predicted token (the first token has no context to predict it)
+            masks = [[j == t for j in range(len(ids))] for t, m in enumerate(covers(spans)) if m and t > 0]
         examples = []
-        for unit in units:
-            mask = [any(s < e_tok and b_tok < e for s, e in unit) and e_tok > b_tok for b_tok, e_tok in offsets]
+        for mask in masks:
             last = max((t for t, m in enumerate(mask) if m), default=-1) + 1
             unit_ids, unit_mask = ids[:last], mask[:last]
             self.stats["examples"] += 1

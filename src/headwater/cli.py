@@ -1,0 +1,170 @@
+"""The `headwater` command line: build, query, demo.
+
+User errors (bad files, mismatched indexes, bad flags) exit with status 2 and one line on stderr;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Attribute a model's behaviour to its training data.")
+
+# One vocabulary for every command.
+MODEL = typer.Option(None, "--model", help="Model: a local path or hub id of a causal LM (AutoModelForCausalLM).")
+DATA = typer.Option(None, "--data", help="Training records: .jsonl/.csv/.parquet file, a save_to_disk directory, or a hub data set name.")
+PROJECTION = typer.Option(None, "--projection", help="Gradient compression: factored (LoGra, default), dense or none.")
+PROJECTION_DIM = typer.Option(None, "--projection-dim", help="Projected dimensions per tracked module (factored: k_out·k_in). Default 4096.")
+SEED = typer.Option(None, "--seed", help="Seed of the random projections (default 0).")
+BATCH_SIZE = typer.Option(None, "--batch-size", help="Examples per forward/backward pass (default 8).")
+DEVICE = typer.Option(None, "--device", help="Torch device, e.g. cpu or cuda (default cpu).")
+DTYPE = typer.Option(None, "--dtype", help="Storage precision: float16 (default), bfloat16 or float32.")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"headwater: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _build_config(config_file: Optional[Path], **flags):
+    """Config from a saved config.json (for replay), overridden by the flags given."""
+    from .build import BuildConfig
+    from .store import read_json
+
+    base = read_json(config_file) if config_file else {}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    return BuildConfig.from_dict(base)
+
+
+@app.command()
+def build(
+    index: Path = typer.Argument(..., help="Directory to write the index to."),
+    model: Optional[str] = MODEL,
+    data: Optional[str] = DATA,
+    projection: Optional[str] = PROJECTION,
+    projection_dim: Optional[int] = PROJECTION_DIM,
+    seed: Optional[int] = SEED,
+    batch_size: Optional[int] = BATCH_SIZE,
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    modules: Optional[list[str]] = typer.Option(None, "--modules", help="Glob of module names to track (repeatable); default: linear layers inside the blocks."),
+    unit: Optional[str] = typer.Option(None, "--unit", help="Attribution unit: document (default) or sentence (one row per sentence; scores pooled per document)."),
+    format: Optional[str] = typer.Option(None, "--format", help="Record format: auto (default), text, prompt_completion or messages."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate examples to this many tokens (default: the tokenizer's limit)."),
+    optimizer_state: Optional[str] = typer.Option(None, "--optimizer-state", help="Adam/AdamW or Adafactor state_dict file: divide gradients by √(second moment)."),
+    shard_rows: Optional[int] = typer.Option(None, "--shard-rows", help="Rows per shard (default: about 128 MiB per shard)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Replay a saved config.json (flags given here override it)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build (or reuse a completed one)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing index at this path first."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to build with (launches torchrun on this machine)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Collect per-example gradients of the training data into an on-disk index."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        argv, args = iter(sys.argv[1:]), []
+        for a in argv:  # drop --nproc N / --nproc=N; torchrun's workers see WORLD_SIZE instead
+            if a == "--nproc":
+                next(argv, None)
+            elif not a.startswith("--nproc="):
+                args.append(a)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "headwater", *args]
+        raise typer.Exit(subprocess.call(cmd))
+    from .build import build_index
+
+    try:
+        cfg = _build_config(
+            config, model=model, data=data, projection=projection, projection_dim=projection_dim, seed=seed,
+            batch_size=batch_size, device=device, dtype=dtype, modules=modules or None, unit=unit, format=format,
+            max_length=max_length, optimizer_state=optimizer_state, shard_rows=shard_rows,
+        )
+        idx = build_index(index, config=cfg, resume=resume, overwrite=overwrite, progress=progress)
+    except UserError as exc:
+        _fail(str(exc))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"built {idx}")
+
+
+@app.command()
+def query(
+    index: list[Path] = typer.Argument(..., help="Index directory (several, with --lr each, for TracIn over checkpoints)."),
+    queries: str = typer.Option(..., "--queries", help="Query records (same formats as --data): the behaviour to attribute."),
+    top_k: int = typer.Option(10, "--top-k", help="Training records to keep per query, best first."),
+    bottom_k: int = typer.Option(0, "--bottom-k", help="Also keep the most opposing records."),
+    method: str = typer.Option("cosine", "--method", help="dot, cosine or trackstar (tracin when several indexes are given)."),
+    aggregate: bool = typer.Option(False, "--aggregate", help="Score the mean of the normalised query gradients once (a whole benchmark)."),
+    pool: str = typer.Option("max", "--pool", help="Pooling of a record's rows for sentence-unit indexes: max, mean or sum."),
+    lr: Optional[list[float]] = typer.Option(None, "--lr", help="Learning rate of each checkpoint's index, for TracIn."),
+    mix: str = typer.Option("auto", "--mix", help="TrackStar: weight of the query autocorrelation (auto = eigenvalue matching)."),
+    damping: float = typer.Option(0.1, "--damping", help="TrackStar: damping as a fraction of the mean eigenvalue."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write results to .csv, .jsonl or .parquet."),
+    model: Optional[str] = MODEL,
+    batch_size: Optional[int] = BATCH_SIZE,
+    device: Optional[str] = DEVICE,
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard checksums before scoring."),
+):
+    """Rank training records by their influence on the queries."""
+    from .index import Index
+    from .query import write_results
+
+    try:
+        indexes = [Index(p) for p in index]
+        options = {}
+        if method == "trackstar":
+            options = {"mix": mix if mix == "auto" else float(mix), "damping": damping}
+        loaded = None
+        if model or device:
+            from .build import load_model
+
+            loaded = load_model(model or indexes[0].config.model, device or indexes[0].config.device)
+        if len(indexes) > 1 or method == "tracin":
+            from .methods.tracin import tracin
+
+            frame = tracin(indexes, queries, lrs=lr, top_k=top_k, bottom_k=bottom_k, pool=pool, verify=verify)
+        else:
+            idx = indexes[0]
+            if loaded is not None:
+                idx._model, idx._tokenizer = loaded
+            frame = idx.query(queries, method=method, top_k=top_k, bottom_k=bottom_k, aggregate=aggregate, pool=pool, verify=verify, **options)
+        if out:
+            write_results(frame, out)
+    except UserError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(f"bad value: {exc}")
+    if out:
+        typer.echo(f"wrote {len(frame)} rows to {out}")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+            typer.echo(frame.drop(columns=["record", "unit"]).to_string(index=False))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("headwater-demo"), "--workdir", help="Where the corpus, model cache, indexes and results go."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the corpus, training and projections."),
+    projection_dim: int = typer.Option(256, "--projection-dim", help="Projected dimensions per tracked module."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per gradient pass."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the demo model again even if cached."),
+):
+    """Built-in end-to-end example: synthetic facts, a tiny GPT-2, fact tracing vs BM25 (no downloads)."""
+    from .demo import run_demo
+
+    try:
+        run_demo(workdir, seed=seed, projection_dim=projection_dim, batch_size=batch_size, retrain=retrain)
+    except UserError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,236 @@
+"""Optimizer normalisation against per-example autograd gradients divided by √(second moment)
+computed here from the optimizer's own in-memory state."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headwater import UserError
+from headwater.collect import GradientCollector, tracked_modules
+from headwater.normalizer import load_optimizer_state, module_scales
+from headwater.projection import ProjectionConfig, project
+from headwater.task import LanguageModelTask, ModuleTask
+
+from test_collect import assert_rel_close
+
+EPS = 1e-8  # module_scales' default, equal to Adam's default eps
+
+
+def mlp(d_in=6, hidden=16, classes=8, seed=1, bias=True):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, hidden, bias=bias), torch.nn.Tanh(), torch.nn.Linear(hidden, classes, bias=False)
+    )
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def mlp_records(n=6, d_in=6, classes=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(d_in, generator=g), "y": i % classes} for i in range(n)]
+
+
+def train(model, task, records, opt, steps):
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        task.per_example_loss(model, task.collate(records)).mean().backward()
+        opt.step()
+    model.eval()
+    model.zero_grad()
+
+
+def per_example_grads(model, task, examples, tracked):
+    """{module name: [B, d_out, d_in(+1)]} autograd gradients, bias as the last column."""
+    out = {name: [] for name in tracked}
+    for ex in examples:
+        model.zero_grad()
+        task.per_example_loss(model, task.collate([ex])).sum().backward()
+        for name, tm in tracked.items():
+            w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
+            out[name].append(torch.cat([w, tm.module.bias.grad[:, None]], 1) if tm.has_bias else w.clone())
+    model.zero_grad()
+    return {name: torch.stack(gs).double() for name, gs in out.items()}
+
+
+def adam_denominator(opt, p):
+    """√(bias-corrected exp_avg_sq) + eps, straight from the optimizer's state."""
+    state, group = opt.state[p], next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    v = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+    return v.sqrt() + EPS
+
+
+def adafactor_denominator(opt, p):
+    """√V + eps with torch Adafactor's variance estimate V = row_var col_var / mean(row_var)."""
+    state = opt.state[p]
+    if "row_var" in state:
+        row, col = state["row_var"].double(), state["col_var"].double()
+        v = row @ col / row.mean(dim=-2, keepdim=True)
+    else:
+        v = state["variance"].double()
+    return v.sqrt() + EPS
+
+
+def normalised_reference(model, opt, tracked, grads, denominator):
+    """Each module's gradient divided elementwise by the denominator of its weight (transposed
+    for Conv1D) and of its bias (last column)."""
+    out = {}
+    for name, tm in tracked.items():
+        d_w = denominator(opt, tm.module.weight)
+        d = d_w.T if tm.transposed else d_w
+        if tm.has_bias:
+            d = torch.cat([d, denominator(opt, tm.module.bias)[:, None]], 1)
+        assert d.shape == grads[name].shape[1:]
+        out[name] = grads[name] / d
+    return out
+
+
+def _setup(kind, tokenizer, lm_records):
+    if kind == "mlp":
+        model, task, records = mlp(), ModuleTask(ce), mlp_records()
+        # named parameters: the saved param_groups carry param_names
+        opt = torch.optim.Adam(model.named_parameters(), lr=1e-2)
+    else:
+        from headwater.toy import tiny_gpt2
+
+        torch.manual_seed(0)
+        model = tiny_gpt2(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64)
+        task = LanguageModelTask(tokenizer)
+        records = [e for r in lm_records for e in task.encode(r)]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    return model, task, records, opt
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+def test_adam_rows_are_gradients_over_sqrt_second_moment(tmp_path, tokenizer, lm_records, kind):
+    model, task, records, opt = _setup(kind, tokenizer, lm_records)
+    train(model, task, records, opt, steps=3)
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+
+    tracked = tracked_modules(model)
+    if kind == "gpt2":
+        assert all(tm.transposed for tm in tracked.values())  # Conv1D: weight stored [d_in, d_out]
+    scales = module_scales(model, tracked, load_optimizer_state(path))
+    cfg = ProjectionConfig("none")
+    got = GradientCollector(model, task, cfg, scales=scales)(task.collate(records))
+
+    grads = per_example_grads(model, task, records, tracked)
+    want = normalised_reference(model, opt, tracked, grads, adam_denominator)
+    want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1).float()
+    assert_rel_close(got, want, 1e-5)
+    # The normalisation really changes the rows (it is not a near-constant rescaling).
+    raw = torch.cat([grads[n].reshape(len(records), -1) for n in tracked], 1).float()
+    cos = F.cosine_similarity(got, raw, dim=1)
+    assert cos.max() < 0.99
+
+
+def test_adafactor_factored_fold_is_exact_for_rank_one_second_moment(tmp_path):
+    model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    train(model, task, records, opt, steps=4)
+    path = tmp_path / "adafactor.pt"
+    torch.save(opt.state_dict(), path)
+
+    tracked = tracked_modules(model, ["2"])  # Linear(16, 8, bias=False)
+    assert not tracked["2"].has_bias
+    scales = module_scales(model, tracked, load_optimizer_state(path))
+    grads = per_example_grads(model, task, records, tracked)
+    exact = normalised_reference(model, opt, tracked, grads, adafactor_denominator)["2"]
+
+    cfg = ProjectionConfig("factored", dim=16, seed=5)
+    got = GradientCollector(model, task, cfg, modules=["2"], scales=scales)(task.collate(records))
+    want = project(cfg, "2", exact.float())
+    assert_rel_close(got, want, 1e-4)
+    # ... and differs from the unnormalised projection.
+    plain = project(cfg, "2", grads["2"].float())
+    assert F.cosine_similarity(got, plain, dim=1).min() < 0.999
+
+
+def test_adafactor_materialised_paths_apply_exact_scales(tmp_path):
+    # Every module, bias included (torch Adafactor keeps a vector's second moment unfactored).
+    model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    train(model, task, records, opt, steps=3)
+    path = tmp_path / "adafactor.pt"
+    torch.save(opt.state_dict(), path)
+    tracked = tracked_modules(model)
+    scales = module_scales(model, tracked, load_optimizer_state(path))
+    grads = per_example_grads(model, task, records, tracked)
+    exact = normalised_reference(model, opt, tracked, grads, adafactor_denominator)
+    for cfg in (ProjectionConfig("none"), ProjectionConfig("dense", dim=24, seed=2)):
+        got = GradientCollector(model, task, cfg, scales=scales)(task.collate(records))
+        want = torch.cat([project(cfg, n, exact[n].float()) for n in tracked], 1)
+        assert_rel_close(got, want, 1e-5)
+
+
+def _adam_state(model, steps=2):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        sum(p.square().sum() for p in model.parameters()).backward()
+        opt.step()
+    return opt
+
+
+def test_mismatched_state_names_parameter(tmp_path):
+    path = tmp_path / "opt.pt"
+    torch.save(_adam_state(mlp(hidden=10)).state_dict(), path)
+    model = mlp(hidden=16)
+    with pytest.raises(UserError) as err:
+        module_scales(model, tracked_modules(model), load_optimizer_state(path))
+    msg = str(err.value)
+    assert "'0.weight'" in msg and "(10, 6)" in msg and "(16, 6)" in msg and "does not match the model" in msg
+
+
+def test_transposed_state_of_equal_size_refused(tmp_path):
+    # Same number of entries, different shape: a state for Linear(16→6) is not one for Linear(6→16).
+    path = tmp_path / "opt.pt"
+    other = torch.nn.Sequential(torch.nn.Linear(16, 6, bias=False), torch.nn.Tanh(), torch.nn.Linear(6, 16, bias=False))
+    torch.save(_adam_state(other).state_dict(), path)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16, bias=False), torch.nn.Tanh(), torch.nn.Linear(16, 6, bias=False))
+    with pytest.raises(UserError, match=r"'0\.weight'.*does not match the model"):
+        module_scales(model, tracked_modules(model), load_optimizer_state(path))
+
+
+def test_state_without_second_moment_refused(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    ce(model, ModuleTask(ce).collate(mlp_records())).sum().backward()
+    opt.step()
+    path = tmp_path / "sgd.pt"
+    torch.save(opt.state_dict(), path)
+    with pytest.raises(UserError, match="no second moment"):
+        module_scales(model, tracked_modules(model), load_optimizer_state(path))
+
+
+def test_missing_state_file_refused(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_optimizer_state(tmp_path / "nope.pt")
+
+
+def test_safetensors_state_equals_torch_save(tmp_path):
+    from safetensors.torch import save_file
+
+    model, task, records = mlp(), ModuleTask(ce), mlp_records()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # default betas: safetensors keeps no param_groups
+    train(model, task, records, opt, steps=3)
+    sd = opt.state_dict()
+    flat = {f"state.{i}.{k}": torch.as_tensor(v).contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    save_file(flat, str(tmp_path / "opt.safetensors"))
+    torch.save(sd, tmp_path / "opt.pt")
+
+    tracked = tracked_modules(model)
+    cfg = ProjectionConfig("none")
+    rows = {}
+    for name in ("opt.safetensors", "opt.pt"):
+        scales = module_scales(model, tracked, load_optimizer_state(tmp_path / name))
+        rows[name] = GradientCollector(model, task, cfg, scales=scales)(task.collate(records))
+    grads = per_example_grads(model, task, records, tracked)
+    want = normalised_reference(model, opt, tracked, grads, adam_denominator)
+    want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1).float()
+    assert_rel_close(rows["opt.safetensors"], want, 1e-5)
+    assert torch.equal(rows["opt.safetensors"], rows["opt.pt"])

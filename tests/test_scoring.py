@@ -1,0 +1,219 @@
+"""Index scores against dense numpy written from the math, on autograd reference gradients;
+span pooling; and the sign convention pinned by an actual gradient step."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from headwater import BuildConfig, LanguageModelTask, ProjectionConfig, build_index
+from headwater.collect import tracked_modules
+from headwater.precondition import mixing_weight
+from headwater.toy import tiny_gpt2
+
+from test_collect import reference_rows
+
+TRAIN = [
+    {"text": "the capital of zorblat is quenti"},
+    {"text": "mirel is a large old city in the north"},
+    {"text": "the famous river of vask is blue"},
+    {"text": "tela was a small red mountain by the sunny river"},
+    {"text": "orin is in the south and is green"},
+    {"text": "the city of quenti is new and large"},
+    {"text": "vask is a river in the south"},
+    {"text": "the mountain of tela is red"},
+    {"text": "a small city by the blue river"},
+    {"text": "zorblat is famous for the old mountain"},
+    {"text": "the green city of orin is small"},
+    {"text": "mirel was a sunny city"},
+]
+QUERIES = [
+    {"prompt": "the capital of zorblat is", "completion": " quenti"},
+    {"prompt": "the river of vask is", "completion": " blue"},
+    {"prompt": "tela is a", "completion": " red mountain"},
+    {"prompt": "orin is in the", "completion": " south"},
+]
+SPAN_TRAIN = [
+    {"text": "the capital of zorblat is quenti. mirel is a large old city in the north."},
+    {"text": "the famous river of vask is blue"},
+    {"text": "tela was a small red mountain! the river is sunny. orin is green."},
+    {"text": "vask is in the south. the city is new"},
+]
+SPAN_SENTENCES = [2, 1, 3, 2]
+PROJ = ProjectionConfig("factored", dim=16, seed=7)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return tiny_gpt2(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64).eval()
+
+
+def _build(path, model, records, task, proj=PROJ):
+    config = BuildConfig(projection=proj.kind, projection_dim=proj.dim, seed=proj.seed, dtype="float32", batch_size=5)
+    return build_index(path, model, records, task=task, config=config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, model, tokenizer):
+    task = LanguageModelTask(tokenizer)
+    index = _build(tmp_path_factory.mktemp("scoring") / "idx", model, TRAIN, task)
+    train = reference_rows(model, task, [task.encode(r)[0] for r in TRAIN], PROJ).double().numpy()
+    queries = reference_rows(model, task, [task.encode(r)[0] for r in QUERIES], PROJ).double().numpy()
+    blocks = [(s["start"], s["stop"]) for s in index.manifest["segments"]]
+    assert len(blocks) == len(tracked_modules(model)) and blocks[-1][1] == train.shape[1]
+    return index, task, train, queries, blocks
+
+
+# --------------------------------------------------------------------------- numpy from the math
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def np_trackstar(train, queries, blocks, k, mix="auto", damping=0.1):
+    """Per block: R_train, R_eval autocorrelations; λ from the k-th eigenvalues (descending);
+    R = λ R_eval + (1-λ) R_train; both sides times R^{-1/2} with σ → (σ + d·mean σ)^{-1/2}; cosine."""
+    t, q = train.copy(), queries.copy()
+    for a, b in blocks:
+        r_train = train[:, a:b].T @ train[:, a:b] / len(train)
+        r_eval = queries[:, a:b].T @ queries[:, a:b] / len(queries)
+        if mix == "auto":
+            s_t = np.sort(np.linalg.eigvalsh(r_train))[::-1]
+            s_e = np.sort(np.linalg.eigvalsh(r_eval))[::-1]
+            lam = s_t[k] / (s_e[k] + s_t[k])
+        else:
+            lam = mix
+        sigma, u = np.linalg.eigh(lam * r_eval + (1 - lam) * r_train)
+        sigma = np.clip(sigma, 0, None)
+        m = u @ np.diag((sigma + damping * sigma.mean()) ** -0.5) @ u.T
+        t[:, a:b], q[:, a:b] = train[:, a:b] @ m, queries[:, a:b] @ m
+    return unit(t) @ unit(q).T
+
+
+def np_scores(method, train, queries, blocks, **options):
+    if method == "dot":
+        return train @ queries.T
+    if method == "cosine":
+        return unit(train) @ unit(queries).T
+    return np_trackstar(train, queries, blocks, **options)
+
+
+# --------------------------------------------------------------------------- tests
+
+CASES = [
+    ("dot", {}, {}),
+    ("cosine", {}, {}),
+    ("trackstar", {"k": 2, "fit_rows": 100}, {"k": 2}),
+    ("trackstar", {"k": 0, "fit_rows": 100, "damping": 0.03}, {"k": 0, "damping": 0.03}),
+    ("trackstar", {"mix": 0.3, "fit_rows": 100}, {"mix": 0.3, "k": None}),
+    # Default k (1000) is beyond both ranks (4 queries, 12 training rows per 16-dim block): it is
+    # clipped to the smaller rank, i.e. the last nonzero eigenvalue of R_eval.
+    ("trackstar", {"fit_rows": 100}, {"k": len(QUERIES) - 1}),
+]
+
+
+@pytest.mark.parametrize("method,options,ref_options", CASES, ids=lambda x: str(x) if isinstance(x, str) else None)
+def test_scores_match_numpy(setup, model, method, options, ref_options):
+    index, task, train, queries, blocks = setup
+    got = index.scores(QUERIES, method, model=model, task=task, **options)
+    want = np_scores(method, train, queries, blocks, **ref_options)
+    assert got.shape == (len(TRAIN), len(QUERIES))
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * scale)
+    # and the ranking agrees
+    assert (got.argmax(0) == want.argmax(0)).all()
+
+
+def test_trackstar_mixing_differs_from_plain_cosine(setup, model):
+    index, task, train, queries, blocks = setup
+    ts = index.scores(QUERIES, "trackstar", model=model, task=task, k=2, fit_rows=100)
+    cos = index.scores(QUERIES, "cosine", model=model, task=task)
+    assert np.abs(ts - cos).max() > 0.05  # the preconditioner does something
+
+
+def test_mixing_weight_clips_k_to_the_ranks():
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    for n_train, n_eval in [(40, 3), (10, 3), (5, 8)]:
+        tr, ev = torch.randn(n_train, d, generator=g, dtype=torch.float64), torch.randn(n_eval, d, generator=g, dtype=torch.float64)
+        s_t = torch.linalg.eigvalsh(tr.T @ tr / n_train).flip(0)
+        s_e = torch.linalg.eigvalsh(ev.T @ ev / n_eval).flip(0)
+        k = min(n_train, n_eval, d) - 1  # the last index where both spectra are nonzero
+        want = float(s_t[k] / (s_t[k] + s_e[k]))
+        assert abs(mixing_weight(s_t, s_e, 1000) - want) < 1e-9
+        assert 0 < mixing_weight(s_t, s_e, 1000) < 1
+
+
+@pytest.mark.parametrize("method", ["dot", "cosine", "trackstar"])
+def test_aggregate_is_mean_of_per_query_scores(setup, model, method):
+    index, task, train, queries, blocks = setup
+    options = {"k": 2, "fit_rows": 100} if method == "trackstar" else {}
+    agg = index.scores(QUERIES, method, model=model, task=task, aggregate=True, **options)
+    want = np_scores(method, train, queries, blocks, **({"k": 2} if method == "trackstar" else {})).mean(1, keepdims=True)
+    assert agg.shape == (len(TRAIN), 1)
+    np.testing.assert_allclose(agg, want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_span_index_pools_sentence_rows(tmp_path, model, tokenizer, pool):
+    span_task = LanguageModelTask(tokenizer, unit="sentence")
+    index = _build(tmp_path / "spans", model, SPAN_TRAIN, span_task)
+    assert index.pooled
+    want_ids = [(r, u) for r, n in enumerate(SPAN_SENTENCES) for u in range(n)]
+    assert [tuple(x) for x in index.store.ids()] == want_ids
+
+    # Reference: each sentence's own loss (earlier text as context only), autograd one at a time.
+    examples = [ex for r in SPAN_TRAIN for ex in span_task.encode(r)]
+    assert len(examples) == len(want_ids)
+    doc_task = LanguageModelTask(tokenizer)
+    rows = reference_rows(model, doc_task, examples, PROJ).double().numpy()
+    queries = reference_rows(model, doc_task, [doc_task.encode(q)[0] for q in QUERIES], PROJ).double().numpy()
+    sentence_scores = unit(rows) @ unit(queries).T
+    rec = np.array([r for r, _ in want_ids])
+    reduce = np.max if pool == "max" else np.mean
+    want = np.stack([reduce(sentence_scores[rec == r], axis=0) for r in range(len(SPAN_TRAIN))])  # [records, q]
+
+    frame = index.query(QUERIES, "cosine", top_k=len(SPAN_TRAIN), pool=pool, model=model, task=doc_task)
+    top = frame[frame.side == "top"]
+    assert (top.unit == -1).all() and len(top) == len(SPAN_TRAIN) * len(QUERIES)
+    for (qi, r), score in zip(zip(top.query_id, top.record), top.score):
+        assert abs(score - want[r, qi]) < 1e-4, (qi, r, score, want[r, qi])
+    for qi in range(len(QUERIES)):  # ranked best first
+        ranked = top[top.query_id == qi]
+        assert ranked["rank"].tolist() == list(range(1, len(SPAN_TRAIN) + 1))
+        assert (np.diff(ranked.score.to_numpy()) <= 0).all()
+
+
+def test_sign_convention_by_a_gradient_step(tmp_path, model, tokenizer):
+    """Top under "dot": an SGD step on it lowers the query loss; bottom: raises it (first order)."""
+    task = LanguageModelTask(tokenizer)
+    index = _build(tmp_path / "none", model, TRAIN, task, ProjectionConfig("none"))
+    query = [QUERIES[0]]
+    scores = index.scores(query, "dot", model=model, task=task)[:, 0]
+    top, bottom = int(scores.argmax()), int(scores.argmin())
+    assert scores[top] > 0 > scores[bottom], scores
+
+    def query_loss(m):
+        with torch.no_grad():
+            return float(task.per_example_loss(m, task.collate(task.encode(QUERIES[0]))).sum())
+
+    base = copy.deepcopy(model).double()
+    tracked = [p for tm in tracked_modules(base).values() for p in tm.module.parameters()]
+    loss0 = query_loss(base)
+    lr = 1e-3 / np.abs(scores).max()
+    for i in (top, bottom):
+        stepped = copy.deepcopy(base)
+        params = [p for tm in tracked_modules(stepped).values() for p in tm.module.parameters()]
+        assert len(params) == len(tracked)
+        loss = task.per_example_loss(stepped, task.collate(task.encode(TRAIN[i]))).sum()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+        delta = query_loss(stepped) - loss0
+        # first order: Δ query loss = -lr · <∇L_train, ∇L_query> = -lr · score
+        assert np.sign(delta) == -np.sign(scores[i])
+        assert abs(delta + lr * scores[i]) < 0.05 * abs(lr * scores[i]), (delta, -lr * scores[i])
