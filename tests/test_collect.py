@@ -97,3 +97,16 @@ def test_default_modules_are_inside_blocks(gpt2):
     assert names and all(n.startswith("transformer.h.") for n in names)
     assert "lm_head" not in names
     assert list(tracked_modules(gpt2, ["*.mlp.*"])) == [n for n in names if ".mlp." in n]
+
+
+def test_token_rows_equal_prefix_examples(gpt2, tokenizer, lm_records):
+    """The one-forward token path equals collecting every prefix as its own example."""
+    cfg = ProjectionConfig("factored", dim=64, seed=1)
+    tokens = LanguageModelTask(tokenizer, unit="token")
+    for record in lm_records[:3]:
+        prefixes = tokens.encode(record)
+        assert len(prefixes) == sum(tokens.encode_whole(record).target_mask[1:])
+        want = GradientCollector(gpt2, tokens, cfg)(tokens.collate(prefixes))
+        got = GradientCollector(gpt2, tokens, cfg).token_rows(tokens.collate([tokens.encode_whole(record)]), chunk=2)
+        assert_rel_close(got, want)
+        assert_rel_close(want, reference_rows(gpt2, tokens, prefixes, cfg))

@@ -241,7 +241,13 @@ def _collect_range(collector, task, records, start: int, stop: int, batch_size: 
         ids = np.array([(r, u) for r, u, _ in batch_items], dtype=np.int64)
         writer.add(rows, ids, done)
 
+    token_units = getattr(task, "unit", None) == "token"
     for rec in range(start, stop):
+        if token_units:  # one forward per record, all its token rows at once
+            rows = collector.token_rows(task.collate([task.encode_whole(records[rec])]))
+            writer.add(rows, np.array([(rec, u) for u in range(len(rows))], dtype=np.int64).reshape(-1, 2), rec + 1)
+            bar.update(1)
+            continue
         pending += [(rec, u, ex) for u, ex in enumerate(task.encode(records[rec]))]
         while len(pending) >= batch_size:
             batch, pending = pending[:batch_size], pending[batch_size:]

@@ -172,6 +172,35 @@ class GradientCollector:
             rows[:, start:stop] += self._segment(self.modules[name], a.detach(), delta)
         return rows
 
+    def token_rows(self, batch: Batch, chunk: int = 64) -> torch.Tensor:
+        """Rows [N, dim] of a one-example batch: one per target token, the gradient of that token's
+        loss alone (with the example's preceding tokens as context), in token order.
+
+        Equal to collecting each prefix ending at a target token as its own example, but with a
+        single forward pass and a batched backward (`is_grads_batched`) over `chunk` tokens at a time.
+        """
+        if batch["input_ids"].shape[0] != 1:
+            raise ValueError("token_rows takes a batch of one example")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.enable_grad(), self._recording() as calls:
+            losses = self.task.per_token_loss(self.model, batch)[0]  # [T-1]
+            flat = [(name, a.detach(), out) for name, cs in calls.items() for a, out in cs]
+            positions = torch.nonzero(batch["target_mask"][0, 1:]).squeeze(1)
+            rows = torch.zeros(len(positions), self.dim, device=self.device)
+            for lo in range(0, len(positions), chunk):
+                pos = positions[lo : lo + chunk]
+                cot = torch.zeros(len(pos), losses.shape[0], device=self.device)
+                cot[torch.arange(len(pos)), pos] = 1.0
+                grads = torch.autograd.grad(
+                    losses, [out for _, _, out in flat], grad_outputs=cot, is_grads_batched=True, retain_graph=True, allow_unused=True
+                )
+                for (name, a, _), delta in zip(flat, grads):
+                    if delta is not None:
+                        start, stop = self.segments[name]
+                        n = len(pos)
+                        rows[lo : lo + n, start:stop] += self._segment(self.modules[name], a.expand(n, *a.shape[1:]), delta.reshape(n, *delta.shape[2:]))
+        return rows
+
     def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """One call's contribution to module `tm`'s segment, [B, segment_dim]."""
         B = a.shape[0]

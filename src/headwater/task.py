@@ -8,6 +8,7 @@ training example lowers the query loss: the library's sign convention (positive 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -197,13 +198,21 @@ class LanguageModelTask:
             tgt[i, :n] = torch.tensor(e.target_mask)
         return {"input_ids": ids, "attention_mask": attn, "target_mask": tgt}
 
-    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def per_token_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Loss of each predicted token, [B, T-1] (entry t is token t+1's loss; zero off target)."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         B, T, V = logits.shape
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, V).float(), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
         ).view(B, T - 1)
-        return (nll * batch["target_mask"][:, 1:]).sum(1)
+        return nll * batch["target_mask"][:, 1:]
+
+    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self.per_token_loss(model, batch).sum(1)
+
+    def encode_whole(self, record: dict) -> TokenExample:
+        """The record as one example with all its target tokens (token units are computed from it)."""
+        return dataclasses.replace(self, unit="document", stats=self.stats).encode(record)[0]
 
     def warn_truncation(self) -> None:
         """Warn once about examples cut to the context length or left with no target tokens."""
