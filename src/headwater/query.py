@@ -102,6 +102,13 @@ def results_frame(ranking: Ranking, query_ids: list, row_ids: np.ndarray, train_
     `row_ids` [rows, 2] maps row → (record, unit); `texts(record_index) -> str` renders a record.
     """
     out = []
+    rendered: dict[int, str] = {}
+
+    def text(record: int) -> str:  # a record recurs across queries: render it once
+        if record not in rendered:
+            rendered[record] = texts(record, max_chars)
+        return rendered[record]
+
     for side, scores, items in (("top", ranking.top_scores, ranking.top_items), ("bottom", ranking.bottom_scores, ranking.bottom_items)):
         for qi in range(scores.shape[0]):
             for r in range(scores.shape[1]):
@@ -109,7 +116,7 @@ def results_frame(ranking: Ranking, query_ids: list, row_ids: np.ndarray, train_
                 record, unit = (item, -1) if ranking.pooled else (int(row_ids[item, 0]), int(row_ids[item, 1]))
                 out.append({
                     "query_id": query_ids[qi], "side": side, "rank": r + 1, "train_id": train_ids[record],
-                    "record": record, "unit": unit, "score": float(scores[qi, r]), "text": texts(record, max_chars),
+                    "record": record, "unit": unit, "score": float(scores[qi, r]), "text": text(record),
                 })
     return pd.DataFrame(out, columns=["query_id", "side", "rank", "train_id", "record", "unit", "score", "text"])
 
