@@ -234,3 +234,20 @@ def test_safetensors_state_equals_torch_save(tmp_path):
     want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1).float()
     assert_rel_close(rows["opt.safetensors"], want, 1e-5)
     assert torch.equal(rows["opt.safetensors"], rows["opt.pt"])
+
+
+def test_adam_uses_the_optimizers_own_eps(tmp_path):
+    """A large user-set eps changes the scales: it must come from the saved param group."""
+    model, task, records = mlp(), ModuleTask(ce), mlp_records()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-3)
+    train(model, task, records, opt, steps=3)
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    tracked = tracked_modules(model)
+    scales = module_scales(model, tracked, load_optimizer_state(path))
+    got = GradientCollector(model, task, ProjectionConfig("none"), scales=scales)(task.collate(records))
+    grads = per_example_grads(model, task, records, tracked)
+    big_eps = lambda o, p: adam_denominator(o, p) - EPS + 1e-3
+    want = normalised_reference(model, opt, tracked, grads, big_eps)
+    want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1).float()
+    assert_rel_close(got, want, 1e-5)

@@ -421,3 +421,16 @@ def test_query_records_of_mixed_formats(baseline, setup):
     together = index.gradients(child.QUERIES, model=model, task=task)
     alone = torch.cat([index.gradients([q], model=model, task=task) for q in child.QUERIES])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_lock_from_another_host_is_never_taken(baseline, tmp_path):
+    """On a shared filesystem a lock from another host may belong to a live build."""
+    path = tmp_path / "idx"
+    interrupted_build(path, batches=7)
+    lock = path / "locks" / "r000.lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname() + "-elsewhere"}))
+    before = journal(path).read_bytes()
+    with pytest.raises(UserError, match="delete the lock file"):
+        child.build(path, resume=True)
+    assert lock.exists() and journal(path).read_bytes() == before

@@ -208,6 +208,11 @@ VARIANTS = [
 
 def run_demo(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int = 16, retrain: bool = False, top_k: int = 10) -> dict:
     """Run the whole demo; prints and writes `results.md` and `results.json` to `workdir`."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # keep the demo's own bars (training, builds) readable
+    transformers.utils.logging.disable_progress_bar()
     t0 = time.time()
     workdir = Path(workdir)
     cfg = DemoConfig(seed=seed)

@@ -94,8 +94,11 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tu
     return v.reshape(shape), kind
 
 
-def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict, eps: float = 1e-8) -> dict[str, ModuleScale]:
-    """Inverse √V per tracked module. `modules` maps name → collect.TrackedModule."""
+def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict, eps: float | None = None) -> dict[str, ModuleScale]:
+    """Inverse 1/(√V + eps) per tracked module. `modules` maps name → collect.TrackedModule.
+
+    `eps=None` uses the optimizer's own epsilon where it is a number (Adam), else 1e-8.
+    """
     states = _param_states(model, sd)
     scales = {}
     for name, tm in modules.items():
@@ -111,7 +114,9 @@ def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict
         if tm.has_bias:
             b_state, b_group = states[f"{name}.bias"]
             full[:, -1] = _second_moment(f"{name}.bias", tm.module.bias.shape, b_state, b_group)[0]
-        inv = 1.0 / (full.clamp_min(0).sqrt() + eps)
+        group_eps = group.get("eps")
+        e = eps if eps is not None else (group_eps if isinstance(group_eps, float) else 1e-8)
+        inv = 1.0 / (full.clamp_min(0).sqrt() + e)
         row, col = rank_one_fit(inv[:, : tm.d_in])
         if tm.has_bias:  # bias column given the row factor: least squares c_b = <r, s_b> / <r, r>
             col = torch.cat([col, ((row @ inv[:, -1]) / (row @ row))[None]])

@@ -103,7 +103,8 @@ def rows_to_float32(block: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 class BuildLock:
-    """An exclusive lock file per rank; a lock left by a dead process on this host is taken over."""
+    """An exclusive lock file per rank; a lock left by a dead process on this host is taken over,
+    a lock from another host is never taken (on a shared filesystem its build may still run)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -119,9 +120,14 @@ class BuildLock:
                     other = json.loads(self.path.read_text() or "{}")
                 except (OSError, ValueError):
                     other = {}
-                if other.get("host") == me["host"] and other.get("pid") and _alive(other["pid"]):
+                if other.get("host") not in (None, me["host"]):  # cannot tell if it is alive: never steal it
+                    raise UserError(
+                        f"a build on host {other['host']} (pid {other.get('pid')}) holds {self.path}; "
+                        "if that build is dead, delete the lock file and resume"
+                    ) from None
+                if other.get("pid") and _alive(other["pid"]):
                     raise UserError(f"another build (pid {other['pid']}) is writing {self.path.parent.parent}") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                self.path.unlink(missing_ok=True)  # stale: its process on this host is gone
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
