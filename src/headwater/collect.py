@@ -153,23 +153,38 @@ class GradientCollector:
             for p in needs_grad:
                 p.requires_grad_(False)
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def module_grads(self, batch: Batch, loss_fn=None) -> tuple[torch.Tensor, list[tuple[TrackedModule, torch.Tensor, torch.Tensor]]]:
+        """Per-example losses [B] and, for every call of a tracked module, (module, a [B, T, d_in],
+        δ [B, T, d_out]) with δ the gradient of Σ_b loss_b with respect to that call's output.
+
+        `loss_fn(model, batch) -> Tensor[B]` defaults to the task's per-example loss; curvature
+        fitting passes a sampled-label loss, TRAK an output function.
+        """
+        loss_fn = loss_fn or self.task.per_example_loss
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.enable_grad(), self._recording() as calls:
-            losses = self.task.per_example_loss(self.model, batch)
+            losses = loss_fn(self.model, batch)
             if losses.dim() != 1:
-                raise UserError(f"per_example_loss must return shape [B], got {tuple(losses.shape)}")
+                raise UserError(f"the per-example loss must have shape [B], got {tuple(losses.shape)}")
             flat = [(name, a, out) for name, cs in calls.items() for a, out in cs]
             if not flat:
                 raise UserError("no tracked module ran in the forward pass")
             grads = torch.autograd.grad(losses.sum(), [out for _, _, out in flat], allow_unused=True)
-        B = losses.shape[0]
-        rows = torch.zeros(B, self.dim, device=self.device)
-        for (name, a, out), delta in zip(flat, grads):
-            if delta is None:
-                continue
-            start, stop = self.segments[name]
-            rows[:, start:stop] += self._segment(self.modules[name], a.detach(), delta)
+        out = []
+        for (name, a, o), delta in zip(flat, grads):
+            tm = self.modules[name]
+            B = a.shape[0]
+            delta = torch.zeros_like(o) if delta is None else delta
+            out.append((tm, a.detach().reshape(B, -1, tm.d_in).float(), delta.reshape(B, -1, tm.d_out).float()))
+        return losses.detach(), out
+
+    def __call__(self, batch: Batch, loss_fn=None) -> torch.Tensor:
+        """Compressed per-example gradient rows [B, dim] of the task's loss (or of `loss_fn`)."""
+        losses, calls = self.module_grads(batch, loss_fn)
+        rows = torch.zeros(losses.shape[0], self.dim, device=self.device)
+        for tm, a, delta in calls:
+            start, stop = self.segments[tm.name]
+            rows[:, start:stop] += self._segment(tm, a, delta)
         return rows
 
     def token_rows(self, batch: Batch, chunk: int = 64) -> torch.Tensor:
@@ -204,8 +219,7 @@ class GradientCollector:
     def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """One call's contribution to module `tm`'s segment, [B, segment_dim]."""
         B = a.shape[0]
-        a = a.reshape(B, -1, tm.d_in).float()
-        delta = delta.reshape(B, -1, tm.d_out).float()
+        a, delta = a.reshape(B, -1, tm.d_in).float(), delta.reshape(B, -1, tm.d_out).float()
         if self.projection.kind == "factored":
             p_out, p_in = self._factored(tm)
             pa = a @ p_in[:, : tm.d_in].T

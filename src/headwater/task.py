@@ -67,6 +67,45 @@ class ModuleTask:
 
 
 @dataclass
+class ClassificationTask:
+    """Classification of records `{x: features, y: class}` by a model returning logits [B, C].
+
+    Loss: cross-entropy. Output (TRAK): the margin logit_y − logsumexp(other logits). True
+    Fisher: cross-entropy against classes sampled from the model's softmax.
+    """
+
+    input_key: str = "x"
+    label_key: str = "y"
+
+    def encode(self, record: dict) -> list[dict]:
+        try:
+            return [{"x": torch.as_tensor(record[self.input_key], dtype=torch.float32), "y": torch.as_tensor(record[self.label_key], dtype=torch.long)}]
+        except KeyError as exc:
+            raise UserError(f"record is missing the column {exc.args[0]!r} (it has {sorted(record)})") from None
+
+    def collate(self, examples: list[dict]) -> Batch:
+        return {"x": torch.stack([e["x"] for e in examples]), "y": torch.stack([e["y"] for e in examples])}
+
+    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+    def per_example_sampled_loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        logits = model(batch["x"])
+        with torch.no_grad():
+            sampled = torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+        return F.cross_entropy(logits, sampled, reduction="none")
+
+    def per_example_output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch["x"])
+        correct = logits.gather(1, batch["y"][:, None]).squeeze(1)
+        others = logits.scatter(1, batch["y"][:, None], -torch.inf)
+        return correct - torch.logsumexp(others, dim=1)
+
+    def describe(self) -> dict:
+        return {"type": "classification", "input_key": self.input_key, "label_key": self.label_key}
+
+
+@dataclass
 class TokenExample:
     """One unit of a causal-LM record. `target_mask[t]` says token t is predicted (has loss)."""
 
@@ -209,6 +248,21 @@ class LanguageModelTask:
 
     def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return self.per_token_loss(model, batch).sum(1)
+
+    def per_example_sampled_loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """The loss with each target token replaced by a sample from the model (true Fisher), [B]."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        B, T, V = logits.shape
+        with torch.no_grad():
+            probs = logits.softmax(-1).reshape(-1, V).cpu()
+            sampled = torch.multinomial(probs, 1, generator=generator).view(B, T).to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, V), sampled.reshape(-1), reduction="none").view(B, T)
+        return (nll * batch["target_mask"][:, 1:]).sum(1)
+
+    def per_example_output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """TRAK's measurement for LMs: log p/(1-p) of the target tokens (p their joint probability)."""
+        log_p = -self.per_example_loss(model, batch)
+        return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
 
     def encode_whole(self, record: dict) -> TokenExample:
         """The record as one example with all its target tokens (token units are computed from it)."""

@@ -1,0 +1,233 @@
+"""KFAC and EK-FAC curvature of tracked linear modules (arXiv 1806.03884, 2308.03296).
+
+For a linear module with per-token inputs a_t (bias 1 appended, d_in_aug) and output gradients
+δ_t (d_out), the Gauss–Newton / Fisher block is approximated as A ⊗ S with
+
+    A = E_tokens[a aᵀ]              [d_in_aug, d_in_aug]
+    S = E_examples[Σ_t δ_t δ_tᵀ]     [d_out, d_out]
+
+where δ comes from the loss under labels sampled from the model (true Fisher, default) or the data
+labels (empirical Fisher). With eigenbases Q_A, Q_S, KFAC's eigenvalues are λ_S λ_Aᵀ; EK-FAC
+replaces them by the exact diagonal of the Fisher in that basis,
+Λ*_ij = E_n[(Q_Sᵀ DW_n Q_A)²_ij], from a second pass over the same examples and sampled labels.
+A spectral function of the block is applied to a gradient V [d_out, d_in_aug] as
+Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ: the damped inverse for influence functions, exp(−ηKΛ) for SOURCE.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .collect import GradientCollector
+from .errors import UserError
+from .projection import ProjectionConfig
+from .task import Task
+
+
+@dataclass
+class CurvatureConfig:
+    """How curvature is fitted. `damping` is absolute, or a fraction of the mean eigenvalue."""
+
+    fisher: Literal["true", "empirical"] = "true"
+    damping: float = 0.1
+    damping_mode: Literal["relative", "absolute"] = "relative"
+    batch_size: int = 16
+    max_examples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.fisher not in ("true", "empirical"):
+            raise UserError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.damping_mode not in ("relative", "absolute"):
+            raise UserError(f"damping mode must be 'relative' or 'absolute', got {self.damping_mode!r}")
+
+
+@dataclass
+class ModuleCurvature:
+    """Eigenbases and eigenvalues of one module's Kronecker-factored block (float64)."""
+
+    q_a: torch.Tensor  # [d_in_aug, d_in_aug]
+    lam_a: torch.Tensor  # [d_in_aug]
+    q_s: torch.Tensor  # [d_out, d_out]
+    lam_s: torch.Tensor  # [d_out]
+    corrected: torch.Tensor | None = None  # EK-FAC Λ* [d_out, d_in_aug]
+
+    def eigenvalues(self, ekfac: bool = True) -> torch.Tensor:
+        """[d_out, d_in_aug] eigenvalues of the block in the Kronecker eigenbasis."""
+        if ekfac:
+            if self.corrected is None:
+                raise UserError("these factors have no eigenvalue correction; fit with ekfac=True or use kfac")
+            return self.corrected
+        return torch.outer(self.lam_s, self.lam_a).clamp_min(0)
+
+    def rotate(self, v: torch.Tensor) -> torch.Tensor:
+        """Q_Sᵀ V Q_A for V [..., d_out, d_in_aug]."""
+        return self.q_s.T.to(v) @ v @ self.q_a.to(v)
+
+    def unrotate(self, v: torch.Tensor) -> torch.Tensor:
+        return self.q_s.to(v) @ v @ self.q_a.T.to(v)
+
+    def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], ekfac: bool = True) -> torch.Tensor:
+        """Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ for V [..., d_out, d_in_aug]."""
+        return self.unrotate(self.rotate(v) * fn(self.eigenvalues(ekfac)).to(v))
+
+
+@dataclass
+class Curvature:
+    """Per-module curvature blocks plus how they were fitted."""
+
+    modules: dict[str, ModuleCurvature]
+    config: CurvatureConfig
+    examples: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def damping_for(self, name: str, ekfac: bool = True, damping: float | None = None) -> float:
+        d = self.config.damping if damping is None else damping
+        if self.config.damping_mode == "absolute":
+            return d
+        return d * float(self.modules[name].eigenvalues(ekfac).mean())
+
+    def inverse_hvp(self, grads: dict[str, torch.Tensor], ekfac: bool = True, damping: float | None = None) -> dict[str, torch.Tensor]:
+        """(G + λI)⁻¹ g per module for gradients {name: [..., d_out, d_in_aug]}."""
+        out = {}
+        for name, g in grads.items():
+            lam = self.damping_for(name, ekfac, damping)
+            out[name] = self.modules[name].apply(g.double(), lambda e: 1.0 / (e + lam), ekfac).to(g.dtype)
+        return out
+
+    def hvp(self, grads: dict[str, torch.Tensor], ekfac: bool = True) -> dict[str, torch.Tensor]:
+        """G g per module (the approximate curvature itself)."""
+        return {n: self.modules[n].apply(g.double(), lambda e: e, ekfac).to(g.dtype) for n, g in grads.items()}
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, m in self.modules.items():
+            for key in ("q_a", "lam_a", "q_s", "lam_s", "corrected"):
+                if getattr(m, key) is not None:
+                    tensors[f"{name}/{key}"] = getattr(m, key).contiguous()
+        meta = {"config": asdict(self.config), "examples": self.examples, "meta": self.meta, "modules": list(self.modules)}
+        save_file(tensors, str(path), metadata={"headwater": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Curvature":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"curvature file {path} does not exist")
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["headwater"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        modules = {
+            name: ModuleCurvature(*(tensors[f"{name}/{k}"] for k in ("q_a", "lam_a", "q_s", "lam_s")), tensors.get(f"{name}/corrected"))
+            for name in meta["modules"]
+        }
+        return cls(modules, CurvatureConfig(**meta["config"]), meta["examples"], meta["meta"])
+
+
+def _augment(tm, a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if tm.has_bias else a
+
+
+def _batches(task: Task, records, config: CurvatureConfig):
+    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
+    if config.max_examples is not None:
+        g = torch.Generator().manual_seed(config.seed)
+        keep = torch.randperm(len(examples), generator=g)[: config.max_examples].sort().values.tolist()
+        examples = [examples[i] for i in keep]
+    if not examples:
+        raise UserError("no examples to fit curvature on")
+    return [task.collate(examples[i : i + config.batch_size]) for i in range(0, len(examples), config.batch_size)]
+
+
+def _loss_fn(task: Task, config: CurvatureConfig, batch_index: int):
+    """The loss whose gradients define the Fisher; sampled labels are seeded per batch so both
+    passes see the same samples."""
+    if config.fisher == "empirical":
+        return task.per_example_loss
+    if not hasattr(task, "per_example_sampled_loss"):
+        raise UserError(f"{type(task).__name__} cannot sample labels from the model; use fisher='empirical'")
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
+    return lambda model, batch: task.per_example_sampled_loss(model, batch, gen)
+
+
+def _token_mask(batch: dict, a: torch.Tensor) -> torch.Tensor:
+    """[B, T] which positions are real tokens (padding excluded from A)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.shape == a.shape[:2]:
+        return mask.to(a.device).bool()
+    return torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def fit_curvature(
+    model: torch.nn.Module,
+    task: Task,
+    records,
+    modules: list[str] | None = None,
+    config: CurvatureConfig | None = None,
+    ekfac: bool = True,
+    progress: bool = True,
+) -> Curvature:
+    """Fit KFAC factors (and, with `ekfac`, the eigenvalue correction) on `records`.
+
+    Each rank passes its own share of records; sums are all-reduced when torch.distributed is
+    initialised, so every rank ends with the same factors.
+    """
+    config = config or CurvatureConfig()
+    collector = GradientCollector(model, task, ProjectionConfig("none"), modules)
+    batches = _batches(task, records, config)
+    dev = collector.device
+    A = {n: torch.zeros(tm.d_in_aug, tm.d_in_aug, dtype=torch.float64, device=dev) for n, tm in collector.modules.items()}
+    S = {n: torch.zeros(tm.d_out, tm.d_out, dtype=torch.float64, device=dev) for n, tm in collector.modules.items()}
+    tokens = torch.zeros(len(A), dtype=torch.float64, device=dev)  # per module: a call's tokens count as more tokens
+    examples = torch.zeros(1, dtype=torch.float64, device=dev)
+    slot = {n: i for i, n in enumerate(A)}
+    for i, batch in enumerate(tqdm(batches, desc="curvature: factors", disable=not progress)):
+        losses, calls = collector.module_grads(batch, _loss_fn(task, config, i))
+        for tm, a, delta in calls:
+            mask = _token_mask(batch, a)
+            a_aug = _augment(tm, a)[mask].double()
+            A[tm.name] += a_aug.T @ a_aug
+            tokens[slot[tm.name]] += mask.sum()
+            d = delta.reshape(-1, tm.d_out).double()
+            S[tm.name] += d.T @ d
+        examples += losses.shape[0]
+    _all_reduce([*A.values(), *S.values(), tokens, examples])
+    n_examples = float(examples.item())
+    curv = {}
+    for name in A:
+        lam_a, q_a = torch.linalg.eigh(A[name] / tokens[slot[name]])
+        lam_s, q_s = torch.linalg.eigh(S[name] / n_examples)
+        curv[name] = ModuleCurvature(q_a.cpu(), lam_a.clamp_min(0).cpu(), q_s.cpu(), lam_s.clamp_min(0).cpu())
+    if ekfac:
+        corr = {n: torch.zeros(m.q_s.shape[0], m.q_a.shape[0], dtype=torch.float64, device=dev) for n, m in curv.items()}
+        for i, batch in enumerate(tqdm(batches, desc="curvature: eigenvalue correction", disable=not progress)):
+            _, calls = collector.module_grads(batch, _loss_fn(task, config, i))
+            per_example: dict[str, torch.Tensor] = {}
+            for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
+                m = curv[tm.name]
+                rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(dev), _augment(tm, a).double() @ m.q_a.to(dev))
+                per_example[tm.name] = per_example.get(tm.name, 0) + rot
+            for name, rot in per_example.items():
+                corr[name] += (rot**2).sum(0)
+        _all_reduce(list(corr.values()))
+        for name, c in corr.items():
+            curv[name].corrected = (c / n_examples).cpu()
+    return Curvature(curv, config, int(n_examples), {"tokens": {n: int(tokens[slot[n]].item()) for n in A}})

@@ -1,0 +1,123 @@
+"""KFAC / EK-FAC factors against dense per-module Fisher matrices."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headwater.collect import GradientCollector
+from headwater.curvature import Curvature, CurvatureConfig, _batches, _loss_fn, fit_curvature
+from headwater.projection import ProjectionConfig
+from headwater.task import ClassificationTask, LanguageModelTask
+
+
+def mlp_setup(n=48):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 5, generator=g)
+    records = [{"x": x[i], "y": int((x[i, 0] > 0) + 2 * (x[i, 1] > 0))} for i in range(n)]
+    return model, ClassificationTask(), records
+
+
+def dense_fisher(model, task, records, config):
+    """Per module: (1/N) Σ_n vec(DW_n) vec(DW_n)ᵀ from per-example gradients under the same labels."""
+    col = GradientCollector(model, task, ProjectionConfig("none"))
+    rows = torch.cat([col(b, _loss_fn(task, config, i)) for i, b in enumerate(_batches(task, records, config))]).double()
+    return {n: rows[:, a:b].T @ rows[:, a:b] / rows.shape[0] for n, (a, b) in col.segments.items()}, col
+
+
+def kron_basis(m):
+    return torch.kron(m.q_s, m.q_a)  # vec row-major: index (o, i) -> o * d_in + i
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_ekfac_eigenvalues_are_the_dense_diagonal_in_the_kfac_basis(fisher):
+    model, task, records = mlp_setup()
+    config = CurvatureConfig(fisher=fisher, batch_size=8, seed=3)
+    curv = fit_curvature(model, task, records, config=config, progress=False)
+    dense, _ = dense_fisher(model, task, records, config)
+    for name, m in curv.modules.items():
+        q = kron_basis(m)
+        want = torch.diagonal(q.T @ dense[name] @ q).reshape(m.corrected.shape)
+        torch.testing.assert_close(m.corrected, want, rtol=1e-5, atol=1e-9)
+
+
+def test_factors_are_token_and_example_covariances(gpt2, tokenizer, lm_records):
+    task = LanguageModelTask(tokenizer)
+    config = CurvatureConfig(fisher="empirical", batch_size=2)
+    curv = fit_curvature(gpt2, task, lm_records, modules=["transformer.h.0.mlp.c_fc"], config=config, progress=False)
+    m = curv.modules["transformer.h.0.mlp.c_fc"]
+    # Rebuild A and S by hand, one example at a time (no padding at all).
+    acts, deltas = [], []
+    layer = gpt2.transformer.h[0].mlp.c_fc
+    for rec in lm_records:
+        ex = task.encode(rec)[0]
+        batch = task.collate([ex])
+        store = {}
+        h = layer.register_forward_hook(lambda mod, a, o: store.update(a=a[0], o=o))
+        loss = task.per_example_loss(gpt2, batch).sum()
+        h.remove()
+        (d,) = torch.autograd.grad(loss, store["o"])
+        acts.append(torch.cat([store["a"][0], torch.ones(len(ex.input_ids), 1)], 1).double())
+        deltas.append(d[0].double())
+    a = torch.cat(acts)
+    A = a.T @ a / a.shape[0]
+    S = sum(d.T @ d for d in deltas) / len(deltas)
+    torch.testing.assert_close(m.q_a @ torch.diag(m.lam_a) @ m.q_a.T, A, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(m.q_s @ torch.diag(m.lam_s) @ m.q_s.T, S, rtol=1e-6, atol=1e-12)
+
+
+def test_ekfac_inverse_hvp_is_close_to_the_dense_damped_solve(capsys):
+    model, task, records = mlp_setup(n=96)
+    config = CurvatureConfig(fisher="empirical", batch_size=16, damping=0.1)
+    curv = fit_curvature(model, task, records, config=config, progress=False)
+    dense, col = dense_fisher(model, task, records, config)
+    g = torch.Generator().manual_seed(7)
+    errors = {"ekfac": [], "kfac": []}
+    for name, m in curv.modules.items():
+        shape = m.corrected.shape
+        v = torch.randn(shape, generator=g, dtype=torch.float64)
+        for kind, ekfac in (("ekfac", True), ("kfac", False)):
+            lam = curv.damping_for(name, ekfac=True)  # same damping for both: compare the curvature only
+            got = curv.inverse_hvp({name: v}, ekfac=ekfac, damping=lam / float(m.eigenvalues(True).mean()))[name]
+            want = torch.linalg.solve(dense[name] + lam * torch.eye(dense[name].shape[0], dtype=torch.float64), v.reshape(-1)).reshape(shape)
+            errors[kind].append(((got - want).norm() / want.norm()).item())
+    with capsys.disabled():
+        print(f"\n  iHVP relative error vs dense damped solve: EK-FAC {errors['ekfac']}, KFAC {errors['kfac']}")
+    assert max(errors["ekfac"]) < 0.35
+    assert sum(errors["ekfac"]) < sum(errors["kfac"])
+
+
+def test_save_load_roundtrip(tmp_path):
+    model, task, records = mlp_setup()
+    curv = fit_curvature(model, task, records, config=CurvatureConfig(seed=2), progress=False)
+    curv.save(tmp_path / "curvature.safetensors")
+    back = Curvature.load(tmp_path / "curvature.safetensors")
+    assert back.config == curv.config and back.examples == curv.examples == len(records)
+    for name, m in curv.modules.items():
+        for key in ("q_a", "lam_a", "q_s", "lam_s", "corrected"):
+            assert torch.equal(getattr(back.modules[name], key), getattr(m, key))
+
+
+def test_module_called_twice_counts_both_calls():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    torch.manual_seed(0)
+    model = Twice()
+    task = ClassificationTask()
+    g = torch.Generator().manual_seed(0)
+    records = [{"x": torch.randn(3, generator=g), "y": i % 3} for i in range(20)]
+    config = CurvatureConfig(fisher="empirical", batch_size=5)
+    curv = fit_curvature(model, task, records, config=config, progress=False)
+    dense, _ = dense_fisher(model, task, records, config)
+    m = curv.modules["lin"]
+    q = kron_basis(m)
+    torch.testing.assert_close(m.corrected, torch.diagonal(q.T @ dense["lin"] @ q).reshape(m.corrected.shape), rtol=1e-5, atol=1e-9)
+    # A averages over both calls' inputs: 40 "tokens" for 20 examples.
+    assert curv.meta["tokens"]["lin"] == 40
