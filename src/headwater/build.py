@@ -8,6 +8,7 @@ the directory and writes the manifest after every rank has finished.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -76,6 +77,12 @@ class BuildConfig:
         if unknown:
             raise UserError(f"unknown build config keys: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def absolute_paths(config: BuildConfig) -> BuildConfig:
+    """Local model/data/optimizer paths made absolute, so a saved config.json works from anywhere."""
+    local = {k: str(Path(v).resolve()) for k in ("model", "data", "optimizer_state") if isinstance(v := getattr(config, k), str) and Path(v).exists()}
+    return dataclasses.replace(config, **local)
 
 
 def load_model(name: str, device: str = "cpu"):
@@ -153,7 +160,7 @@ def build_index(
     """
     from .index import Index
 
-    config = config or BuildConfig()
+    config = absolute_paths(config or BuildConfig())
     path = Path(path)
     rank, world = distributed()
     tokenizer = None

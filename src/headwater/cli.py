@@ -31,6 +31,7 @@ DTYPE = typer.Option(None, "--dtype", help="Storage precision: float16 (default)
 
 
 def _fail(message: str) -> None:
+    message = " ".join(str(message).split())  # one line, even for multi-line messages of other libraries
     typer.echo(f"headwater: error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -121,6 +122,8 @@ def query(
         if method == "trackstar":
             options = {"mix": mix if mix == "auto" else float(mix), "damping": damping}
         loaded = None
+        if (model or device) and len(indexes) > 1:
+            raise UserError("--model/--device apply to one index; with several (TracIn) each index loads its own model")
         if model or device:
             from .build import load_model
 
@@ -133,7 +136,10 @@ def query(
             idx = indexes[0]
             if loaded is not None:
                 idx._model, idx._tokenizer = loaded
-            frame = idx.query(queries, method=method, top_k=top_k, bottom_k=bottom_k, aggregate=aggregate, pool=pool, verify=verify, **options)
+            frame = idx.query(
+                queries, method=method, top_k=top_k, bottom_k=bottom_k, aggregate=aggregate, pool=pool,
+                verify=verify, batch_size=batch_size, **options,
+            )
         if out:
             write_results(frame, out)
     except UserError as exc:

@@ -63,8 +63,8 @@ def _load_path(source: str) -> datasets.Dataset:
             return datasets.load_dataset(FILE_LOADERS[suffix], data_files=str(path), split="train")
         except Exception as exc:  # datasets wraps parse errors in several types
             raise UserError(f"{path}: could not parse as {FILE_LOADERS[suffix]}: {exc}") from exc
-    if os.sep in source or source.startswith("."):
-        raise UserError(f"data file {source} does not exist")
+    if path.is_absolute() or source.startswith(".") or path.suffix.lower() in FILE_LOADERS or source.count("/") > 1:
+        raise UserError(f"data file {source} does not exist")  # hub names are `name` or `owner/name`
     name, _, split = source.partition(":")
     try:
         return datasets.load_dataset(name, split=split or "train")

@@ -149,6 +149,7 @@ class Index:
         block_rows: int = 8192,
         verify: bool = True,
         max_chars: int = 200,
+        batch_size: int | None = None,
         **options,
     ) -> pd.DataFrame:
         """Top (and bottom) training records per query, as a DataFrame.
@@ -158,7 +159,7 @@ class Index:
         `pool` combines the rows of a record when the index is span-level (max, mean or sum).
         """
         records = load_records(queries)
-        grads = self.gradients(records, model, task)
+        grads = self.gradients(records, model, task, batch_size)
         scorer = make_scorer(method, **options).fit(self.store, grads, aggregate)
         ranking = rank(self.score_blocks(scorer, block_rows, verify), top_k, bottom_k, pool if self.pooled else None, self.n_records)
         query_ids = ["mean"] if aggregate else record_ids(records)
