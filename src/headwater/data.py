@@ -42,6 +42,15 @@ def load_records(source: str | os.PathLike | Iterable[dict] | datasets.Dataset) 
     return ds
 
 
+def as_records(source) -> list[dict] | datasets.Dataset:
+    """In-memory lists of records as they are (tensors stay tensors); anything else loaded."""
+    if isinstance(source, list):
+        if not source:
+            raise UserError("no records given (empty list)")
+        return source
+    return load_records(source)
+
+
 def _load_path(source: str) -> datasets.Dataset:
     path = Path(source)
     if path.is_dir():

@@ -76,10 +76,11 @@ class ClassificationTask:
 
     input_key: str = "x"
     label_key: str = "y"
+    dtype: torch.dtype = torch.float32
 
     def encode(self, record: dict) -> list[dict]:
         try:
-            return [{"x": torch.as_tensor(record[self.input_key], dtype=torch.float32), "y": torch.as_tensor(record[self.label_key], dtype=torch.long)}]
+            return [{"x": torch.as_tensor(record[self.input_key], dtype=self.dtype), "y": torch.as_tensor(record[self.label_key], dtype=torch.long)}]
         except KeyError as exc:
             raise UserError(f"record is missing the column {exc.args[0]!r} (it has {sorted(record)})") from None
 
