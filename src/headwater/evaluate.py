@@ -35,3 +35,89 @@ def bm25_scores(documents: list[str], queries: list[str]) -> np.ndarray:
     out = np.zeros((len(queries), len(documents)), dtype=np.float32)
     np.put_along_axis(out, docs, scores, axis=1)
     return out
+
+
+# ------------------------------------------------------------------------- counterfactual checks
+#
+# Outcomes are query *losses* (the library's measurement). Scores are "positive = helps", i.e.
+# a subset holding high-scoring examples should give a *low* loss, so LDS correlates the
+# predicted sum of scores with the negated loss.
+
+
+def subset_masks(n: int, m: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """[m, n] boolean masks, each selecting round(α·n) training examples uniformly at random."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    size = max(1, round(alpha * n))
+    masks = np.zeros((m, n), dtype=bool)
+    for j in range(m):
+        masks[j, rng.choice(n, size=size, replace=False)] = True
+    return masks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); nan if either side is constant."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray]:
+    """Linear Datamodeling Score of `scores` [n, t] given subset `masks` [m, n] and the query
+    `losses` [m, t] measured after training on each subset (averaged over seeds if several).
+
+    Returns (mean over targets, per-target Spearman ρ between Σ_{i∈S_j} τ_i and −loss_j).
+    """
+    predicted = masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64)
+    per_target = np.array([spearman(predicted[:, k], -losses[:, k]) for k in range(losses.shape[1])])
+    return float(np.nanmean(per_target)), per_target
+
+
+def seed_ceiling(losses: np.ndarray) -> float:
+    """How well retraining predicts itself: Spearman ρ between the mean losses of two disjoint
+    halves of the seeds, [seeds, m, t] → mean over targets. An attribution's LDS against the
+    all-seed mean is bounded by roughly this."""
+    if losses.shape[0] < 2:
+        raise ValueError("the seed ceiling needs outcomes from at least two seeds")
+    half = losses.shape[0] // 2
+    a, b = losses[:half].mean(0), losses[half:].mean(0)
+    return float(np.nanmean([spearman(a[:, k], b[:, k]) for k in range(a.shape[1])]))
+
+
+def retrain_losses(train_and_measure, masks: np.ndarray, seeds: list[int], processes: int = 1, progress: bool = True) -> np.ndarray:
+    """Query losses [seeds, m, t] from `train_and_measure(mask [n] bool, seed) -> losses [t]`.
+
+    With `processes > 1` the runs go to a process pool (the function must be picklable: a
+    module-level function or a functools.partial of one).
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(s, j) for s in seeds for j in range(len(masks))]
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(processes) as pool:
+            futures = [pool.submit(train_and_measure, masks[j], s) for s, j in jobs]
+            results = [f.result() for f in tqdm(futures, desc="retraining", disable=not progress)]
+    else:
+        results = [train_and_measure(masks[j], s) for s, j in tqdm(jobs, desc="retraining", disable=not progress)]
+    out = np.asarray(results, dtype=np.float64)
+    return out.reshape(len(seeds), len(masks), -1)
+
+
+def leave_k_out(scores: np.ndarray, k: int, train_and_measure, seeds: list[int], seed: int = 0) -> dict[str, float]:
+    """Remove the k top-scored examples vs k random ones, retrain over seeds; mean change of the
+    (mean) query loss relative to the full training set. A faithful attribution raises the loss
+    more by removing its top proponents than random removal does."""
+    n = len(scores)
+    full = np.ones(n, dtype=bool)
+    top = full.copy()
+    top[np.argsort(-scores)[:k]] = False
+    rand = full.copy()
+    rand[np.random.default_rng(seed).choice(n, size=k, replace=False)] = False
+    mean = lambda mask: float(np.mean([np.mean(train_and_measure(mask, s)) for s in seeds]))
+    base = mean(full)
+    return {"base_loss": base, "top_k_removed": mean(top) - base, "random_removed": mean(rand) - base}
