@@ -177,7 +177,7 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
 
 
 def fit_curvature(
-    model: torch.nn.Module,
+    model: torch.nn.Module | list[torch.nn.Module],
     task: Task,
     records,
     modules: list[str] | None = None,
@@ -187,20 +187,23 @@ def fit_curvature(
 ) -> Curvature:
     """Fit KFAC factors (and, with `ekfac`, the eigenvalue correction) on `records`.
 
-    Each rank passes its own share of records; sums are all-reduced when torch.distributed is
-    initialised, so every rank ends with the same factors.
+    A list of models (checkpoints of one run, as in SOURCE's segments) pools their statistics
+    into one set of factors. Each rank passes its own share of records; sums are all-reduced
+    when torch.distributed is initialised, so every rank ends with the same factors.
     """
     config = config or CurvatureConfig()
-    collector = GradientCollector(model, task, ProjectionConfig("none"), modules)
+    collectors = [GradientCollector(m, task, ProjectionConfig("none"), modules) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    collector = collectors[0]
     batches = _batches(task, records, config)
+    passes = [(col, i, batch) for col in collectors for i, batch in enumerate(batches)]
     dev = collector.device
     A = {n: torch.zeros(tm.d_in_aug, tm.d_in_aug, dtype=torch.float64, device=dev) for n, tm in collector.modules.items()}
     S = {n: torch.zeros(tm.d_out, tm.d_out, dtype=torch.float64, device=dev) for n, tm in collector.modules.items()}
     tokens = torch.zeros(len(A), dtype=torch.float64, device=dev)  # per module: a call's tokens count as more tokens
     examples = torch.zeros(1, dtype=torch.float64, device=dev)
     slot = {n: i for i, n in enumerate(A)}
-    for i, batch in enumerate(tqdm(batches, desc="curvature: factors", disable=not progress)):
-        losses, calls = collector.module_grads(batch, _loss_fn(task, config, i))
+    for col, i, batch in tqdm(passes, desc="curvature: factors", disable=not progress):
+        losses, calls = col.module_grads(batch, _loss_fn(task, config, i))
         for tm, a, delta in calls:
             mask = _token_mask(batch, a)
             a_aug = _augment(tm, a)[mask].double()
@@ -218,8 +221,8 @@ def fit_curvature(
         curv[name] = ModuleCurvature(q_a.cpu(), lam_a.clamp_min(0).cpu(), q_s.cpu(), lam_s.clamp_min(0).cpu())
     if ekfac:
         corr = {n: torch.zeros(m.q_s.shape[0], m.q_a.shape[0], dtype=torch.float64, device=dev) for n, m in curv.items()}
-        for i, batch in enumerate(tqdm(batches, desc="curvature: eigenvalue correction", disable=not progress)):
-            _, calls = collector.module_grads(batch, _loss_fn(task, config, i))
+        for col, i, batch in tqdm(passes, desc="curvature: eigenvalue correction", disable=not progress):
+            _, calls = col.module_grads(batch, _loss_fn(task, config, i))
             per_example: dict[str, torch.Tensor] = {}
             for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
                 m = curv[tm.name]

@@ -35,6 +35,13 @@ def full_gradients(collector: GradientCollector, batches, loss_fns=None) -> Grad
     return split_rows(collector, rows)
 
 
+def loss_gradients(collector: GradientCollector, records, batch_size: int = 16) -> Grads:
+    """∇L of each record's example under the collector's model, {module: [n, d_out, d_in_aug]}."""
+    records, task = as_records(records), collector.task
+    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
+    return full_gradients(collector, [task.collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)])
+
+
 def split_rows(collector: GradientCollector, rows: torch.Tensor) -> Grads:
     return {n: rows[:, a:b].reshape(len(rows), tm.d_out, tm.d_in_aug) for (n, (a, b)), tm in zip(collector.segments.items(), collector.modules.values())}
 
@@ -42,6 +49,37 @@ def split_rows(collector: GradientCollector, rows: torch.Tensor) -> Grads:
 def _dot(x: Grads, y: Grads) -> torch.Tensor:
     """Per-query inner products [q] of two gradient dicts."""
     return sum((x[n] * y[n]).flatten(1).sum(1) for n in x)
+
+
+def low_rank(h: Grads, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rank-r factors (U S [q, d_out, r], V [q, d_in_aug, r]) of each query direction."""
+    out = {}
+    for name, m in h.items():
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        r = min(rank, s.shape[1])
+        out[name] = ((u[:, :, :r] * s[:, None, :r]).float(), vh[:, :r, :].transpose(1, 2).float())
+    return out
+
+
+def stream_scores(collector: GradientCollector, task: Task, records, h: Grads, rank: int | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """<h_q, ∇L(z)> for every training example z and query direction q, [n, q], without forming
+    ∇L(z): Σ_t δ_tᵀ h a_t per module (or, with `rank`, Σ_t (δ_tᵀU)(Vᵀa_t) with h ≈ U Vᵀ)."""
+    factors = low_rank(h, rank) if rank else None
+    records = as_records(records)
+    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
+    out = []
+    for i in tqdm(range(0, len(examples), batch_size), desc="scores", disable=not progress):
+        _, calls = collector.module_grads(task.collate(examples[i : i + batch_size]))
+        s = 0
+        for tm, a, delta in calls:
+            a_aug = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if tm.has_bias else a
+            if factors is None:
+                s = s + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].float(), a_aug)
+            else:
+                u, v = factors[tm.name]
+                s = s + torch.einsum("btqr,btqr->bq", torch.einsum("bto,qor->btqr", delta, u), torch.einsum("bti,qir->btqr", a_aug, v))
+        out.append(s.detach())
+    return torch.cat(out).numpy()
 
 
 @dataclass
@@ -125,10 +163,7 @@ class InfluenceFunction:
 
     def query_gradients(self, queries) -> Grads:
         """∇L(q) per module, [q, d_out, d_in_aug]."""
-        records = as_records(queries)
-        examples = [ex for r in records for ex in self.task.encode(r)]
-        batches = [self.task.collate(examples[i : i + self.batch_size]) for i in range(0, len(examples), self.batch_size)]
-        return full_gradients(self.collector, batches)
+        return loss_gradients(self.collector, queries, self.batch_size)
 
     def precondition(self, grads: Grads) -> Grads:
         """(G + λI)⁻¹ g per query, refined by `cg_steps` of preconditioned CG when asked."""
@@ -187,31 +222,7 @@ class InfluenceFunction:
     def scores(self, train_records, queries, progress: bool = False) -> np.ndarray:
         """Exact influence scores [n_train examples, q], streaming over the training data."""
         h = self.precondition(self.query_gradients(queries))
-        factors = self._low_rank(h) if self.rank else None
-        records = as_records(train_records)
-        examples = [ex for r in records for ex in self.task.encode(r)]
-        out = []
-        for i in tqdm(range(0, len(examples), self.batch_size), desc="influence", disable=not progress):
-            _, calls = self.collector.module_grads(self.task.collate(examples[i : i + self.batch_size]))
-            s = 0
-            for tm, a, delta in calls:
-                a_aug = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if tm.has_bias else a
-                if factors is None:
-                    s = s + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].float(), a_aug)
-                else:
-                    u, v = factors[tm.name]  # [q, d_out, r], [q, d_in_aug, r]
-                    s = s + torch.einsum("btqr,btqr->bq", torch.einsum("bto,qor->btqr", delta, u), torch.einsum("bti,qir->btqr", a_aug, v))
-            out.append(s.detach())
-        return torch.cat(out).numpy()
-
-    def _low_rank(self, h: Grads) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Rank-r factors (U S, V) of each preconditioned query gradient."""
-        out = {}
-        for name, m in h.items():
-            u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-            r = min(self.rank, s.shape[1])
-            out[name] = ((u[:, :, :r] * s[:, None, :r]).float(), vh[:, :r, :].transpose(1, 2).float())
-        return out
+        return stream_scores(self.collector, self.task, train_records, h, self.rank, self.batch_size, progress)
 
     def query_rows(self, queries, index) -> torch.Tensor:
         """Preconditioned query gradients projected into `index`'s space, [q, dim]: their dot

@@ -1,0 +1,76 @@
+"""SOURCE at its two limits (TracIn and influence functions), momentum, and trainer_state parsing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from headwater.collect import GradientCollector
+from headwater.curvature import CurvatureConfig, fit_curvature
+from headwater.methods.influence import InfluenceFunction, loss_gradients
+from headwater.methods.source import Segment, segments_from_trainer_state, source_scores
+from headwater.projection import ProjectionConfig
+from headwater.task import ClassificationTask
+
+
+def setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] - x[:, 2] > 0).long()
+    records = [{"x": x[i], "y": int(y[i])} for i in range(24)]
+    queries = [{"x": x[i], "y": int(y[i])} for i in range(24, 30)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    return model, ClassificationTask(dtype=torch.float64), records, queries
+
+
+CONFIG = CurvatureConfig(fisher="true", seed=2)
+
+
+def test_small_step_limit_is_tracin():
+    model, task, records, queries = setup()
+    eta_k = 1e-7
+    got = source_scores(model, task, records, queries, [Segment([model], lr=eta_k, steps=1)], CONFIG)
+    col = GradientCollector(model, task, ProjectionConfig("none"))
+    tr, q = loss_gradients(col, records), loss_gradients(col, queries)
+    want = eta_k * sum(torch.einsum("noi,qoi->nq", tr[n], q[n]) for n in tr).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12 * np.abs(want).max())
+
+
+def test_long_training_limit_is_the_influence_function():
+    model, task, records, queries = setup()
+    got = source_scores(model, task, records, queries, [Segment([model], lr=1.0, steps=10**9)], CONFIG)
+    curv = fit_curvature(model, task, records, config=CurvatureConfig(fisher="true", seed=2, damping=1e-12, damping_mode="absolute"), progress=False)
+    want = InfluenceFunction(model, task, curv).scores(records, queries)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
+
+
+def test_momentum_lengthens_the_effective_step():
+    model, task, records, queries = setup()
+    a = source_scores(model, task, records, queries, [Segment([model], lr=0.05, steps=40)], CONFIG, momentum=0.75)
+    b = source_scores(model, task, records, queries, [Segment([model], lr=0.2, steps=40)], CONFIG)
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def test_two_segments_differ_from_one_and_sum_their_parts():
+    """With a second, later segment the first segment's contribution is propagated through
+    exp(−ηK H̄) of the later one: the total is not the sum of the segments scored alone."""
+    model, task, records, queries = setup()
+    early, late = Segment([model], lr=0.1, steps=20), Segment([model], lr=0.1, steps=30)
+    both = source_scores(model, task, records, queries, [early, late], CONFIG)
+    one = source_scores(model, task, records, queries, [Segment([model], lr=0.1, steps=50)], CONFIG)
+    # same checkpoint in both segments: H̄ is shared, so the two-segment walk equals one long segment
+    np.testing.assert_allclose(both, one, rtol=1e-4, atol=1e-6)  # float32 streaming
+    alone = sum(source_scores(model, task, records, queries, [s], CONFIG) for s in (early, late))
+    assert not np.allclose(both, alone, rtol=1e-3)
+
+
+def test_segments_from_trainer_state(tmp_path):
+    state = {"log_history": [{"step": s, "learning_rate": lr} for s, lr in [(10, 1e-3), (20, 1e-3), (30, 5e-4), (40, 5e-4), (50, 1e-4)]]}
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(state))
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    segs = segments_from_trainer_state(path, {20: a, 50: b})
+    assert [(s.steps, s.checkpoints[0]) for s in segs] == [(20, a), (30, b)]
+    assert segs[0].lr == pytest.approx(1e-3) and segs[1].lr == pytest.approx((5e-4 + 5e-4 + 1e-4) / 3)
