@@ -85,3 +85,31 @@ def test_scores_follow_the_sign_convention_and_metasmoothness():
     np.testing.assert_allclose(scores, -beta)
     check = trainer.metasmoothness(measurement, eps=1e-4)
     assert check["relative_error"] < 1e-3, check
+
+
+def test_metagradient_through_a_tiny_gpt2(tokenizer):
+    """Language models too: fused attention is switched to eager (double backward) and the
+    metagradient matches finite differences of retraining."""
+    from headwater.task import LanguageModelTask
+    from headwater.toy import tiny_gpt2
+
+    texts = ["the capital of zorblat is quenti", "mirel is a large old city", "the river of vask is blue",
+             "tela was a small red mountain", "orin is in the south", "the city is old and famous"]
+    records = [{"text": t} for t in texts]
+    torch.manual_seed(0)
+    model = tiny_gpt2(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=32).double()
+    task = LanguageModelTask(tokenizer)
+    run = TrainingRun("adamw", lr=0.02, epochs=2, batch_size=3, weight_decay=0.01, seed=0)
+    with pytest.warns(UserWarning, match="eager"):
+        trainer = Trainer(model, task, records, run)
+    query = task.collate(task.encode({"prompt": "the capital of zorblat is", "completion": " quenti"}))
+    measurement = lambda m: task.per_example_loss(m, query).sum()
+    beta, _ = trainer.metagradient(measurement)
+    eps = 1e-4
+    for i in (0, 3):
+        w = torch.ones(len(records), dtype=torch.float64)
+        w[i] += eps
+        up = float(trainer.measure(trainer.train(w), measurement))
+        w[i] -= 2 * eps
+        down = float(trainer.measure(trainer.train(w), measurement))
+        assert beta[i] == pytest.approx((up - down) / (2 * eps), rel=1e-2)

@@ -15,6 +15,7 @@ With f a loss, upweighting a helpful example lowers f, so `scores` returns −β
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -92,11 +93,25 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
 
+def _twice_differentiable_attention(model: torch.nn.Module) -> None:
+    """Fused attention kernels (SDPA/flash on CPU) have no double backward, which the reverse
+    pass needs; eager attention computes the same function and has one."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in (None, "eager"):
+        warnings.warn(f"MAGIC switches the model's attention from {impl!r} to 'eager' (needs double backward)", stacklevel=3)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:
+            config._attn_implementation = "eager"
+
+
 class Trainer:
     """Runs `TrainingRun` functionally on `model`'s trainable parameters with per-example weights."""
 
     def __init__(self, model: torch.nn.Module, task: Task, records, run: TrainingRun):
         self.model, self.task, self.run = model, task, run
+        _twice_differentiable_attention(model)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
         if len(self.examples) != len(records):
@@ -156,6 +171,17 @@ class Trainer:
         for t in tqdm(range(len(self.schedule)), desc="train", disable=not progress):
             s = self.step(s, t, self.weights_for(w, t))
         return s
+
+    def trajectory(self, steps: list[int], weights: torch.Tensor | None = None) -> dict[int, State]:
+        """States after each of `steps` optimizer steps (0 = the initial state), for TracIn/SOURCE."""
+        w = torch.ones(len(self.examples), dtype=self._dtype()) if weights is None else weights
+        s, out = self.initial_state(), {}
+        for t in range(max(steps) + 1):
+            if t in steps:
+                out[t] = s
+            if t < len(self.schedule):
+                s = self.step(s, t, self.weights_for(w, t))
+        return out
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
