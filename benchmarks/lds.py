@@ -1,0 +1,272 @@
+"""LDS of every attribution method against real retraining, measured in one run.
+
+Two settings: (a) a tabular classification task (teacher-labelled Gaussian features, an MLP
+trained by SGD with momentum) and (b) a tiny GPT-2 fine-tuned with AdamW on a generated corpus.
+For each: train the model to attribute, score every training example for each target with each
+method, retrain on m random half-size subsets over several seeds, and report the LDS (Spearman ρ
+between the summed scores of a subset and the negated target loss, averaged over targets), the
+seed-noise ceiling and wall time. Prints a table and writes JSON.
+
+    python benchmarks/lds.py                 # both settings, defaults (~15 min on 2 cores)
+    python benchmarks/lds.py --quick         # small sizes, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from headwater.collect import GradientCollector
+from headwater.curvature import CurvatureConfig, fit_curvature
+from headwater.evaluate import lds, retrain_losses, seed_ceiling, subset_masks
+from headwater.methods.influence import InfluenceFunction, loss_gradients
+from headwater.methods.magic import Trainer, TrainingRun
+from headwater.methods.source import Segment, source_scores
+from headwater.methods.trak import trak_scores
+from headwater.precondition import trackstar_preconditioner
+from headwater.projection import ProjectionConfig
+from headwater.task import ClassificationTask, LanguageModelTask
+from headwater.toy import tiny_gpt2, word_tokenizer
+
+
+@dataclass
+class Setting:
+    name: str
+    task: object
+    train: list[dict]
+    targets: list[dict]
+    init: Callable[[int], torch.nn.Module]  # seed -> model at the start of the attributed training
+    run: TrainingRun
+    projection: ProjectionConfig  # for the projected methods (TRAK)
+
+    def fit(self, records, seed: int) -> tuple[torch.nn.Module, Trainer]:
+        model = self.init(seed)
+        trainer = Trainer(model, self.task, records, dataclasses.replace(self.run, seed=seed))
+        trainer.load(trainer.train())
+        return model, trainer
+
+    def target_losses(self, model) -> np.ndarray:
+        batch = self.task.collate([ex for t in self.targets for ex in self.task.encode(t)])
+        with torch.no_grad():
+            return self.task.per_example_loss(model, batch).double().numpy()
+
+    def train_and_measure(self, mask, seed: int) -> np.ndarray:
+        model, _ = self.fit([r for r, keep in zip(self.train, mask) if keep], seed)
+        return self.target_losses(model)
+
+
+# ----------------------------------------------------------------------------------- settings
+
+
+def tabular(args) -> Setting:
+    g = torch.Generator().manual_seed(args.seed)
+    d, classes = 8, 3
+    teacher = torch.randn(d, classes, generator=g)
+    n = args.tab_train + args.tab_targets
+    x = torch.randn(n, d, generator=g)
+    y = torch.multinomial((1.5 * x @ teacher).softmax(1), 1, generator=g).squeeze(1)
+    records = [{"x": x[i], "y": int(y[i])} for i in range(n)]
+
+    def init(seed):
+        torch.manual_seed(1000 + seed)
+        return torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.Tanh(), torch.nn.Linear(32, classes))
+
+    run = TrainingRun("sgd", lr=0.05, epochs=args.tab_epochs, batch_size=20, momentum=0.9, weight_decay=1e-3)
+    return Setting("tabular MLP", ClassificationTask(), records[: args.tab_train], records[args.tab_train :], init, run, ProjectionConfig("none"))
+
+
+def language_model(args) -> Setting:
+    rng = random.Random(args.seed)
+    names = ["ana", "ben", "cleo", "dara", "eli", "fay", "gus", "hana", "ivo", "juno", "kai", "lea"]
+    places = ["oslo", "lima", "rome", "kyiv", "baku", "doha", "riga", "suva"]
+    foods = ["bread", "rice", "soup", "figs", "tea", "plums"]
+    templates = ["{n} lives in {p} and eats {f} .", "in {p} , {n} likes {f} .", "{n} went to {p} for {f} .", "{f} is what {n} eats in {p} ."]
+    make = lambda: rng.choice(templates).format(n=rng.choice(names), p=rng.choice(places), f=rng.choice(foods))
+    train = [{"text": make()} for _ in range(args.lm_train)]
+    targets = [{"text": make()} for _ in range(args.lm_targets)]
+    base_texts = [make() for _ in range(200)]
+    tokenizer = word_tokenizer([t["text"] for t in train + targets] + base_texts, max_length=32)
+    task = LanguageModelTask(tokenizer)
+    torch.manual_seed(args.seed)
+    base = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=32)
+    base.config._attn_implementation = "eager"  # MAGIC differentiates through training twice
+    pre = Trainer(base, task, [{"text": t} for t in base_texts], TrainingRun("adamw", lr=3e-3, epochs=2, batch_size=16, seed=args.seed))
+    pre.load(pre.train())  # "pretraining": every fine-tune below starts here
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def init(seed):
+        model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=32)
+        model.config._attn_implementation = "eager"
+        model.load_state_dict(state)
+        return model
+
+    run = TrainingRun("adamw", lr=2e-3, epochs=args.lm_epochs, batch_size=8, weight_decay=0.01)
+    return Setting("tiny GPT-2 fine-tune", task, train, targets, init, run, ProjectionConfig("factored", 256))
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+def rows(model, setting, records, projection=ProjectionConfig("none")):
+    col = GradientCollector(model, setting.task, projection)
+    ex = [e for r in records for e in setting.task.encode(r)]
+    return torch.cat([col(setting.task.collate(ex[i : i + 32])) for i in range(0, len(ex), 32)]).double(), col
+
+
+def cosine(a, b):
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    return (a @ b.T).numpy()
+
+
+def methods(setting: Setting, args) -> dict[str, tuple[np.ndarray, float]]:
+    out = {}
+    t0 = time.perf_counter()
+    final, trainer = setting.fit(setting.train, seed=0)
+    train_s = time.perf_counter() - t0
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        scores = fn()
+        out[name] = (np.asarray(scores, dtype=np.float64), time.perf_counter() - t)
+        print(f"  {setting.name}: {name} done in {out[name][1]:.1f} s", flush=True)
+
+    def grad_cosine():
+        g_train, _ = rows(final, setting, setting.train)
+        g_target, _ = rows(final, setting, setting.targets)
+        return cosine(g_train, g_target)
+
+    def trackstar():
+        g_train, col = rows(final, setting, setting.train, setting.projection)
+        g_target, _ = rows(final, setting, setting.targets, setting.projection)
+        blocks = list(col.segments.values())
+        pre = trackstar_preconditioner(g_train.float(), g_target.float(), blocks)
+        return cosine(pre.apply(g_train.float()).double(), pre.apply(g_target.float()).double())
+
+    T = len(trainer.schedule)
+    ckpt_steps = sorted({max(1, round(T * (c + 1) / args.checkpoints)) for c in range(args.checkpoints)})
+    states = trainer.trajectory(ckpt_steps)
+
+    def checkpoint(step):
+        model = setting.init(0)
+        Trainer(model, setting.task, setting.train, setting.run).load(states[step])
+        return model
+
+    checkpoints = [checkpoint(s) for s in ckpt_steps]
+    spacing = [b - a for a, b in zip([0] + ckpt_steps[:-1], ckpt_steps)]
+
+    def tracin():
+        total = 0
+        for model, step, k in zip(checkpoints, ckpt_steps, spacing):
+            col = GradientCollector(model, setting.task, ProjectionConfig("none"))
+            tr, tg = loss_gradients(col, setting.train), loss_gradients(col, setting.targets)
+            total = total + setting.run.lr_at(step - 1) * k * sum(torch.einsum("noi,qoi->nq", tr[n], tg[n]) for n in tr).numpy()
+        return total
+
+    ensemble = [final] + [setting.fit(setting.train, seed=s)[0] for s in range(1, args.trak_models)]
+    curvature = CurvatureConfig(fisher="true", damping=0.1, seed=0, batch_size=32)
+
+    def ekfac(cg_steps=0):
+        curv = fit_curvature(final, setting.task, setting.train, config=curvature, progress=False)
+        return InfluenceFunction(final, setting.task, curv, cg_steps=cg_steps, cg_records=setting.train).scores(setting.train, setting.targets)
+
+    def source():
+        segs = [Segment([m], lr=float(np.mean([setting.run.lr_at(t) for t in range(s - k, s)])), steps=k) for m, s, k in zip(checkpoints, ckpt_steps, spacing)]
+        momentum = setting.run.momentum if setting.run.optimizer == "sgd" else 0.0
+        return source_scores(final, setting.task, setting.train, setting.targets, segs, curvature, momentum=momentum)
+
+    def magic():
+        model = setting.init(0)
+        tr = Trainer(model, setting.task, setting.train, dataclasses.replace(setting.run, seed=0))
+        cols = []
+        for t in setting.targets:
+            batch = setting.task.collate(setting.task.encode(t))
+            beta, _ = tr.metagradient(lambda m, b=batch: setting.task.per_example_loss(m, b).sum())
+            cols.append(-beta)
+        return np.stack(cols, 1)
+
+    timed("gradient cosine", grad_cosine)
+    timed("TrackStar", trackstar)
+    timed(f"TracIn ({len(ckpt_steps)} ckpts)", tracin)
+    timed("TRAK (1 model)", lambda: trak_scores([final], setting.task, setting.train, setting.targets, setting.projection))
+    timed(f"TRAK ({args.trak_models} models)", lambda: trak_scores(ensemble, setting.task, setting.train, setting.targets, setting.projection))
+    out[f"TRAK ({args.trak_models} models)"] = (out[f"TRAK ({args.trak_models} models)"][0], out[f"TRAK ({args.trak_models} models)"][1] + train_s * (args.trak_models - 1))
+    timed("EK-FAC influence", ekfac)
+    timed(f"EK-FAC + CG ({args.cg_steps} steps)", lambda: ekfac(args.cg_steps))
+    timed(f"SOURCE ({len(ckpt_steps)} segments)", source)
+    timed("MAGIC", magic)
+    return out
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def evaluate(setting: Setting, args) -> dict:
+    print(f"\n== {setting.name}: {len(setting.train)} training examples, {len(setting.targets)} targets", flush=True)
+    scores = methods(setting, args)
+    t = time.perf_counter()
+    masks = subset_masks(len(setting.train), args.subsets, 0.5, seed=args.seed)
+    losses = retrain_losses(setting.train_and_measure, masks, seeds=list(range(args.seeds)), progress=True)
+    retrain_s = time.perf_counter() - t
+    ceiling = seed_ceiling(losses)
+    result = {"setting": setting.name, "train": len(setting.train), "targets": len(setting.targets), "subsets": args.subsets,
+              "seeds": args.seeds, "seed_ceiling": ceiling, "retraining_seconds": retrain_s, "methods": {}}
+    for name, (s, secs) in scores.items():
+        value, per_target = lds(s, masks, losses.mean(0))
+        result["methods"][name] = {"lds": value, "of_ceiling": value / ceiling, "seconds": secs}
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines += [f"\n{r['setting']} — {r['train']} training examples, {r['targets']} targets, "
+                  f"{r['subsets']} subsets × {r['seeds']} seeds (α = 0.5); seed ceiling {r['seed_ceiling']:.3f}",
+                  "", "| method | LDS | LDS / ceiling | seconds |", "|---|---|---|---|"]
+        for name, m in r["methods"].items():
+            lines.append(f"| {name} | {m['lds']:.3f} | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    p.add_argument("--only", choices=["tabular", "lm"], help="run one setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subsets", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=4, help="retraining seeds per subset (≥ 2 for the ceiling)")
+    p.add_argument("--checkpoints", type=int, default=4, help="checkpoints for TracIn / segments for SOURCE")
+    p.add_argument("--trak-models", type=int, default=5)
+    p.add_argument("--cg-steps", type=int, default=5)
+    p.add_argument("--tab-train", type=int, default=200)
+    p.add_argument("--tab-targets", type=int, default=20)
+    p.add_argument("--tab-epochs", type=int, default=10)
+    p.add_argument("--lm-train", type=int, default=96)
+    p.add_argument("--lm-targets", type=int, default=10)
+    p.add_argument("--lm-epochs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lds.json")
+    args = p.parse_args()
+    if args.quick:
+        args.subsets, args.seeds, args.tab_train, args.tab_targets, args.lm_train, args.lm_targets = 12, 2, 60, 5, 24, 3
+        args.trak_models, args.tab_epochs, args.lm_epochs = 2, 3, 1
+    torch.set_num_threads(args.threads)
+    settings = {"tabular": tabular, "lm": language_model}
+    results = [evaluate(settings[k](args), args) for k in settings if args.only in (None, k)]
+    text = table(results)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
