@@ -308,3 +308,34 @@ def test_span_units_pool_per_record(ws, second, in_ws, unit):
         assert (np.diff(q["score"].to_numpy()) <= 0).all()
         want = [scores[records == r, qi].max() for r in q["record"]]
         np.testing.assert_allclose(q["score"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_influence_methods_and_lds_from_the_command_line(ws, first, in_ws):
+    """curvature → scores/query --method ekfac → evaluate lds, as a user chains them."""
+    ok(first["a"])
+    ok(hw("curvature", "idx_a", "--batch-size", "4", "--seed", "1", "--no-progress", cwd=ws))
+    assert (ws / "idx_a" / "curvature.safetensors").exists()
+    ok(hw("scores", "idx_a", "--queries", "q.jsonl", "--method", "ekfac", "--out", "ekfac.npy", cwd=ws))
+    got = np.load(ws / "ekfac.npy")
+    want = Index(ws / "idx_a").scores(str(ws / "q.jsonl"), method="ekfac")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    ok(hw("query", "idx_a", "--queries", "q.jsonl", "--method", "kfac", "--top-k", "3", "--out", "kfac.csv", cwd=ws))
+    assert len(read_results(ws / "kfac.csv")) == 3 * len(QUERIES)
+
+    # evaluate lds with a user training function: an exactly linear datamodel, so LDS is ±1.
+    tau = np.random.default_rng(0).normal(size=(N_DOCS, 2))
+    np.save(ws / "tau.npy", tau)
+    np.save(ws / "minus_tau.npy", -tau)
+    (ws / "lds_train.py").write_text(
+        "import numpy as np\n"
+        f"TAU = np.load({str(ws / 'tau.npy')!r})\n"
+        "def train(mask, seed):\n    return -(mask.astype(float) @ TAU)\n"
+    )
+    r = ok(hw("evaluate", "lds", "--scores", "tau.npy", "--scores", "minus_tau.npy", "--train", "lds_train:train",
+              "--subsets", "20", "--seeds", "2", "--out", "lds.json", cwd=ws))
+    result = json.loads((ws / "lds.json").read_text())
+    assert result["methods"]["tau"] == pytest.approx(1.0) and result["methods"]["minus_tau"] == pytest.approx(-1.0)
+    assert result["seed_ceiling"] == pytest.approx(1.0)
+    assert "tau: LDS 1.0000" in r.stdout
+    err = hw("evaluate", "lds", "--scores", "tau.npy", "--train", "no_such_module:train", cwd=ws)
+    assert err.returncode == 2 and "cannot import the training function" in err.stderr

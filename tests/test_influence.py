@@ -110,3 +110,23 @@ def test_streaming_scores_equal_dense_dot_products(rank):
     else:
         assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.5
         assert not np.allclose(got, want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def test_index_influence_equals_streaming_scores(tmp_path, method):
+    """Through an index (projection none) the scores are exactly the streamed influence scores."""
+    import headwater as hw
+    from headwater.curvature import Curvature
+
+    records = [{"x": r["x"].tolist(), "y": r["y"]} for r in logistic_data(n=24)]
+    queries = [{"x": r["x"].tolist(), "y": r["y"]} for r in logistic_data(n=3, seed=9)]
+    model, task = classifier().float(), ClassificationTask()
+    index = hw.build_index(tmp_path / "idx", model, records, task=task, config=hw.BuildConfig(projection="none", dtype="float32"), progress=False)
+    with pytest.raises(hw.UserError, match="no curvature"):
+        index.scores(queries, method=method, model=model, task=task)
+    index.fit_curvature(CurvatureConfig(seed=1, batch_size=8), model=model, task=task, progress=False)
+    got = index.scores(queries, method=method, model=model, task=task)
+    want = InfluenceFunction(model, task, Curvature.load(index.curvature_path), ekfac=method == "ekfac").scores(records, queries)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    top = index.query(queries, method=method, model=model, task=task, top_k=3)
+    assert top.groupby("query_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()

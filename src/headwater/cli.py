@@ -100,12 +100,13 @@ def query(
     queries: str = typer.Option(..., "--queries", help="Query records (same formats as --data): the behaviour to attribute."),
     top_k: int = typer.Option(10, "--top-k", help="Training records to keep per query, best first."),
     bottom_k: int = typer.Option(0, "--bottom-k", help="Also keep the most opposing records."),
-    method: str = typer.Option("cosine", "--method", help="dot, cosine or trackstar (tracin when several indexes are given)."),
+    method: str = typer.Option("cosine", "--method", help="dot, cosine, trackstar, ekfac or kfac (influence functions; run `headwater curvature` first), or tracin with several indexes."),
     aggregate: bool = typer.Option(False, "--aggregate", help="Score the mean of the normalised query gradients once (a whole benchmark)."),
     pool: str = typer.Option("max", "--pool", help="Pooling of a record's rows for sentence-unit indexes: max, mean or sum."),
     lr: Optional[list[float]] = typer.Option(None, "--lr", help="Learning rate of each checkpoint's index, for TracIn."),
     mix: str = typer.Option("auto", "--mix", help="TrackStar: weight of the query autocorrelation (auto = eigenvalue matching)."),
-    damping: float = typer.Option(0.1, "--damping", help="TrackStar: damping as a fraction of the mean eigenvalue."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="Damping as a fraction of the mean eigenvalue (TrackStar default 0.1; ekfac/kfac default: the curvature's)."),
+    cg_steps: int = typer.Option(0, "--cg-steps", help="ekfac/kfac: refine the inverse-Hessian-vector product by this many conjugate-gradient steps."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write results to .csv, .jsonl or .parquet."),
     model: Optional[str] = MODEL,
     batch_size: Optional[int] = BATCH_SIZE,
@@ -118,24 +119,16 @@ def query(
 
     try:
         indexes = [Index(p) for p in index]
-        options = {}
-        if method == "trackstar":
-            options = {"mix": mix if mix == "auto" else float(mix), "damping": damping}
-        loaded = None
+        options = _method_options(method, mix, damping, cg_steps)
         if (model or device) and len(indexes) > 1:
             raise UserError("--model/--device apply to one index; with several (TracIn) each index loads its own model")
-        if model or device:
-            from .build import load_model
-
-            loaded = load_model(model or indexes[0].config.model, device or indexes[0].config.device)
         if len(indexes) > 1 or method == "tracin":
             from .methods.tracin import tracin
 
             frame = tracin(indexes, queries, lrs=lr, top_k=top_k, bottom_k=bottom_k, pool=pool, verify=verify)
         else:
             idx = indexes[0]
-            if loaded is not None:
-                idx._model, idx._tokenizer = loaded
+            _override_model(idx, model, device)
             frame = idx.query(
                 queries, method=method, top_k=top_k, bottom_k=bottom_k, aggregate=aggregate, pool=pool,
                 verify=verify, batch_size=batch_size, **options,
@@ -153,6 +146,126 @@ def query(
 
         with pd.option_context("display.max_colwidth", 60, "display.width", 160):
             typer.echo(frame.drop(columns=["record", "unit"]).to_string(index=False))
+
+
+def _method_options(method: str, mix: str, damping: float | None, cg_steps: int) -> dict:
+    if method == "trackstar":
+        return {"mix": mix if mix == "auto" else float(mix), "damping": 0.1 if damping is None else damping}
+    if method in ("ekfac", "kfac"):
+        return {"cg_steps": cg_steps, "damping": damping}
+    return {}
+
+
+@app.command()
+def curvature(
+    index: Path = typer.Argument(..., help="Index directory; the factors are saved in it as curvature.safetensors."),
+    fisher: str = typer.Option("true", "--fisher", help="true (labels sampled from the model) or empirical (data labels)."),
+    damping: float = typer.Option(0.1, "--damping", help="Damping as a fraction of each module's mean eigenvalue."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Fit on a random sample of this many examples (default: all)."),
+    batch_size: Optional[int] = BATCH_SIZE,
+    seed: Optional[int] = SEED,
+    model: Optional[str] = MODEL,
+    device: Optional[str] = DEVICE,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Fit EK-FAC curvature on the index's training data, for `query --method ekfac|kfac`."""
+    from .curvature import CurvatureConfig
+    from .index import Index
+
+    try:
+        idx = Index(index)
+        _override_model(idx, model, device)
+        config = CurvatureConfig(fisher=fisher, damping=damping, batch_size=batch_size or idx.config.batch_size, max_examples=max_examples, seed=seed or 0)
+        curv = idx.fit_curvature(config, progress=progress)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"fitted {len(curv.modules)} modules on {curv.examples} examples: {idx.curvature_path}")
+
+
+@app.command()
+def scores(
+    index: Path = typer.Argument(..., help="Index directory."),
+    queries: str = typer.Option(..., "--queries", help="Query records."),
+    out: Path = typer.Option(..., "--out", help="Where to write the dense score matrix [training rows, queries] (.npy)."),
+    method: str = typer.Option("cosine", "--method", help="dot, cosine, trackstar, ekfac or kfac."),
+    mix: str = typer.Option("auto", "--mix", help="TrackStar: weight of the query autocorrelation (auto = eigenvalue matching)."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="As for query."),
+    cg_steps: int = typer.Option(0, "--cg-steps", help="ekfac/kfac: conjugate-gradient refinement steps."),
+    model: Optional[str] = MODEL,
+    batch_size: Optional[int] = BATCH_SIZE,
+    device: Optional[str] = DEVICE,
+):
+    """Write every training row's score for every query as a .npy matrix (input to `evaluate lds`)."""
+    import numpy as np
+
+    from .index import Index
+
+    try:
+        if out.suffix != ".npy":
+            raise UserError(f"--out must be a .npy file, got {out}")
+        idx = Index(index)
+        _override_model(idx, model, device)
+        matrix = idx.scores(queries, method=method, batch_size=batch_size, **_method_options(method, mix, damping, cg_steps))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, matrix)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote scores {matrix.shape} to {out}")
+
+
+def _override_model(idx, model: str | None, device: str | None) -> None:
+    if model or device:
+        from .build import load_model
+
+        idx._model, idx._tokenizer = load_model(model or idx.config.model, device or idx.config.device)
+
+
+evaluate_app = typer.Typer(no_args_is_help=True, help="Validate attributions against retraining.")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.command("lds")
+def evaluate_lds(
+    scores: list[Path] = typer.Option(..., "--scores", help="Score matrices [n_train, targets] (.npy), one per method (repeatable)."),
+    train: str = typer.Option(..., "--train", help="module:function taking (mask: bool array [n_train], seed: int) and returning the targets' losses after training on the masked subset."),
+    subsets: int = typer.Option(50, "--subsets", help="Random training subsets (m)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Fraction of the training set in each subset."),
+    seeds: int = typer.Option(2, "--seeds", help="Training seeds per subset (≥ 2 gives the seed-noise ceiling)."),
+    processes: int = typer.Option(1, "--processes", help="Retraining processes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subset draw."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON."),
+):
+    """Linear Datamodeling Score of each score matrix, with the seed-noise ceiling."""
+    import importlib
+    import json
+
+    import numpy as np
+
+    from .evaluate import lds, retrain_losses, seed_ceiling, subset_masks
+
+    try:
+        module, _, name = train.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise UserError(f"cannot import the training function {train!r}: {exc}") from None
+        matrices = {p.stem: np.load(p) for p in scores}
+        sizes = {m.shape[0] for m in matrices.values()}
+        if len(sizes) != 1:
+            raise UserError(f"score matrices disagree on the number of training examples: {sorted(sizes)}")
+        masks = subset_masks(sizes.pop(), subsets, alpha, seed)
+        losses = retrain_losses(fn, masks, list(range(seeds)), processes)
+        result = {"subsets": subsets, "alpha": alpha, "seeds": seeds, "methods": {k: lds(m, masks, losses.mean(0))[0] for k, m in matrices.items()}}
+        if seeds >= 2:
+            result["seed_ceiling"] = seed_ceiling(losses)
+    except UserError as exc:
+        _fail(str(exc))
+    for name, value in result["methods"].items():
+        typer.echo(f"{name}: LDS {value:.4f}")
+    if "seed_ceiling" in result:
+        typer.echo(f"seed ceiling: {result['seed_ceiling']:.4f}")
+    if out:
+        out.write_text(json.dumps(result, indent=2))
 
 
 @app.command()

@@ -124,6 +124,48 @@ class Index:
         out = [collector(task.collate(examples[i : i + bs])).cpu() for i in tqdm(range(0, len(examples), bs), desc="queries", disable=not progress)]
         return torch.cat(out)
 
+    # ------------------------------------------------------------------ curvature (influence functions)
+
+    @property
+    def curvature_path(self) -> Path:
+        return self.path / "curvature.safetensors"
+
+    def fit_curvature(self, config=None, model=None, task: Task | None = None, progress: bool = True):
+        """Fit EK-FAC factors on the index's training records and save them beside the index."""
+        from .curvature import fit_curvature
+
+        model = model if model is not None else self.model()
+        task = self.query_task(task)
+        self.collector(model, task)  # refuses a model that differs from the index's
+        names = [m["name"] for m in self.manifest["modules"]]
+        curv = fit_curvature(model, task, self.records, names, config, progress=progress)
+        curv.save(self.curvature_path)
+        return curv
+
+    def _influence_rows(self, records, method: str, model, task: Task, cg_steps: int = 0, damping: float | None = None) -> torch.Tensor:
+        from .curvature import Curvature
+        from .methods.influence import InfluenceFunction
+
+        if not self.curvature_path.exists():
+            raise UserError(f"no curvature beside {self.path}: fit it first (`headwater curvature {self.path}`)")
+        self.collector(model, task)  # refuses a model that differs from the index's
+        curv = Curvature.load(self.curvature_path)
+        names = [m["name"] for m in self.manifest["modules"]]
+        inf = InfluenceFunction(model, task, curv, names, ekfac=method == "ekfac", damping=damping, cg_steps=cg_steps,
+                                cg_records=self.records if cg_steps else None, batch_size=self.config.batch_size)
+        return inf.query_rows(records, self)
+
+    def _fitted_scorer(self, records, method: str, model, task, aggregate: bool, batch_size: int | None, options: dict) -> Scorer:
+        """The scorer for `method`, fitted on the queries' gradients."""
+        model = model if model is not None else self.model()
+        task = self.query_task(task)
+        if method in ("ekfac", "kfac"):
+            rows = self._influence_rows(records, method, model, task, options.pop("cg_steps", 0), options.pop("damping", None))
+            if options:
+                raise UserError(f"unknown options for {method}: {', '.join(options)}")
+            return Scorer().fit(self.store, rows, aggregate)
+        return make_scorer(method, **options).fit(self.store, self.gradients(records, model, task, batch_size), aggregate)
+
     # ------------------------------------------------------------------ scoring
 
     def score_blocks(self, scorer: Scorer, block_rows: int = 8192, verify: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
@@ -131,9 +173,9 @@ class Index:
         for block in self.store.blocks(block_rows, verify):
             yield block.start, block.ids, scorer.score(block.rows)
 
-    def scores(self, queries, method: str = "cosine", model=None, task=None, aggregate: bool = False, **options) -> np.ndarray:
+    def scores(self, queries, method: str = "cosine", model=None, task=None, aggregate: bool = False, batch_size: int | None = None, **options) -> np.ndarray:
         """Dense scores [rows, q] of every stored row (for evaluation on small indexes)."""
-        scorer = make_scorer(method, **options).fit(self.store, self.gradients(queries, model, task), aggregate)
+        scorer = self._fitted_scorer(load_records(queries), method, model, task, aggregate, batch_size, options)
         return torch.cat([s for _, _, s in self.score_blocks(scorer)]).numpy()
 
     def query(
@@ -154,13 +196,13 @@ class Index:
     ) -> pd.DataFrame:
         """Top (and bottom) training records per query, as a DataFrame.
 
-        `method`: dot, cosine or trackstar (options such as `mix`, `damping` go to the scorer).
+        `method`: dot, cosine, trackstar (options `mix`, `damping`), or the influence functions
+        ekfac / kfac (options `cg_steps`, `damping`; fit the curvature first with `fit_curvature`).
         `aggregate=True` scores the mean of the normalised query gradients once (query_id "mean").
         `pool` combines the rows of a record when the index is span-level (max, mean or sum).
         """
         records = load_records(queries)
-        grads = self.gradients(records, model, task, batch_size)
-        scorer = make_scorer(method, **options).fit(self.store, grads, aggregate)
+        scorer = self._fitted_scorer(records, method, model, task, aggregate, batch_size, options)
         ranking = rank(self.score_blocks(scorer, block_rows, verify), top_k, bottom_k, pool if self.pooled else None, self.n_records)
         query_ids = ["mean"] if aggregate else record_ids(records)
         return self.frame(ranking, query_ids, max_chars)
