@@ -59,7 +59,17 @@ class Setting:
         with torch.no_grad():
             return self.task.per_example_loss(model, batch).double().numpy()
 
+    protocol: str = "subset"
+
     def train_and_measure(self, mask, seed: int) -> np.ndarray:
+        """`subset`: retrain on the kept examples with the same recipe (epochs, so fewer steps).
+        `reweight`: the same run over all examples, each loss weighted 1 if kept else 0 (same
+        steps and data order): the counterfactual MAGIC's metagradient linearises."""
+        if self.protocol == "reweight":
+            model = self.init(seed)
+            trainer = Trainer(model, self.task, self.train, dataclasses.replace(self.run, seed=seed))
+            trainer.load(trainer.train(torch.as_tensor(mask, dtype=next(model.parameters()).dtype)))
+            return self.target_losses(model)
         model, _ = self.fit([r for r, keep in zip(self.train, mask) if keep], seed)
         return self.target_losses(model)
 
@@ -217,7 +227,7 @@ def evaluate(setting: Setting, args) -> dict:
     losses = retrain_losses(setting.train_and_measure, masks, seeds=list(range(args.seeds)), progress=True)
     retrain_s = time.perf_counter() - t
     ceiling = seed_ceiling(losses)
-    result = {"setting": setting.name, "train": len(setting.train), "targets": len(setting.targets), "subsets": args.subsets,
+    result = {"setting": setting.name, "protocol": setting.protocol, "train": len(setting.train), "targets": len(setting.targets), "subsets": args.subsets,
               "seeds": args.seeds, "seed_ceiling": ceiling, "retraining_seconds": retrain_s, "methods": {}}
     for name, (s, secs) in scores.items():
         value, per_target = lds(s, masks, losses.mean(0))
@@ -228,7 +238,7 @@ def evaluate(setting: Setting, args) -> dict:
 def table(results: list[dict]) -> str:
     lines = []
     for r in results:
-        lines += [f"\n{r['setting']} — {r['train']} training examples, {r['targets']} targets, "
+        lines += [f"\n{r['setting']} ({r['protocol']} retraining) — {r['train']} training examples, {r['targets']} targets, "
                   f"{r['subsets']} subsets × {r['seeds']} seeds (α = 0.5); seed ceiling {r['seed_ceiling']:.3f}",
                   "", "| method | LDS | LDS / ceiling | seconds |", "|---|---|---|---|"]
         for name, m in r["methods"].items():
@@ -252,6 +262,8 @@ def main() -> None:
     p.add_argument("--lm-train", type=int, default=96)
     p.add_argument("--lm-targets", type=int, default=10)
     p.add_argument("--lm-epochs", type=int, default=3)
+    p.add_argument("--protocol", choices=["subset", "reweight"], default="subset",
+                   help="retrain on each subset (same epochs) or reweight losses 0/1 in the full run (same steps)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lds.json")
     args = p.parse_args()
@@ -260,7 +272,7 @@ def main() -> None:
         args.trak_models, args.tab_epochs, args.lm_epochs = 2, 3, 1
     torch.set_num_threads(args.threads)
     settings = {"tabular": tabular, "lm": language_model}
-    results = [evaluate(settings[k](args), args) for k in settings if args.only in (None, k)]
+    results = [evaluate(dataclasses.replace(settings[k](args), protocol=args.protocol), args) for k in settings if args.only in (None, k)]
     text = table(results)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

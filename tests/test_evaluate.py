@@ -132,3 +132,21 @@ def test_retraining_can_use_several_processes():
     serial = retrain_losses(fn, masks, seeds=[0], progress=False)
     parallel = retrain_losses(fn, masks, seeds=[0], processes=2, progress=False)
     np.testing.assert_allclose(serial, parallel)
+
+
+def test_tail_patch_top_proponents_raise_the_target_more_than_random(gpt2, tokenizer, lm_records):
+    from headwater.collect import GradientCollector
+    from headwater.evaluate import tail_patch
+    from headwater.task import LanguageModelTask
+
+    task = LanguageModelTask(tokenizer)
+    train = lm_records + [{"text": "the capital of zorblat is quenti ."}, {"text": "zorblat has the capital quenti ."}]
+    queries = [{"prompt": "the capital of zorblat is", "completion": " quenti"}]
+    col = GradientCollector(gpt2, task, ProjectionConfig("none"))
+    g_train = col(task.collate([task.encode(r)[0] for r in train]))
+    g_query = col(task.collate([task.encode(q)[0] for q in queries]))
+    scores = (g_train @ g_query.T).numpy()  # dot product: first-order change of −loss per unit step
+    out = tail_patch(gpt2, task, train, queries, scores, k=2, lr=1e-2)
+    assert out["top_k"] > 0 and out["top_k"] > out["random"], out
+    top2 = np.sort(scores[:, 0])[-2:]
+    assert out["top_k"] == pytest.approx(1e-2 * top2.mean(), rel=0.1)  # one small step: first order holds
