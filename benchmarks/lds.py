@@ -29,7 +29,7 @@ from headwater.collect import GradientCollector
 from headwater.curvature import CurvatureConfig, fit_curvature
 from headwater.evaluate import lds, retrain_losses, seed_ceiling, subset_masks
 from headwater.methods.influence import InfluenceFunction, loss_gradients
-from headwater.methods.magic import Trainer, TrainingRun
+from headwater.methods.magic import Trainer, TrainingRun, magic_scores
 from headwater.methods.source import Segment, source_scores
 from headwater.methods.trak import trak_scores
 from headwater.precondition import trackstar_preconditioner
@@ -193,14 +193,12 @@ def methods(setting: Setting, args) -> dict[str, tuple[np.ndarray, float]]:
         momentum = setting.run.momentum if setting.run.optimizer == "sgd" else 0.0
         return source_scores(final, setting.task, setting.train, setting.targets, segs, curvature, momentum=momentum)
 
-    def magic():
-        model = setting.init(0)
-        tr = Trainer(model, setting.task, setting.train, dataclasses.replace(setting.run, seed=0))
+    def magic(seeds):
         cols = []
         for t in setting.targets:
             batch = setting.task.collate(setting.task.encode(t))
-            beta, _ = tr.metagradient(lambda m, b=batch: setting.task.per_example_loss(m, b).sum())
-            cols.append(-beta)
+            measure = lambda m, b=batch: setting.task.per_example_loss(m, b).sum()
+            cols.append(magic_scores(setting.init(0), setting.task, setting.train, setting.run, measure, seeds=seeds))
         return np.stack(cols, 1)
 
     timed("gradient cosine", grad_cosine)
@@ -212,7 +210,8 @@ def methods(setting: Setting, args) -> dict[str, tuple[np.ndarray, float]]:
     timed("EK-FAC influence", ekfac)
     timed(f"EK-FAC + CG ({args.cg_steps} steps)", lambda: ekfac(args.cg_steps))
     timed(f"SOURCE ({len(ckpt_steps)} segments)", source)
-    timed("MAGIC", magic)
+    timed("MAGIC (1 run)", lambda: magic([0]))
+    timed(f"MAGIC ({args.seeds}-seed ensemble)", lambda: magic(list(range(args.seeds))))
     return out
 
 

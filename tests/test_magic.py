@@ -1,5 +1,7 @@
 """MAGIC's metagradient against finite differences of real retraining, and against torch.optim."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,13 @@ def test_metagradient_through_a_tiny_gpt2(tokenizer):
         w[i] -= 2 * eps
         down = float(trainer.measure(trainer.train(w), measurement))
         assert beta[i] == pytest.approx((up - down) / (2 * eps), rel=1e-2)
+
+
+def test_seed_ensemble_is_the_mean_of_single_runs():
+    model, task, records, measurement = setup()
+    run = RUNS["sgd"]
+    a = magic_scores(model, task, records, dataclasses.replace(run, seed=3), measurement)
+    b = magic_scores(model, task, records, dataclasses.replace(run, seed=4), measurement)
+    both = magic_scores(model, task, records, run, measurement, seeds=[3, 4])
+    np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-12)
+    assert not np.allclose(a, b)  # another data order is another run
