@@ -1,0 +1,590 @@
+#!/usr/bin/env python
+"""Throughput of headwater's index build and query, against plain baselines and bergson.
+
+    .venv/bin/python benchmarks/throughput.py                 # defaults: < 3 minutes on 2 cores
+    .venv/bin/python benchmarks/throughput.py --docs 1024 --rows 16384 --out /tmp/t.json
+
+Prints a table and writes JSON (benchmarks/results/throughput.json unless --out).
+
+1. Build. A GPT-2-shaped model built from a config (no download: `GPT2Config`, --layers/--embd/
+   --heads) over a generated corpus of --docs documents of exactly --doc-tokens words drawn
+   uniformly from --vocab made-up words ("w0" … "w4999"); the vocabulary is every such word,
+   built by `headwater.toy.word_tokenizer`, so one word is one token. Every measurement uses the
+   same model, the same batches of --batch-size documents and --threads threads, after a warm-up:
+     - bare fwd+bwd: `model(input_ids, labels=input_ids).loss.backward()` (parameter .grad computed
+       as in training, zero_grad(set_to_none) between batches) over the collated batches;
+     - collector: `GradientCollector(batch)` (factored projection, --projection-dim per module)
+       over the same collated batches, no disk;
+     - build_index: the whole `build_index` call on the in-memory `Dataset` (tokenising, model and
+       data fingerprints, saving the records, float16 shards with fsync + sha256, manifest).
+   Best of --build-repeats interleaved rounds. Ratios are against the bare pass (target:
+   build_index ≥ 0.8 of it).
+2. Query. A store of --rows × --dim float16 rows written through headwater's `ShardWriter`
+   (real shards, journal, manifest) and --queries random query rows. Streams the whole store with
+   `Index.score_blocks` (cosine scorer) and with `rank(…, top_k)`, and with a numpy baseline that
+   reads the same memory-mapped .npy shards (`np.load(mmap_mode="r")`), converts each block to
+   float32 and multiplies by the query matrix, keeping nothing; a second numpy variant also divides
+   by the row norms, i.e. exactly cosine. Checksum verification "on" uses a fresh `Index` each run
+   (a store verifies each shard once and caches that); "off" passes verify=False. Best of
+   --repeats runs. Target: headwater ≥ 0.7 of numpy.
+3. Bergson. If --bergson-python (default /tmp/bergson-venv/bin/python) exists and imports bergson,
+   the same model (save_pretrained) and corpus (save_to_disk) are timed by
+   benchmarks/bergson_driver.py --serve in that interpreter: bergson's `collect_gradients` with a
+   per-module p×p projection, p = √projection_dim (same row width as headwater's), bias included,
+   same batches and threads, warmed up once, one timed run per build round (interleaved with
+   headwater's cases). Otherwise the table says why it was skipped.
+   Target: headwater build_index docs/s ≥ 1.5 × bergson's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"), help="JSON output path")
+    ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP / BLAS threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="where indexes are written (default: a temp dir, removed after)")
+    g = ap.add_argument_group("build")
+    g.add_argument("--docs", type=int, default=512)
+    g.add_argument("--doc-tokens", type=int, default=128)
+    g.add_argument("--vocab", type=int, default=5000, help="number of distinct words (tokens) in the corpus")
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--embd", type=int, default=256)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--projection-dim", type=int, default=4096, help="per tracked module (factored k_out*k_in)")
+    g.add_argument("--build-repeats", type=int, default=2, help="timed runs per build measurement, interleaved (best is kept)")
+    g.add_argument("--skip-build", action="store_true")
+    g = ap.add_argument_group("query")
+    g.add_argument("--rows", type=int, default=8192, help="stored rows N (default: 8192 x 65536 x 2 bytes = 1.07 GB)")
+    g.add_argument("--dim", type=int, default=65536, help="row width D (default: 16 modules x 4096, the build's)")
+    g.add_argument("--queries", type=int, default=16)
+    g.add_argument("--top-k", type=int, default=10)
+    g.add_argument("--block-rows", type=int, default=8192, help="Index.score_blocks block size (numpy uses the same)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per query measurement (best is kept)")
+    g.add_argument("--skip-query", action="store_true")
+    g = ap.add_argument_group("bergson")
+    g.add_argument("--bergson-python", default="/tmp/bergson-venv/bin/python")
+    g.add_argument("--bergson-timeout", type=int, default=600)
+    g.add_argument("--skip-bergson", action="store_true")
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:  # thread counts must be fixed before numpy/torch load their BLAS
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls of fn()."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def make_setup(args):
+    import datasets
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from headwater.task import LanguageModelTask
+    from headwater.toy import word_tokenizer
+
+    datasets.disable_progress_bars()
+    rng = np.random.default_rng(args.seed)
+    words = [f"w{i}" for i in range(args.vocab)]
+    texts = [" ".join(words[j] for j in rng.integers(0, args.vocab, args.doc_tokens)) for _ in range(args.docs)]
+    n_positions = max(1024, args.doc_tokens)
+    tok = word_tokenizer([" ".join(words)], max_length=n_positions)
+    torch.manual_seed(args.seed)
+    config = GPT2Config(
+        vocab_size=len(tok), n_layer=args.layers, n_embd=args.embd, n_head=args.heads, n_positions=n_positions,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    task = LanguageModelTask(tok, max_length=args.doc_tokens)
+    records = datasets.Dataset.from_dict({"text": texts})
+    examples = [ex for t in texts for ex in task.encode({"text": t})]
+    task.stats.update(examples=0, truncated=0, empty=0)
+    batches = [task.collate(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    params = sum(p.numel() for p in model.parameters())
+    return dict(tok=tok, model=model, task=task, records=records, batches=batches, tokens=tokens, params=params, vocab=len(tok))
+
+
+def bare_pass(model, batches) -> None:
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["input_ids"])
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def collector_pass(collector, batches) -> None:
+    for b in batches:
+        collector(b)
+
+
+class Bergson:
+    """bergson_driver.py --serve in the bergson interpreter: loaded and warmed up once, then one timed
+    `collect_gradients` over the corpus per `run()`, so its runs interleave with headwater's."""
+
+    def __init__(self, cmd: list[str], timeout: float, log_path: Path):
+        self.cmd, self.timeout, self.log_path = cmd, timeout, log_path
+        self._log = open(log_path, "w")
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        self.last: dict | None = None
+        import queue
+        import threading
+
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            self._read()  # {"ready": true} after loading, tokenising and the warm-up
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+            raise
+
+    def _pump(self) -> None:  # a thread: bergson also logs to stdout, so lines are read as they come
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _read(self) -> dict:
+        import queue
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"timed out after {self.timeout:.0f}s") from None
+            if line is None:
+                self.proc.wait(timeout=30)
+                raise RuntimeError(f"exit {self.proc.returncode}: {self.last_error()}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def last_error(self) -> str:
+        self._log.flush()
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return (lines[-1] if lines else "?")[:300]
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        self.last = self._read()
+        return self.last["seconds"]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def start_bergson(args, s, workdir: Path) -> tuple[Bergson | None, dict]:
+    """(session, info) — session None with info["status"] saying why bergson is not measured."""
+    py = Path(args.bergson_python)
+    if args.skip_bergson:
+        return None, {"status": "skipped (--skip-bergson)"}
+    if not py.exists():
+        return None, {"status": f"not installed ({py} does not exist; see benchmarks/README.md)"}
+    probe = subprocess.run([str(py), "-c", "import bergson, torch; print(bergson.__version__, torch.__version__)"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return None, {"status": f"not installed (import bergson failed: {last[:200]})"}
+    p = math.isqrt(args.projection_dim)
+    info = {"projection": f"per_module {p}x{p}, rademacher, bias included"}
+    if p * p != args.projection_dim:
+        info["note"] = f"projection_dim {args.projection_dim} is not a square; bergson uses {p}x{p}={p * p}"
+    model_dir, data_dir = workdir / "bergson_model", workdir / "bergson_data"
+    s["model"].save_pretrained(model_dir)
+    s["tok"].save_pretrained(model_dir)
+    s["records"].save_to_disk(str(data_dir))
+    cmd = [
+        str(py), str(HERE / "bergson_driver.py"), str(model_dir), str(data_dir), str(workdir / "bergson_run"),
+        "--projection-dim", str(p), "--batch-size", str(args.batch_size), "--doc-tokens", str(args.doc_tokens),
+        "--threads", str(args.threads), "--warmup-docs", str(2 * args.batch_size), "--serve",
+    ]
+    info["command"] = cmd
+    log("bergson: loading and warming up: " + " ".join(cmd))
+    try:
+        return Bergson(cmd, args.bergson_timeout, workdir / "bergson.log"), info
+    except Exception as exc:  # a failed start is reported, not raised
+        return None, {**info, "status": f"failed to start ({exc})"}
+
+
+def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
+    """(headwater build results, bergson results); all timed cases run in interleaved rounds."""
+    from headwater.build import BuildConfig, build_index
+    from headwater.collect import GradientCollector, model_fingerprint
+    from headwater.data import fingerprint_records
+    from headwater.projection import ProjectionConfig
+
+    model, task, batches, records = s["model"], s["task"], s["batches"], s["records"]
+    n_docs, tokens = len(records), s["tokens"]
+    warm = batches[:2]
+
+    bergson, binfo = start_bergson(args, s, workdir)  # before headwater's warm-up: nothing runs beside a timed case
+    log("build: warm-up")
+    bare_pass(model, warm)
+    collector = GradientCollector(model, task, ProjectionConfig("factored", args.projection_dim, args.seed))
+    collector_pass(collector, warm)  # also creates the projection matrices
+    cfg = BuildConfig(projection="factored", projection_dim=args.projection_dim, dtype="float16", batch_size=args.batch_size, seed=args.seed)
+    build_index(workdir / "warm", model, records.select(range(min(len(records), 2 * args.batch_size))), task, cfg, overwrite=True, progress=False)
+
+    cases = {
+        "bare_fwd_bwd": lambda: bare_pass(model, batches),
+        "collector": lambda: collector_pass(collector, batches),
+        "build_index": lambda: build_index(workdir / "idx", model, records, task, cfg, overwrite=True, progress=False),
+    }
+    runs = {name: [] for name in cases}
+    bergson_runs: list[float] = []
+    try:
+        for _ in range(args.build_repeats):  # interleaved, so drift in machine load hits every case alike
+            for name, fn in cases.items():
+                log(f"build: {name}")
+                runs[name].append(timed(fn, 1))
+            if bergson is not None:
+                log("build: bergson collect_gradients")
+                try:
+                    bergson_runs.append(bergson.run())  # timed inside the driver, around collect_gradients only
+                except Exception as exc:
+                    binfo["status"] = f"failed ({exc})"
+                    bergson.proc.kill()
+                    bergson.close()
+                    bergson = None
+    finally:
+        if bergson is not None:
+            bergson.close()
+    times = {name: min(r) for name, r in runs.items()}
+    t_bare, t_coll, t_build = times["bare_fwd_bwd"], times["collector"], times["build_index"]
+    t_fp_model = timed(lambda: model_fingerprint(model), 1)
+    t_fp_data = timed(lambda: fingerprint_records(records), 1)
+
+    def row(seconds, docs=n_docs, toks=tokens):
+        return {"seconds": seconds, "docs_per_s": docs / seconds, "tokens_per_s": toks / seconds}
+
+    out = {
+        "docs": n_docs, "tokens": tokens, "row_dim": collector.dim, "modules": len(collector.modules),
+        "bare_fwd_bwd": row(t_bare), "collector": row(t_coll), "build_index": row(t_build),
+        "collector_over_bare": t_bare / t_coll, "build_over_bare": t_bare / t_build, "build_over_collector": t_coll / t_build,
+        "store_and_setup_seconds": t_build - t_coll,
+        "model_fingerprint_seconds": t_fp_model, "records_fingerprint_seconds": t_fp_data,
+        "all_runs_seconds": runs,
+        "index_bytes": sum(p.stat().st_size for p in (workdir / "idx" / "shards").glob("*.npy") if not p.name.endswith(".ids.npy")),
+    }
+    if bergson_runs and "status" not in binfo:
+        r = bergson.last if bergson is not None else None
+        r = r or {}
+        binfo.update(
+            status="ok", version=r.get("bergson_version"), torch=r.get("torch"), docs=r.get("docs"), tokens=r.get("tokens"),
+            row_dim=r.get("dim"), stored_dtype=r.get("dtype"), all_runs_seconds=bergson_runs,
+            **row(min(bergson_runs), r.get("docs"), r.get("tokens")),
+        )
+        binfo["headwater_over_bergson"] = out["build_index"]["docs_per_s"] / binfo["docs_per_s"]
+        binfo["bergson_over_bare"] = t_bare / binfo["seconds"]
+    return out, binfo
+
+
+# ------------------------------------------------------------------------------------------ query
+
+
+def write_store(args, path: Path) -> float:
+    """A completed index of random float16 rows, written through headwater's ShardWriter.
+
+    Returns the seconds spent in ShardWriter (add/close: float16 conversion, np.save, fsync, sha256),
+    not counting generating the random rows."""
+    from headwater.build import SHARD_BYTES, BuildConfig
+    from headwater.store import ShardWriter, write_json, write_manifest
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    write_json(path / "config.json", BuildConfig(projection_dim=args.dim, dtype="float16").to_dict())
+    header = {
+        "model": {"name": None, "fingerprint": "random"}, "modules": [], "projection": {"kind": "factored", "dim": args.dim, "seed": 0},
+        "normalizer": None, "task": {"type": "random", "unit": "document"},
+        "data": {"source": None, "fingerprint": "random", "records": args.rows},
+        "segments": [{"name": "random", "start": 0, "stop": args.dim}], "dim": args.dim, "dtype": "float16", "world_size": 1,
+    }
+    write_json(path / "header.json", header)
+    shard_rows = max(1, SHARD_BYTES // (args.dim * 2))  # what build_index would use
+    writer = ShardWriter(path, 0, args.dim, "float16", shard_rows, resume=False)
+    gen = torch.Generator().manual_seed(args.seed)
+    spent = 0.0
+    for lo in range(0, args.rows, shard_rows):
+        hi = min(args.rows, lo + shard_rows)
+        rows = torch.randn(hi - lo, args.dim, generator=gen)
+        ids = np.stack([np.arange(lo, hi), np.zeros(hi - lo, np.int64)], 1)
+        t0 = time.perf_counter()
+        writer.add(rows, ids, hi)
+        spent += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.close(args.rows)
+    write_manifest(path, header, 1)
+    return spent + time.perf_counter() - t0
+
+
+def numpy_pass(path: Path, qt: np.ndarray, block_rows: int, cosine: bool) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        rows = np.load(path / "shards" / shard["file"], mmap_mode="r")
+        for lo in range(0, len(rows), block_rows):
+            b = rows[lo : lo + block_rows].astype(np.float32)
+            s = b @ qt
+            if cosine:
+                s /= np.maximum(np.sqrt(np.einsum("ij,ij->i", b, b)), 1e-12)[:, None]
+            del s, b
+
+
+def bench_query(args, workdir: Path) -> dict:
+    from headwater.index import Index
+    from headwater.methods.gradient import make_scorer
+    from headwater.query import rank
+
+    path = workdir / "store"
+    log(f"query: writing a {args.rows} x {args.dim} float16 store through ShardWriter")
+    t_write = write_store(args, path)
+    nbytes = sum(p.stat().st_size for p in (path / "shards").glob("*.npy") if not p.name.endswith(".ids.npy"))
+    data_bytes = args.rows * args.dim * 2
+    queries = torch.randn(args.queries, args.dim, generator=torch.Generator().manual_seed(args.seed + 1))
+
+    def scorer_for(index):
+        return make_scorer("cosine").fit(index.store, queries)
+
+    qt = np.ascontiguousarray(scorer_for(Index(path)).q.numpy().T)  # [D, q] unit queries, float32
+    warm_index = Index(path)
+    warm_scorer = scorer_for(warm_index)
+
+    def hw_scores(verify: bool, fresh: bool):
+        def run():
+            index = Index(path) if fresh else warm_index
+            sc = scorer_for(index) if fresh else warm_scorer
+            for _ in index.score_blocks(sc, args.block_rows, verify=verify):
+                pass
+        return run
+
+    def hw_rank(verify: bool, fresh: bool):
+        def run():
+            index = Index(path) if fresh else warm_index
+            sc = scorer_for(index) if fresh else warm_scorer
+            rank(index.score_blocks(sc, args.block_rows, verify=verify), args.top_k)
+        return run
+
+    log("query: warm-up (page cache)")
+    numpy_pass(path, qt, args.block_rows, cosine=False)
+    hw_scores(False, False)()
+
+    cases = {
+        "numpy_matmul": lambda: numpy_pass(path, qt, args.block_rows, cosine=False),
+        "numpy_cosine": lambda: numpy_pass(path, qt, args.block_rows, cosine=True),
+        "score_blocks_verify_off": hw_scores(False, False),
+        "rank_verify_off": hw_rank(False, False),
+        "rank_verify_on": hw_rank(True, True),
+    }
+    runs = {name: [] for name in cases}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every case alike
+        for name, fn in cases.items():
+            log(f"query: {name}")
+            runs[name].append(timed(fn, 1))
+    times = {name: min(r) for name, r in runs.items()}
+    out = {
+        "rows": args.rows, "dim": args.dim, "queries": args.queries, "top_k": args.top_k, "block_rows": args.block_rows,
+        "shards": len(json.loads((path / "manifest.json").read_text())["shards"]), "data_bytes": data_bytes, "file_bytes": nbytes,
+        "write_seconds": t_write, "write_GB_per_s": data_bytes / t_write / 1e9,
+        "cases": {n: {"seconds": t, "GB_per_s": data_bytes / t / 1e9, "rows_per_s": args.rows / t, "all_runs_seconds": runs[n]} for n, t in times.items()},
+    }
+    base_mm, base_cos = times["numpy_matmul"], times["numpy_cosine"]
+    out["ratios"] = {
+        f"{n}_over_numpy_matmul": base_mm / times[n] for n in cases if not n.startswith("numpy")
+    } | {f"{n}_over_numpy_cosine": base_cos / times[n] for n in cases if not n.startswith("numpy")}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def table(result: dict) -> str:
+    L = []
+    env = result["environment"]
+    L.append(f"headwater throughput — {env['cpu']} | {env['cores']} cores, threads={env['threads']} | torch {env['torch']} | numpy {env['numpy']}")
+    load = result.get("machine_load")
+    if load is not None:
+        busy = load["others_fraction"]
+        L.append(f"other processes used {100 * busy:.0f}% of the machine's CPU time during the run"
+                 + (" -- NOISY: rerun on an idle machine" if busy > 0.1 else " (quiet enough)"))
+    b = result.get("build")
+    if b:
+        m = result["build_setup"]
+        L.append("")
+        L.append(
+            f"BUILD  GPT-2 {m['layers']}L/{m['embd']}d/{m['heads']}h, vocab {m['vocab']}, {m['params'] / 1e6:.2f}M params; "
+            f"{b['docs']} docs x {m['doc_tokens']} tokens, batch {m['batch_size']}; factored {m['projection_dim']}/module x {b['modules']} modules = {b['row_dim']} dims, float16"
+        )
+        L.append(f"  {'':38}{'seconds':>9}{'docs/s':>10}{'tokens/s':>11}{'vs bare':>9}")
+        for key, label in (("bare_fwd_bwd", "bare forward+backward (training)"), ("collector", "GradientCollector (no disk)"), ("build_index", "build_index (end to end)")):
+            r = b[key]
+            ratio = b["bare_fwd_bwd"]["seconds"] / r["seconds"]
+            L.append(f"  {label:38}{r['seconds']:9.2f}{fmt_rate(r['docs_per_s']):>10}{fmt_rate(r['tokens_per_s']):>11}{ratio:9.2f}")
+        g = result.get("bergson", {})
+        if g.get("status") == "ok":
+            L.append(f"  {'bergson ' + g['version'] + ' collect_gradients':38}{g['seconds']:9.2f}{fmt_rate(g['docs_per_s']):>10}{fmt_rate(g['tokens_per_s']):>11}{b['bare_fwd_bwd']['seconds'] / g['seconds']:9.2f}")
+        L.append(f"  build_index / bare = {b['build_over_bare']:.2f} (target >= 0.8: {'met' if b['build_over_bare'] >= 0.8 else 'NOT met'});"
+                 f" store+setup overhead = {b['store_and_setup_seconds']:.2f} s ({100 * (1 - b['build_over_collector']):.0f}% of build_index);"
+                 f" model fingerprint {b['model_fingerprint_seconds']:.2f} s, data fingerprint {b['records_fingerprint_seconds']:.3f} s")
+        if g.get("status") == "ok":
+            r = g.get("headwater_over_bergson")
+            L.append(f"  headwater / bergson docs/s = {r:.2f} (target >= 1.5: {'met' if r >= 1.5 else 'NOT met'});"
+                     f" bergson: {g['projection']}, {g['row_dim']} dims stored as {g['stored_dtype']}" + (f"; {g['note']}" if g.get("note") else ""))
+        else:
+            L.append(f"  bergson: {g.get('status', 'not run')}")
+    q = result.get("query")
+    if q:
+        L.append("")
+        L.append(
+            f"QUERY  {q['rows']:,} rows x {q['dim']:,} dims float16 = {q['data_bytes'] / 1e9:.2f} GB in {q['shards']} shards (page cache);"
+            f" {q['queries']} queries, cosine, top_k {q['top_k']}, best of {result['args']['repeats']}"
+        )
+        L.append(f"  {'':38}{'seconds':>9}{'GB/s':>8}{'rows/s':>10}{'vs np mm':>10}{'vs np cos':>10}")
+        labels = {
+            "numpy_matmul": "numpy mmap: f32 + matmul",
+            "numpy_cosine": "numpy mmap: f32 + matmul + norms",
+            "score_blocks_verify_off": "score_blocks, verify off",
+            "rank_verify_off": "rank (score_blocks+top-k), verify off",
+            "rank_verify_on": "rank, verify on (fresh Index)",
+        }
+        mm, cos = q["cases"]["numpy_matmul"]["seconds"], q["cases"]["numpy_cosine"]["seconds"]
+        for key, label in labels.items():
+            c = q["cases"][key]
+            L.append(f"  {label:38}{c['seconds']:9.3f}{c['GB_per_s']:8.2f}{fmt_rate(c['rows_per_s']):>10}{mm / c['seconds']:10.2f}{cos / c['seconds']:10.2f}")
+        r = q["ratios"]["rank_verify_off_over_numpy_matmul"]
+        L.append(f"  rank (verify off) / numpy matmul = {r:.2f} (target >= 0.7: {'met' if r >= 0.7 else 'NOT met'}); ShardWriter wrote it at {q['write_GB_per_s']:.2f} GB/s (float16 cast, np.save, fsync, sha256)")
+    return "\n".join(L)
+
+
+def cpu_ticks() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (None elsewhere)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    return (sum(f[:8]) - idle) / hz, sum(f[:8]) / hz
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def machine_load(before, own_before: float) -> dict | None:
+    """CPU time other processes used since `before` (a cpu_ticks() reading): the noise indicator."""
+    after = cpu_ticks()
+    if before is None or after is None:
+        return None
+    busy, total = after[0] - before[0], after[1] - before[1]
+    others = max(0.0, busy - (own_cpu() - own_before))
+    return {"others_cpu_seconds": others, "wall_cpu_seconds": total, "others_fraction": others / total if total else 0.0}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(args) -> dict:
+    torch.set_num_threads(args.threads)
+    import headwater
+    import transformers
+
+    result = {
+        "args": vars(args),
+        "environment": {
+            "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "transformers": transformers.__version__,
+            "headwater": getattr(headwater, "__version__", "?"), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    }
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="headwater-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    ticks0, own0 = cpu_ticks(), own_cpu()
+    time.sleep(1.0)
+    result["idle_check"] = machine_load(ticks0, own0)  # other processes' share of the CPUs in the second before
+    ticks0, own0 = cpu_ticks(), own_cpu()
+    try:
+        if not args.skip_build:
+            s = make_setup(args)
+            result["build_setup"] = {
+                "layers": args.layers, "embd": args.embd, "heads": args.heads, "vocab": s["vocab"], "params": s["params"],
+                "doc_tokens": args.doc_tokens, "batch_size": args.batch_size, "projection_dim": args.projection_dim,
+            }
+            result["build"], result["bergson"] = bench_build(args, s, workdir)
+            del s
+        if not args.skip_query:
+            result["query"] = bench_query(args, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["total_seconds"] = time.perf_counter() - t_start
+    result["machine_load"] = machine_load(ticks0, own0)
+    text = table(result)
+    result["table"] = text
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nwrote {out} ({result['total_seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main(ARGS)
