@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dim", type=int, default=65536, help="row width D (default: 16 modules x 4096, the build's)")
     g.add_argument("--queries", type=int, default=16)
     g.add_argument("--top-k", type=int, default=10)
-    g.add_argument("--block-rows", type=int, default=8192, help="Index.score_blocks block size (numpy uses the same)")
+    g.add_argument("--block-rows", type=int, default=None, help="Index.score_blocks block size; numpy uses the same (default: the library's, about 64 MiB of float32)")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per query measurement (best is kept)")
     g.add_argument("--skip-query", action="store_true")
     g = ap.add_argument_group("bergson")
@@ -409,6 +409,7 @@ def bench_query(args, workdir: Path) -> dict:
             rank(index.score_blocks(sc, args.block_rows, verify=verify), args.top_k)
         return run
 
+    args.block_rows = args.block_rows or warm_index.store.block_rows()
     log("query: warm-up (page cache)")
     numpy_pass(path, qt, args.block_rows, cosine=False)
     hw_scores(False, False)()

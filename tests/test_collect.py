@@ -110,3 +110,18 @@ def test_token_rows_equal_prefix_examples(gpt2, tokenizer, lm_records):
         got = GradientCollector(gpt2, tokens, cfg).token_rows(tokens.collate([tokens.encode_whole(record)]), chunk=2)
         assert_rel_close(got, want)
         assert_rel_close(want, reference_rows(gpt2, tokens, prefixes, cfg))
+
+
+def test_fingerprint_is_cached_and_follows_in_place_updates(gpt2):
+    from headwater.collect import model_fingerprint
+
+    first = model_fingerprint(gpt2)
+    assert model_fingerprint(gpt2) == first
+    w = gpt2.transformer.h[0].mlp.c_fc.weight
+    original = w[0, 0].item()
+    with torch.no_grad():
+        w[0, 0] += 1.0  # an in-place update bumps the version counter
+    assert model_fingerprint(gpt2) != first
+    with torch.no_grad():
+        w[0, 0] = original
+    assert model_fingerprint(gpt2) == first  # same values, same hash

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -76,14 +77,29 @@ def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -
     return chosen
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter's name, shape, dtype and values."""
+    """A hash of every parameter's name, shape, dtype and values.
+
+    Cached per model object until any tensor is replaced or modified in place (storage pointer
+    and version counter), so repeated queries do not re-hash a large model.
+    """
+    state = model.state_dict()
+    key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     h = hashlib.sha256()
-    for name, p in model.state_dict().items():
+    for name, p in state.items():
         t = p.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    digest = h.hexdigest()[:16]
+    _FINGERPRINTS[model] = (key, digest)
+    return digest
 
 
 class GradientCollector:

@@ -168,9 +168,9 @@ class Index:
 
     # ------------------------------------------------------------------ scoring
 
-    def score_blocks(self, scorer: Scorer, block_rows: int = 8192, verify: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    def score_blocks(self, scorer: Scorer, block_rows: int | None = None, verify: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
         """Stream (first row, ids [b, 2], scores [b, q]) over the whole store."""
-        for block in self.store.blocks(block_rows, verify):
+        for block in self.store.blocks(block_rows, verify, reuse=True):
             yield block.start, block.ids, scorer.score(block.rows)
 
     def scores(self, queries, method: str = "cosine", model=None, task=None, aggregate: bool = False, batch_size: int | None = None, **options) -> np.ndarray:
@@ -188,7 +188,7 @@ class Index:
         pool: str | None = "max",
         model=None,
         task: Task | None = None,
-        block_rows: int = 8192,
+        block_rows: int | None = None,
         verify: bool = True,
         max_chars: int = 200,
         batch_size: int | None = None,

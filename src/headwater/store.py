@@ -34,6 +34,7 @@ from .errors import UserError
 
 DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32), "bfloat16": (torch.bfloat16, np.uint16)}
 FORMAT_VERSION = 1
+BLOCK_BYTES = 1 << 26
 
 
 class ChecksumError(UserError):
@@ -89,13 +90,16 @@ def to_numpy_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
     return t.view(torch.uint16).numpy() if dtype == "bfloat16" else t.numpy()
 
 
-def rows_to_float32(block: np.ndarray, dtype: str) -> torch.Tensor:
-    """A float32 copy of stored rows (memory-mapped blocks are read-only, so never alias them)."""
+def rows_to_float32(block: np.ndarray, dtype: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 copy of stored rows (memory-mapped blocks are read-only, so never alias them);
+    written into `out[:n]` when given, which saves allocating (and page-faulting) a block each time."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only source: we copy below
         t = torch.from_numpy(np.ascontiguousarray(block))
     if dtype == "bfloat16":
-        return t.view(torch.bfloat16).float()
+        t = t.view(torch.bfloat16)
+    if out is not None:
+        return out[: len(t)].copy_(t)
     return t.float() if dtype != "float32" else t.clone()
 
 
@@ -326,14 +330,22 @@ class GradientStore:
             raise ChecksumError(f"shard {shard['file']} has shape {rows.shape}, expected ({shard['rows']}, {self.dim})")
         return rows, row_ids
 
-    def blocks(self, block_rows: int = 8192, verify: bool = True) -> Iterator[Block]:
-        """Yield consecutive blocks of at most `block_rows` rows; each shard is checksummed before use."""
+    def block_rows(self, block_bytes: int = BLOCK_BYTES) -> int:
+        """Rows per block so that a float32 block takes about `block_bytes`."""
+        return max(1, block_bytes // (4 * self.dim))
+
+    def blocks(self, block_rows: int | None = None, verify: bool = True, reuse: bool = False) -> Iterator[Block]:
+        """Yield consecutive blocks of at most `block_rows` rows (default: about 64 MiB of float32);
+        each shard is checksummed before use. With `reuse`, every block's rows live in one buffer
+        that the next block overwrites (for consumers that do not keep them)."""
+        block_rows = block_rows or self.block_rows()
+        buffer = torch.empty(min(block_rows, max(self.rows, 1)), self.dim) if reuse else None
         start = 0
         for shard in self.manifest["shards"]:
             rows, ids = self._open_shard(shard, verify)
             for lo in range(0, len(rows), block_rows):
                 hi = min(len(rows), lo + block_rows)
-                yield Block(start + lo, ids[lo:hi], rows_to_float32(rows[lo:hi], self.dtype))
+                yield Block(start + lo, ids[lo:hi], rows_to_float32(rows[lo:hi], self.dtype, buffer))
             start += len(rows)
 
     def verify(self) -> None:

@@ -56,6 +56,10 @@ class CosineScorer(Scorer):
     name = "cosine"
     normalize = True
 
+    def score(self, rows: torch.Tensor) -> torch.Tensor:
+        # Divide the dot products by the row norms rather than normalising a copy of the block.
+        return (rows @ self.q.T) / rows.norm(dim=1, keepdim=True).clamp_min(EPS)
+
 
 class TrackStarScorer(Scorer):
     """TrackStar: cosine after the damped R^{-1/2} preconditioner on both sides.

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..query import rank
 
 
-def tracin_blocks(indexes, query_grads: list[torch.Tensor], lrs: list[float], block_rows: int = 8192, verify: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+def tracin_blocks(indexes, query_grads: list[torch.Tensor], lrs: list[float], block_rows: int | None = None, verify: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
     """(first row, ids [b, 2], Σ_c η_c rows_c @ q_cᵀ [b, q]) over aligned indexes."""
     streams = [idx.store.blocks(block_rows, verify) for idx in indexes]
     for blocks in zip(*streams, strict=True):
