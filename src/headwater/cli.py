@@ -186,7 +186,7 @@ def curvature(
 def scores(
     index: Path = typer.Argument(..., help="Index directory."),
     queries: str = typer.Option(..., "--queries", help="Query records."),
-    out: Path = typer.Option(..., "--out", help="Where to write the dense score matrix [training rows, queries] (.npy)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the dense score matrix, training rows × queries (.npy)."),
     method: str = typer.Option("cosine", "--method", help="dot, cosine, trackstar, ekfac or kfac."),
     mix: str = typer.Option("auto", "--mix", help="TrackStar: weight of the query autocorrelation (auto = eigenvalue matching)."),
     damping: Optional[float] = typer.Option(None, "--damping", help="As for query."),
@@ -220,14 +220,80 @@ def _override_model(idx, model: str | None, device: str | None) -> None:
         idx._model, idx._tokenizer = load_model(model or idx.config.model, device or idx.config.device)
 
 
+@app.command()
+def attribute(
+    method: str = typer.Option(..., "--method", help="trak, source or magic."),
+    model: str = typer.Option(..., "--model", help="The model to attribute (SOURCE: the final model; MAGIC: the run's initial model)."),
+    data: str = typer.Option(..., "--data", help="Training records, in the order training saw them (MAGIC replays that run)."),
+    queries: str = typer.Option(..., "--queries", help="Query records."),
+    out: Path = typer.Option(..., "--out", help="Dense score matrix, training records × queries (.npy)."),
+    top_k: int = typer.Option(0, "--top-k", help="Also write the top-k training records per query next to --out (.csv)."),
+    ensemble: Optional[list[str]] = typer.Option(None, "--ensemble", help="TRAK: further independently trained models (repeatable)."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="TRAK: ridge as a multiple of the kernel's mean eigenvalue (default 1)."),
+    checkpoint: Optional[list[str]] = typer.Option(None, "--checkpoint", help="SOURCE: the run's checkpoints in order (repeatable)."),
+    trainer_state: Optional[str] = typer.Option(None, "--trainer-state", help="SOURCE: a Hugging Face trainer_state.json giving learning rates and steps."),
+    lr: Optional[list[float]] = typer.Option(None, "--lr", help="SOURCE: learning rate of each checkpoint's segment; MAGIC: the learning rate."),
+    steps: Optional[list[int]] = typer.Option(None, "--steps", help="SOURCE: optimizer steps of each checkpoint's segment."),
+    momentum: float = typer.Option(0.0, "--momentum", help="SOURCE / MAGIC (SGD): heavy-ball momentum."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="MAGIC: sgd or adamw."),
+    epochs: int = typer.Option(1, "--epochs", help="MAGIC: epochs of the replayed run."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="MAGIC: weight decay."),
+    clip_norm: Optional[float] = typer.Option(None, "--clip-norm", help="MAGIC: gradient clipping norm."),
+    mean_query: bool = typer.Option(False, "--mean-query", help="MAGIC: differentiate the mean query loss once (one column)."),
+    projection_dim: int = typer.Option(1024, "--projection-dim", help="TRAK: projected dimensions per tracked module."),
+    seed: int = typer.Option(0, "--seed", help="Projection seed (TRAK); data-order seed of the replayed run (MAGIC)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per pass (MAGIC: the training batch size)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+):
+    """TRAK over an ensemble, SOURCE over a run's checkpoints, or MAGIC through a replayed run."""
+    import numpy as np
+
+    from .attribute import attribute as run_attribute
+    from .methods.magic import TrainingRun
+
+    try:
+        if out.suffix != ".npy":
+            raise UserError(f"--out must be a .npy file, got {out}")
+        recipe = None
+        if method == "magic":
+            if not lr or len(lr) != 1:
+                raise UserError("MAGIC needs exactly one --lr")
+            recipe = TrainingRun(optimizer, lr[0], epochs, batch_size, momentum, weight_decay=weight_decay, clip_norm=clip_norm, seed=seed)
+        matrix = run_attribute(
+            method, model, data, queries, device, batch_size, projection_dim, seed, ensemble, damping, checkpoint,
+            trainer_state, lr, steps, momentum, recipe, per_query=not mean_query,
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, matrix)
+        if top_k:
+            _write_top_k(matrix, data, queries, top_k, out.with_suffix(".csv"), mean_query and method == "magic")
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote scores {matrix.shape} to {out}")
+
+
+def _write_top_k(matrix, data: str, queries: str, k: int, path: Path, mean: bool) -> None:
+    import numpy as np
+    import torch
+
+    from .data import load_records, record_ids, record_text
+    from .query import rank, results_frame, write_results
+
+    train = load_records(data)
+    ids = np.stack([np.arange(len(train)), np.zeros(len(train), dtype=np.int64)], 1)
+    ranking = rank(iter([(0, ids, torch.from_numpy(matrix))]), k)
+    query_ids = ["mean"] if mean else record_ids(load_records(queries))
+    write_results(results_frame(ranking, query_ids, ids, record_ids(train), lambda r, n: record_text(train[int(r)], n)), path)
+
+
 evaluate_app = typer.Typer(no_args_is_help=True, help="Validate attributions against retraining.")
 app.add_typer(evaluate_app, name="evaluate")
 
 
 @evaluate_app.command("lds")
 def evaluate_lds(
-    scores: list[Path] = typer.Option(..., "--scores", help="Score matrices [n_train, targets] (.npy), one per method (repeatable)."),
-    train: str = typer.Option(..., "--train", help="module:function taking (mask: bool array [n_train], seed: int) and returning the targets' losses after training on the masked subset."),
+    scores: list[Path] = typer.Option(..., "--scores", help="Score matrices, training examples × targets (.npy), one per method (repeatable)."),
+    train: str = typer.Option(..., "--train", help="module:function taking (mask: a boolean array over training examples, seed: int) and returning the targets' losses after training on the masked subset."),
     subsets: int = typer.Option(50, "--subsets", help="Random training subsets (m)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Fraction of the training set in each subset."),
     seeds: int = typer.Option(2, "--seeds", help="Training seeds per subset (≥ 2 gives the seed-noise ceiling)."),
