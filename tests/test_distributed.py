@@ -119,3 +119,26 @@ def test_two_rank_resume_recovers_each_rank(one_rank, two_ranks, tmp_path):
     assert GradientStore(path).manifest == GradientStore(two_ranks).manifest
     assert {p.name: p.read_bytes() for p in (path / "shards").iterdir()} == original
     np.testing.assert_array_equal(GradientStore(path).ids(), GradientStore(one_rank).ids())
+
+
+def test_curvature_all_reduced_over_two_ranks_equals_one_process(tmp_path):
+    """Each rank fits on its half of the records; the all-reduced factors equal a one-process fit."""
+    import _curvature_child as cchild
+    from headwater.curvature import Curvature, fit_curvature
+
+    out = tmp_path / "curvature.safetensors"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(Path(cchild.__file__).resolve()), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = Curvature.load(out)
+    model, task, records = cchild.setup()
+    one = fit_curvature(model, task, records, config=cchild.CONFIG, progress=False)
+    assert two.examples == one.examples == len(records)
+    for name, m in one.modules.items():
+        t = two.modules[name]
+        torch.testing.assert_close(t.q_a @ torch.diag(t.lam_a) @ t.q_a.T, m.q_a @ torch.diag(m.lam_a) @ m.q_a.T, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(t.q_s @ torch.diag(t.lam_s) @ t.q_s.T, m.q_s @ torch.diag(m.lam_s) @ m.q_s.T, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(t.corrected, m.corrected, rtol=1e-5, atol=1e-9)

@@ -158,7 +158,8 @@ def _loss_fn(task: Task, config: CurvatureConfig, batch_index: int):
         return task.per_example_loss
     if not hasattr(task, "per_example_sampled_loss"):
         raise UserError(f"{type(task).__name__} cannot sample labels from the model; use fisher='empirical'")
-    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 1_000_000_007 + batch_index)  # own stream per rank
     return lambda model, batch: task.per_example_sampled_loss(model, batch, gen)
 
 
