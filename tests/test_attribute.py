@@ -87,3 +87,21 @@ def test_bad_input_is_one_line(ws):
     r = subprocess.run([sys.executable, "-m", "headwater", "attribute", "--method", "source", "--model", "model", "--data", "train.jsonl",
                         "--queries", "q.jsonl", "--out", "x.npy"], cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "checkpoints" in r.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_lds_with_the_builtin_trainer(ws):
+    """`evaluate lds --train builtin` retrains the LM recipe on each subset; equal to the Python path."""
+    from headwater.evaluate import RetrainLM, lds, retrain_losses, subset_masks
+
+    cli(ws, "--method", "magic", "--model", "model", "--lr", "0.01", "--epochs", "1", "--batch-size", "2",
+        "--data", "train.jsonl", "--queries", "q.jsonl", "--out", "m.npy")
+    r = subprocess.run([sys.executable, "-m", "headwater", "evaluate", "lds", "--scores", "m.npy", "--train", "builtin",
+                        "--model", "model", "--data", "train.jsonl", "--targets", "q.jsonl", "--lr", "0.01", "--epochs", "1",
+                        "--batch-size", "2", "--subsets", "6", "--seeds", "2", "--out", "lds.json"],
+                       cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((ws / "lds.json").read_text())
+    masks = subset_masks(len(TRAIN), 6, 0.5, 0)
+    fn = RetrainLM(str(ws / "model"), str(ws / "train.jsonl"), str(ws / "q.jsonl"), TrainingRun("adamw", 0.01, 1, 2))
+    losses = retrain_losses(fn, masks, [0, 1], progress=False)
+    assert got["methods"]["m"] == pytest.approx(lds(np.load(ws / "m.npy"), masks, losses.mean(0))[0])

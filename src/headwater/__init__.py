@@ -9,7 +9,7 @@ from .build import BuildConfig, build_index
 from .collect import GradientCollector, tracked_modules
 from .curvature import Curvature, CurvatureConfig, fit_curvature
 from .errors import UserError
-from .evaluate import leave_k_out, lds, retrain_losses, seed_ceiling, subset_masks, tail_patch
+from .evaluate import RetrainLM, leave_k_out, lds, retrain_losses, seed_ceiling, subset_masks, tail_patch
 from .index import Index
 from .methods.gradient import CosineScorer, Scorer, TrackStarScorer, make_scorer
 from .methods.influence import InfluenceFunction, dense_gauss_newton
@@ -23,7 +23,7 @@ from .task import ClassificationTask, LanguageModelTask, ModuleTask
 
 __all__ = [
     "BuildConfig", "build_index", "GradientCollector", "tracked_modules", "Curvature", "CurvatureConfig",
-    "fit_curvature", "UserError", "leave_k_out", "lds", "retrain_losses", "seed_ceiling", "subset_masks", "tail_patch",
+    "fit_curvature", "UserError", "RetrainLM", "leave_k_out", "lds", "retrain_losses", "seed_ceiling", "subset_masks", "tail_patch",
     "Index", "CosineScorer", "Scorer", "TrackStarScorer", "make_scorer", "InfluenceFunction",
     "dense_gauss_newton", "Trainer", "TrainingRun", "magic_scores", "Segment", "segments_from_trainer_state",
     "source_scores", "tracin", "trak_scores", "ProjectionConfig", "ChecksumError", "GradientStore",

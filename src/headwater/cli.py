@@ -293,7 +293,16 @@ app.add_typer(evaluate_app, name="evaluate")
 @evaluate_app.command("lds")
 def evaluate_lds(
     scores: list[Path] = typer.Option(..., "--scores", help="Score matrices, training examples × targets (.npy), one per method (repeatable)."),
-    train: str = typer.Option(..., "--train", help="module:function taking (mask: a boolean array over training examples, seed: int) and returning the targets' losses after training on the masked subset."),
+    train: str = typer.Option(..., "--train", help="module:function taking (mask: a boolean array over training examples, seed: int) and returning the targets' losses after training on the masked subset; or 'builtin' to replay a causal-LM recipe (--model, --data, --targets, --optimizer, --lr, --epochs, --batch-size)."),
+    model: Optional[str] = typer.Option(None, "--model", help="builtin: the model every retraining starts from."),
+    data: Optional[str] = typer.Option(None, "--data", help="builtin: the training records (rows of the score matrices)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="builtin: the target records whose losses are measured."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="builtin: sgd or adamw."),
+    lr: float = typer.Option(1e-3, "--lr", help="builtin: learning rate."),
+    epochs: int = typer.Option(1, "--epochs", help="builtin: epochs."),
+    batch_size: int = typer.Option(8, "--batch-size", help="builtin: batch size."),
+    momentum: float = typer.Option(0.0, "--momentum", help="builtin: SGD momentum."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="builtin: weight decay."),
     subsets: int = typer.Option(50, "--subsets", help="Random training subsets (m)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Fraction of the training set in each subset."),
     seeds: int = typer.Option(2, "--seeds", help="Training seeds per subset (≥ 2 gives the seed-noise ceiling)."),
@@ -310,11 +319,19 @@ def evaluate_lds(
     from .evaluate import lds, retrain_losses, seed_ceiling, subset_masks
 
     try:
-        module, _, name = train.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise UserError(f"cannot import the training function {train!r}: {exc}") from None
+        if train == "builtin":
+            from .evaluate import RetrainLM
+            from .methods.magic import TrainingRun
+
+            if not (model and data and targets):
+                raise UserError("--train builtin needs --model, --data and --targets")
+            fn = RetrainLM(model, data, targets, TrainingRun(optimizer, lr, epochs, batch_size, momentum, weight_decay=weight_decay))
+        else:
+            module, _, name = train.partition(":")
+            try:
+                fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise UserError(f"cannot import the training function {train!r}: {exc}") from None
         matrices = {p.stem: np.load(p) for p in scores}
         sizes = {m.shape[0] for m in matrices.values()}
         if len(sizes) != 1:

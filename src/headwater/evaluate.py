@@ -152,3 +152,34 @@ def tail_patch(model, task, train_records, queries, scores: np.ndarray, k: int =
                 with torch.no_grad():
                     out.append(-float(task.per_example_loss(bound(stepped), qbatch).sum()) - base)
     return {"top_k": float(np.mean(top)), "random": float(np.mean(rand))}
+
+
+class RetrainLM:
+    """Built-in `train_and_measure` for causal LMs: replay `run` from the model at `model` on the kept
+    training records (with the given data-order seed) and return each target's loss.
+
+    Picklable (paths and a recipe), so `retrain_losses(..., processes=N)` can use it.
+    """
+
+    def __init__(self, model: str, data: str, targets: str, run):
+        self.model, self.data, self.targets, self.run = model, data, targets, run
+
+    def __call__(self, mask: np.ndarray, seed: int) -> np.ndarray:
+        import dataclasses
+
+        import torch
+
+        from .build import load_model
+        from .data import load_records
+        from .methods.magic import Trainer
+        from .task import LanguageModelTask
+
+        model, tokenizer = load_model(self.model)
+        task = LanguageModelTask(tokenizer)
+        records = load_records(self.data)
+        kept = [records[int(i)] for i in np.flatnonzero(mask)]
+        trainer = Trainer(model, task, kept, dataclasses.replace(self.run, seed=seed))
+        trainer.load(trainer.train())
+        batch = task.collate([ex for t in load_records(self.targets) for ex in task.encode(t)])
+        with torch.no_grad():
+            return task.per_example_loss(model.eval(), batch).double().numpy()
