@@ -105,3 +105,28 @@ def test_evaluate_lds_with_the_builtin_trainer(ws):
     fn = RetrainLM(str(ws / "model"), str(ws / "train.jsonl"), str(ws / "q.jsonl"), TrainingRun("adamw", 0.01, 1, 2))
     losses = retrain_losses(fn, masks, [0, 1], progress=False)
     assert got["methods"]["m"] == pytest.approx(lds(np.load(ws / "m.npy"), masks, losses.mean(0))[0])
+
+
+def test_evaluate_leave_k_out_and_tail_patch(ws):
+    from headwater.build import load_model
+    from headwater.evaluate import leave_k_out, tail_patch
+
+    cli(ws, "--method", "trak", "--model", "model", "--data", "train.jsonl", "--queries", "q.jsonl", "--projection-dim", "64", "--out", "t.npy")
+    scores = np.load(ws / "t.npy")
+    # leave-k-out with a user function: an exactly linear datamodel over the 5 training examples
+    tau = np.array([0.5, -0.2, 0.3, 0.0, -0.4])
+    np.save(ws / "tau.npy", tau)
+    (ws / "kout.py").write_text(f"import numpy as np\nTAU = np.load({str(ws / 'tau.npy')!r})\n"
+                                "def train(mask, seed):\n    return np.array([-(mask * TAU).sum()])\n")
+    r = subprocess.run([sys.executable, "-m", "headwater", "evaluate", "leave-k-out", "--scores", "t.npy", "--k", "2", "--train", "kout:train"],
+                       cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fn = lambda mask, seed: np.array([-(mask * tau).sum()])
+    want = leave_k_out(scores.mean(1), 2, fn, [0, 1], 0)
+    assert f"removing the top 2: {want['top_k_removed']:+.4f}" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "headwater", "evaluate", "tail-patch", "--scores", "t.npy", "--model", "model", "--data", "train.jsonl",
+                        "--queries", "q.jsonl", "--k", "2", "--lr", "0.01"], cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m, tok = load_model(str(ws / "model"))
+    want = tail_patch(m, LanguageModelTask(tok), TRAIN, QUERIES, scores, 2, 0.01, 0)
+    assert f"top 2 {want['top_k']:+.5f}, random {want['random']:+.5f}" in r.stdout

@@ -290,19 +290,55 @@ evaluate_app = typer.Typer(no_args_is_help=True, help="Validate attributions aga
 app.add_typer(evaluate_app, name="evaluate")
 
 
+TRAIN_HELP = ("module:function taking (mask: a boolean array over training examples, seed: int) and returning the "
+              "targets' losses after training on the masked subset; or 'builtin' to replay a causal-LM recipe "
+              "(--model, --data, --targets, --optimizer, --lr, --epochs, --batch-size).")
+
+
+def _training_function(train: str, model, data, targets, optimizer, lr, epochs, batch_size, momentum, weight_decay):
+    """The user's `train_and_measure`, imported from module:function, or the built-in LM recipe."""
+    import importlib
+
+    if train == "builtin":
+        from .evaluate import RetrainLM
+        from .methods.magic import TrainingRun
+
+        if not (model and data and targets):
+            raise UserError("--train builtin needs --model, --data and --targets")
+        return RetrainLM(model, data, targets, TrainingRun(optimizer, lr, epochs, batch_size, momentum, weight_decay=weight_decay))
+    module, _, name = train.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"cannot import the training function {train!r}: {exc}") from None
+
+
+# Retraining flags shared by `evaluate lds` and `evaluate leave-k-out`.
+TRAIN = typer.Option(..., "--train", help=TRAIN_HELP)
+R_MODEL = typer.Option(None, "--model", help="builtin: the model every retraining starts from (tail-patch: the trained model).")
+R_DATA = typer.Option(None, "--data", help="builtin: the training records (rows of the score matrices).")
+R_TARGETS = typer.Option(None, "--targets", help="builtin: the target records whose losses are measured.")
+R_OPTIMIZER = typer.Option("adamw", "--optimizer", help="builtin: sgd or adamw.")
+R_LR = typer.Option(1e-3, "--lr", help="builtin: learning rate (tail-patch: the step size).")
+R_EPOCHS = typer.Option(1, "--epochs", help="builtin: epochs.")
+R_BATCH = typer.Option(8, "--batch-size", help="builtin: batch size.")
+R_MOMENTUM = typer.Option(0.0, "--momentum", help="builtin: SGD momentum.")
+R_DECAY = typer.Option(0.0, "--weight-decay", help="builtin: weight decay.")
+
+
 @evaluate_app.command("lds")
 def evaluate_lds(
     scores: list[Path] = typer.Option(..., "--scores", help="Score matrices, training examples × targets (.npy), one per method (repeatable)."),
-    train: str = typer.Option(..., "--train", help="module:function taking (mask: a boolean array over training examples, seed: int) and returning the targets' losses after training on the masked subset; or 'builtin' to replay a causal-LM recipe (--model, --data, --targets, --optimizer, --lr, --epochs, --batch-size)."),
-    model: Optional[str] = typer.Option(None, "--model", help="builtin: the model every retraining starts from."),
-    data: Optional[str] = typer.Option(None, "--data", help="builtin: the training records (rows of the score matrices)."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="builtin: the target records whose losses are measured."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="builtin: sgd or adamw."),
-    lr: float = typer.Option(1e-3, "--lr", help="builtin: learning rate."),
-    epochs: int = typer.Option(1, "--epochs", help="builtin: epochs."),
-    batch_size: int = typer.Option(8, "--batch-size", help="builtin: batch size."),
-    momentum: float = typer.Option(0.0, "--momentum", help="builtin: SGD momentum."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="builtin: weight decay."),
+    train: str = TRAIN,
+    model: Optional[str] = R_MODEL,
+    data: Optional[str] = R_DATA,
+    targets: Optional[str] = R_TARGETS,
+    optimizer: str = R_OPTIMIZER,
+    lr: float = R_LR,
+    epochs: int = R_EPOCHS,
+    batch_size: int = R_BATCH,
+    momentum: float = R_MOMENTUM,
+    weight_decay: float = R_DECAY,
     subsets: int = typer.Option(50, "--subsets", help="Random training subsets (m)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Fraction of the training set in each subset."),
     seeds: int = typer.Option(2, "--seeds", help="Training seeds per subset (≥ 2 gives the seed-noise ceiling)."),
@@ -311,7 +347,6 @@ def evaluate_lds(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON."),
 ):
     """Linear Datamodeling Score of each score matrix, with the seed-noise ceiling."""
-    import importlib
     import json
 
     import numpy as np
@@ -319,19 +354,7 @@ def evaluate_lds(
     from .evaluate import lds, retrain_losses, seed_ceiling, subset_masks
 
     try:
-        if train == "builtin":
-            from .evaluate import RetrainLM
-            from .methods.magic import TrainingRun
-
-            if not (model and data and targets):
-                raise UserError("--train builtin needs --model, --data and --targets")
-            fn = RetrainLM(model, data, targets, TrainingRun(optimizer, lr, epochs, batch_size, momentum, weight_decay=weight_decay))
-        else:
-            module, _, name = train.partition(":")
-            try:
-                fn = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError, ValueError) as exc:
-                raise UserError(f"cannot import the training function {train!r}: {exc}") from None
+        fn = _training_function(train, model, data, targets, optimizer, lr, epochs, batch_size, momentum, weight_decay)
         matrices = {p.stem: np.load(p) for p in scores}
         sizes = {m.shape[0] for m in matrices.values()}
         if len(sizes) != 1:
@@ -349,6 +372,62 @@ def evaluate_lds(
         typer.echo(f"seed ceiling: {result['seed_ceiling']:.4f}")
     if out:
         out.write_text(json.dumps(result, indent=2))
+
+
+@evaluate_app.command("leave-k-out")
+def evaluate_leave_k_out(
+    scores: Path = typer.Option(..., "--scores", help="Score matrix, training examples × targets (.npy); targets are averaged."),
+    k: int = typer.Option(10, "--k", help="How many examples to remove."),
+    train: str = TRAIN,
+    model: Optional[str] = R_MODEL,
+    data: Optional[str] = R_DATA,
+    targets: Optional[str] = R_TARGETS,
+    optimizer: str = R_OPTIMIZER,
+    lr: float = R_LR,
+    epochs: int = R_EPOCHS,
+    batch_size: int = R_BATCH,
+    momentum: float = R_MOMENTUM,
+    weight_decay: float = R_DECAY,
+    seeds: int = typer.Option(2, "--seeds", help="Retraining seeds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random removal."),
+):
+    """Remove the k top proponents vs k random examples, retrain, report the change of the mean target loss."""
+    import numpy as np
+
+    from .evaluate import leave_k_out
+
+    try:
+        fn = _training_function(train, model, data, targets, optimizer, lr, epochs, batch_size, momentum, weight_decay)
+        result = leave_k_out(np.load(scores).mean(1), k, fn, list(range(seeds)), seed)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"mean target loss {result['base_loss']:.4f}; removing the top {k}: {result['top_k_removed']:+.4f}; removing {k} random: {result['random_removed']:+.4f}")
+
+
+@evaluate_app.command("tail-patch")
+def evaluate_tail_patch(
+    scores: Path = typer.Option(..., "--scores", help="Score matrix, training examples × queries (.npy)."),
+    model: str = typer.Option(..., "--model", help="The trained model the scores are about."),
+    data: str = typer.Option(..., "--data", help="The training records."),
+    queries: str = typer.Option(..., "--queries", help="The queries (their completions are the targets)."),
+    k: int = typer.Option(10, "--k", help="Top proponents (and random examples) per query."),
+    lr: float = typer.Option(1e-3, "--lr", help="Size of the single SGD step."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
+):
+    """One SGD step on each top proponent alone: mean increase of the target log-probability vs random examples."""
+    import numpy as np
+
+    from .build import load_model
+    from .data import load_records
+    from .evaluate import tail_patch
+    from .task import LanguageModelTask
+
+    try:
+        trained, tokenizer = load_model(model)
+        result = tail_patch(trained, LanguageModelTask(tokenizer), load_records(data), load_records(queries), np.load(scores), k, lr, seed)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"target log-prob change after one step: top {k} {result['top_k']:+.5f}, random {result['random']:+.5f}")
 
 
 @app.command()
