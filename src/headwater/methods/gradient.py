@@ -43,7 +43,7 @@ class Scorer:
         return self
 
     def _fit_preconditioner(self, store: GradientStore, queries: torch.Tensor) -> None:
-        pass
+        """Fit what depends on the stored rows and the queries (dot and cosine need nothing)."""
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
         """Scores [b, q] of stored rows [b, dim] against the fitted queries."""
