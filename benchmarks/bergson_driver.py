@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import bergson
     from bergson.collection import collect_gradients
-    from bergson.config.config import DataConfig, IndexConfig, PreprocessConfig
+    from bergson.config.config import DataConfig, IndexConfig
     from bergson.data import allocate_batches
     from bergson.utils.worker_utils import create_processor, setup_data_pipeline, setup_model_and_peft
 

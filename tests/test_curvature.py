@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from headwater.collect import GradientCollector
 from headwater.curvature import Curvature, CurvatureConfig, _batches, _loss_fn, fit_curvature

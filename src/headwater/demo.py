@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from .build import BuildConfig, build_index, load_model
 from .evaluate import bm25_scores, fact_tracing_metrics
-from .index import Index
 from .task import LanguageModelTask
 from .toy import tiny_gpt2, word_tokenizer
 
