@@ -252,3 +252,22 @@ def test_chat_gradient_equals_hand_written_loss(gpt2, tokenizer):
             w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
             parts.append(torch.cat([w, tm.module.bias.grad[:, None]], 1).reshape(-1))
         assert_rel_close(row[None], torch.cat(parts)[None], 1e-5)
+
+
+def test_multi_process_build_fails_in_one_line_before_launching(tmp_path):
+    """`build --nproc 2` checks data and directory in the parent: one line, exit 2, no torchrun."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "manifest.json").write_text("{}")
+    cases = [("--data", "missing.jsonl", "idx2", "does not exist"), ("--data", "train.jsonl", "idx", "already exists")]
+    (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
+    for flag, data, index, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "headwater", "build", index, "--model", "some/model", flag, data, "--nproc", "2"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed" not in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("headwater: error:")]
+        assert len(errors) == 1 and needle in errors[0] and r.stderr.rstrip().endswith(errors[0]), r.stderr
+    assert (tmp_path / "idx" / "manifest.json").read_text() == "{}"  # the existing index is untouched

@@ -71,6 +71,8 @@ def build(
 ):
     """Collect per-example gradients of the training data into an on-disk index."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _check_before_launch(index, config, resume, overwrite, model=model, data=data, projection=projection,
+                             projection_dim=projection_dim, dtype=dtype, batch_size=batch_size, unit=unit)
         argv, args = iter(sys.argv[1:]), []
         for a in argv:  # drop --nproc N / --nproc=N; torchrun's workers see WORLD_SIZE instead
             if a == "--nproc":
@@ -92,6 +94,22 @@ def build(
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"built {idx}")
+
+
+def _check_before_launch(index: Path, config: Optional[Path], resume: bool, overwrite: bool, **flags) -> None:
+    """Catch bad flags, data and directory state in the parent, so a multi-process build fails with
+    one line instead of one torchrun traceback per rank."""
+    from .data import load_records
+    from .store import prepare_directory
+
+    try:
+        cfg = _build_config(config, **flags)
+        if not cfg.model or not cfg.data:
+            raise UserError("a build needs --model and --data")
+        prepare_directory(index, resume, overwrite, dry_run=True)
+        load_records(cfg.data)
+    except UserError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -246,11 +246,11 @@ class ShardWriter:
         self.entries.append(entry)
 
 
-def prepare_directory(path: Path, resume: bool, overwrite: bool) -> bool:
+def prepare_directory(path: Path, resume: bool, overwrite: bool, dry_run: bool = False) -> bool:
     """Check what is at `path` before a build; returns True when a completed index is already there.
 
     Refuses to write into an existing index unless `resume` or `overwrite` is set, and refuses to
-    delete a non-empty directory that is not a headwater index.
+    delete a non-empty directory that is not a headwater index. `dry_run` only checks (deletes nothing).
     """
     if resume and overwrite:
         raise UserError("choose one of --resume and --overwrite")
@@ -260,7 +260,8 @@ def prepare_directory(path: Path, resume: bool, overwrite: bool) -> bool:
     if overwrite:
         if not is_index:
             raise UserError(f"{path} is not empty and is not a headwater index; refusing to overwrite it")
-        shutil.rmtree(path)
+        if not dry_run:
+            shutil.rmtree(path)
         return False
     if not is_index:
         raise UserError(f"{path} is not empty and is not a headwater index; choose another directory")
