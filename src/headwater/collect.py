@@ -41,6 +41,10 @@ class TrackedModule:
     def d_in_aug(self) -> int:
         return self.d_in + int(self.has_bias)
 
+    def augment(self, a: torch.Tensor) -> torch.Tensor:
+        """Inputs [..., d_in] with the bias's constant 1 appended when the module has a bias: [..., d_in_aug]."""
+        return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if self.has_bias else a
+
     def describe(self) -> dict:
         return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias}
 
@@ -239,12 +243,10 @@ class GradientCollector:
         if self.projection.kind == "factored":
             p_out, p_in = self._factored(tm)
             pa = a @ p_in[:, : tm.d_in].T
-            if tm.has_bias:
+            if tm.has_bias:  # P_in [a; 1] without materialising [a; 1]
                 pa = pa + p_in[:, tm.d_in]
             return torch.einsum("bto,bti->boi", delta @ p_out.T, pa).reshape(B, -1)
-        if tm.has_bias:
-            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-        grad = torch.einsum("bto,bti->boi", delta, a)
+        grad = torch.einsum("bto,bti->boi", delta, tm.augment(a))
         if self.scales is not None:
             grad = grad * self.scales[tm.name].full.to(grad)
         flat = grad.reshape(B, -1)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .collect import GradientCollector
 from .errors import UserError
 from .projection import ProjectionConfig
-from .task import Task
+from .task import Task, collated_batches, encode_records
 
 
 @dataclass
@@ -136,19 +136,15 @@ class Curvature:
         return cls(modules, CurvatureConfig(**meta["config"]), meta["examples"], meta["meta"])
 
 
-def _augment(tm, a: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if tm.has_bias else a
-
-
 def _batches(task: Task, records, config: CurvatureConfig):
-    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
+    examples = encode_records(task, records)
     if config.max_examples is not None:
         g = torch.Generator().manual_seed(config.seed)
         keep = torch.randperm(len(examples), generator=g)[: config.max_examples].sort().values.tolist()
         examples = [examples[i] for i in keep]
     if not examples:
         raise UserError("no examples to fit curvature on")
-    return [task.collate(examples[i : i + config.batch_size]) for i in range(0, len(examples), config.batch_size)]
+    return list(collated_batches(task, examples, config.batch_size))
 
 
 def _loss_fn(task: Task, config: CurvatureConfig, batch_index: int):
@@ -207,7 +203,7 @@ def fit_curvature(
         losses, calls = col.module_grads(batch, _loss_fn(task, config, i))
         for tm, a, delta in calls:
             mask = _token_mask(batch, a)
-            a_aug = _augment(tm, a)[mask].double()
+            a_aug = tm.augment(a)[mask].double()
             A[tm.name] += a_aug.T @ a_aug
             tokens[slot[tm.name]] += mask.sum()
             d = delta.reshape(-1, tm.d_out).double()
@@ -227,7 +223,7 @@ def fit_curvature(
             per_example: dict[str, torch.Tensor] = {}
             for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
                 m = curv[tm.name]
-                rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(dev), _augment(tm, a).double() @ m.q_a.to(dev))
+                rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(dev), tm.augment(a).double() @ m.q_a.to(dev))
                 per_example[tm.name] = per_example.get(tm.name, 0) + rot
             for name, rot in per_example.items():
                 corr[name] += (rot**2).sum(0)

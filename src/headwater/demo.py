@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .build import BuildConfig, build_index, load_model
 from .evaluate import bm25_scores, fact_tracing_metrics
-from .task import LanguageModelTask
+from .task import LanguageModelTask, encode_records
 from .toy import tiny_gpt2, word_tokenizer
 
 ATTRIBUTES = {
@@ -136,7 +136,7 @@ def make_corpus(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
 def train_lm(model, task: LanguageModelTask, records: list[dict], epochs: int, lr: float, batch_size: int, seed: int) -> torch.optim.Optimizer:
     """Plain AdamW training on the records' summed token loss (mean per token); returns the optimizer."""
     g = torch.Generator().manual_seed(seed)
-    examples = [ex for r in records for ex in task.encode(r)]
+    examples = encode_records(task, records)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)

@@ -172,7 +172,7 @@ class RetrainLM:
         from .build import load_model
         from .data import load_records
         from .methods.magic import Trainer
-        from .task import LanguageModelTask
+        from .task import LanguageModelTask, encode_records
 
         model, tokenizer = load_model(self.model)
         task = LanguageModelTask(tokenizer)
@@ -180,6 +180,6 @@ class RetrainLM:
         kept = [records[int(i)] for i in np.flatnonzero(mask)]
         trainer = Trainer(model, task, kept, dataclasses.replace(self.run, seed=seed))
         trainer.load(trainer.train())
-        batch = task.collate([ex for t in load_records(self.targets) for ex in task.encode(t)])
+        batch = task.collate(encode_records(task, load_records(self.targets)))
         with torch.no_grad():
             return task.per_example_loss(model.eval(), batch).double().numpy()

@@ -28,7 +28,7 @@ from .normalizer import load_optimizer_state, module_scales
 from .projection import ProjectionConfig
 from .query import Ranking, rank, results_frame
 from .store import GradientStore, read_json
-from .task import LanguageModelTask, Task
+from .task import LanguageModelTask, Task, collated_batches, encode_records
 
 
 class Index:
@@ -120,9 +120,9 @@ class Index:
         collector = self.collector(model, task)
         records = load_records(queries)
         bs = batch_size or self.config.batch_size
-        examples = [ex for r in records for ex in task.encode(r)]
-        out = [collector(task.collate(examples[i : i + bs])).cpu() for i in tqdm(range(0, len(examples), bs), desc="queries", disable=not progress)]
-        return torch.cat(out)
+        examples = encode_records(task, records)
+        batches = tqdm(collated_batches(task, examples, bs), total=-(-len(examples) // bs), desc="queries", disable=not progress)
+        return torch.cat([collector(b).cpu() for b in batches])
 
     # ------------------------------------------------------------------ curvature (influence functions)
 

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,17 @@ class Task(Protocol):
 
     def describe(self) -> dict:
         """JSON-able settings, recorded in the index manifest."""
+
+
+def encode_records(task: Task, records) -> list:
+    """Every example of every record, in record order (`records`: a list or a `datasets.Dataset`)."""
+    return [ex for i in range(len(records)) for ex in task.encode(records[i])]
+
+
+def collated_batches(task: Task, examples: list, batch_size: int) -> Iterator[Batch]:
+    """Consecutive examples collated into batches of at most `batch_size`, one at a time."""
+    for i in range(0, len(examples), batch_size):
+        yield task.collate(examples[i : i + batch_size])
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ..curvature import Curvature, _batches, _loss_fn
 from ..data import as_records
 from ..errors import UserError
 from ..projection import ProjectionConfig, project
-from ..task import Task
+from ..task import Task, collated_batches, encode_records
 
 Grads = dict[str, torch.Tensor]  # module name -> [q, d_out, d_in_aug]
 
@@ -38,8 +38,7 @@ def full_gradients(collector: GradientCollector, batches, loss_fns=None) -> Grad
 def loss_gradients(collector: GradientCollector, records, batch_size: int = 16) -> Grads:
     """∇L of each record's example under the collector's model, {module: [n, d_out, d_in_aug]}."""
     records, task = as_records(records), collector.task
-    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
-    return full_gradients(collector, [task.collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)])
+    return full_gradients(collector, list(collated_batches(task, encode_records(task, records), batch_size)))
 
 
 def split_rows(collector: GradientCollector, rows: torch.Tensor) -> Grads:
@@ -66,13 +65,13 @@ def stream_scores(collector: GradientCollector, task: Task, records, h: Grads, r
     ∇L(z): Σ_t δ_tᵀ h a_t per module (or, with `rank`, Σ_t (δ_tᵀU)(Vᵀa_t) with h ≈ U Vᵀ)."""
     factors = low_rank(h, rank) if rank else None
     records = as_records(records)
-    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
+    examples = encode_records(task, records)
     out = []
-    for i in tqdm(range(0, len(examples), batch_size), desc="scores", disable=not progress):
-        _, calls = collector.module_grads(task.collate(examples[i : i + batch_size]))
+    for batch in tqdm(collated_batches(task, examples, batch_size), total=-(-len(examples) // batch_size), desc="scores", disable=not progress):
+        _, calls = collector.module_grads(batch)
         s = 0
         for tm, a, delta in calls:
-            a_aug = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if tm.has_bias else a
+            a_aug = tm.augment(a)
             if factors is None:
                 s = s + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].float(), a_aug)
             else:
@@ -109,8 +108,7 @@ class DenseCurvature:
 def dense_gauss_newton(model: torch.nn.Module, task: Task, records, modules: list[str] | None = None, num_classes: int | None = None, damping: float = 0.0) -> DenseCurvature:
     """Exact GN of a classifier's mean cross-entropy over `records` for the tracked modules."""
     collector = GradientCollector(model, task, ProjectionConfig("none"), modules)
-    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
-    batch = task.collate(examples)
+    batch = task.collate(encode_records(task, records))
     with torch.no_grad():
         probs = model(batch["x"]).double().softmax(-1)
     C = num_classes or probs.shape[1]
@@ -120,7 +118,7 @@ def dense_gauss_newton(model: torch.nn.Module, task: Task, records, modules: lis
         g = collector(labelled).double()
         G += (g * probs[:, c : c + 1]).T @ g
     shapes = {n: (tm.d_out, tm.d_in_aug) for n, tm in collector.modules.items()}
-    return DenseCurvature(G / len(examples), shapes, damping)
+    return DenseCurvature(G / len(batch["y"]), shapes, damping)
 
 
 class InfluenceFunction:
@@ -186,7 +184,7 @@ class InfluenceFunction:
             n_examples += losses.shape[0]
             per_module: dict[str, tuple[list, list]] = {}
             for tm, a, delta in calls:
-                a_aug = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if tm.has_bias else a
+                a_aug = tm.augment(a)
                 per_module.setdefault(tm.name, ([], []))[0].append(a_aug)
                 per_module[tm.name][1].append(delta)
             # g_nᵀ v for every example n and query: Σ_modules Σ_calls Σ_t δᵀ V a

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..task import Task
+from ..task import Task, encode_records
 
 State = dict[str, torch.Tensor]  # "p.<name>", "m.<name>", "v.<name>"
 
@@ -114,7 +114,7 @@ class Trainer:
         self.model, self.task, self.run = model, task, run
         _twice_differentiable_attention(model)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
+        self.examples = encode_records(task, records)
         if len(self.examples) != len(records):
             raise UserError("MAGIC needs one example per record (document units)")
         self.schedule = run.batches(len(self.examples))

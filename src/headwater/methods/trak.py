@@ -18,18 +18,16 @@ from ..collect import GradientCollector
 from ..data import as_records
 from ..errors import UserError
 from ..projection import ProjectionConfig
-from ..task import Task
+from ..task import Task, collated_batches, encode_records
 
 
 def _rows(collector: GradientCollector, task: Task, records, fn, batch_size: int) -> torch.Tensor:
-    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
-    return torch.cat([collector(task.collate(examples[i : i + batch_size]), fn) for i in range(0, len(examples), batch_size)]).double()
+    return torch.cat([collector(b, fn) for b in collated_batches(task, encode_records(task, records), batch_size)]).double()
 
 
 def _losses(model, task: Task, records, batch_size: int) -> torch.Tensor:
-    examples = [ex for r in (records[i] for i in range(len(records))) for ex in task.encode(r)]
     with torch.no_grad():
-        return torch.cat([task.per_example_loss(model, task.collate(examples[i : i + batch_size])) for i in range(0, len(examples), batch_size)]).double()
+        return torch.cat([task.per_example_loss(model, b) for b in collated_batches(task, encode_records(task, records), batch_size)]).double()
 
 
 def trak_scores(
