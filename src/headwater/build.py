@@ -180,7 +180,7 @@ def build_index(
     scales = None
     if config.optimizer_state:
         tracked = tracked_modules(model, config.modules)
-        scales = module_scales(model, tracked, load_optimizer_state(config.optimizer_state))
+        scales = module_scales(model, tracked, load_optimizer_state(config.optimizer_state), materialise=config.projection != "factored")
     collector = GradientCollector(model, task, config.projection_config(), config.modules, scales)
     header = index_header(config, collector, model, task, records, world)
 

@@ -21,7 +21,7 @@ import torch
 from .errors import UserError
 from .normalizer import ModuleScale
 from .projection import ProjectionConfig, dense_blocks, factored_matrices
-from .task import Batch, Task
+from .task import Batch, Task, at_least_float32
 
 DENSE_CACHE_BYTES = 1 << 30
 
@@ -195,13 +195,13 @@ class GradientCollector:
             tm = self.modules[name]
             B = a.shape[0]
             delta = torch.zeros_like(o) if delta is None else delta
-            out.append((tm, a.detach().reshape(B, -1, tm.d_in).float(), delta.reshape(B, -1, tm.d_out).float()))
+            out.append((tm, at_least_float32(a.detach().reshape(B, -1, tm.d_in)), at_least_float32(delta.reshape(B, -1, tm.d_out))))
         return losses.detach(), out
 
     def __call__(self, batch: Batch, loss_fn=None) -> torch.Tensor:
         """Compressed per-example gradient rows [B, dim] of the task's loss (or of `loss_fn`)."""
         losses, calls = self.module_grads(batch, loss_fn)
-        rows = torch.zeros(losses.shape[0], self.dim, device=self.device)
+        rows = torch.zeros(losses.shape[0], self.dim, device=self.device, dtype=at_least_float32(losses).dtype)
         for tm, a, delta in calls:
             start, stop = self.segments[tm.name]
             rows[:, start:stop] += self._segment(tm, a, delta)
@@ -221,7 +221,7 @@ class GradientCollector:
             losses = self.task.per_token_loss(self.model, batch)[0]  # [T-1]
             flat = [(name, a.detach(), out) for name, cs in calls.items() for a, out in cs]
             positions = torch.nonzero(batch["target_mask"][0, 1:]).squeeze(1)
-            rows = torch.zeros(len(positions), self.dim, device=self.device)
+            rows = torch.zeros(len(positions), self.dim, device=self.device, dtype=at_least_float32(losses).dtype)
             for lo in range(0, len(positions), chunk):
                 pos = positions[lo : lo + chunk]
                 cot = torch.zeros(len(pos), losses.shape[0], device=self.device)
@@ -239,9 +239,9 @@ class GradientCollector:
     def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """One call's contribution to module `tm`'s segment, [B, segment_dim]."""
         B = a.shape[0]
-        a, delta = a.reshape(B, -1, tm.d_in).float(), delta.reshape(B, -1, tm.d_out).float()
+        a, delta = at_least_float32(a.reshape(B, -1, tm.d_in)), at_least_float32(delta.reshape(B, -1, tm.d_out))
         if self.projection.kind == "factored":
-            p_out, p_in = self._factored(tm)
+            p_out, p_in = (p.to(a.dtype) for p in self._factored(tm))
             pa = a @ p_in[:, : tm.d_in].T
             if tm.has_bias:  # P_in [a; 1] without materialising [a; 1]
                 pa = pa + p_in[:, tm.d_in]
@@ -254,5 +254,5 @@ class GradientCollector:
             return flat
         out = flat.new_zeros(B, self.projection.dim)
         for start, stop, block in self._dense_blocks(tm):
-            out += flat[:, start:stop] @ block.T
+            out += flat[:, start:stop] @ block.to(flat.dtype).T
         return out

@@ -108,7 +108,7 @@ class Index:
         names = [m["name"] for m in built["modules"]]
         scales = None
         if built["normalizer"]:
-            scales = module_scales(model, GradientCollector(model, task, proj, names).modules, load_optimizer_state(built["normalizer"]["path"]))
+            scales = module_scales(model, GradientCollector(model, task, proj, names).modules, load_optimizer_state(built["normalizer"]["path"]), materialise=proj.kind != "factored")
         collector = GradientCollector(model, task, proj, names, scales)
         check_compatible(built, collector)
         return collector

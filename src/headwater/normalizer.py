@@ -20,9 +20,10 @@ from .errors import UserError
 
 @dataclass
 class ModuleScale:
-    """Inverse √(second moment) of one module: `full` [d_out, d_in_aug], `row` [d_out], `col` [d_in_aug]."""
+    """Inverse √(second moment) of one module, float64: `full` [d_out, d_in_aug] (None when only the
+    factored projection's rank-one fit is needed: it is as large as the weight), `row` [d_out], `col` [d_in_aug]."""
 
-    full: torch.Tensor
+    full: torch.Tensor | None
     row: torch.Tensor
     col: torch.Tensor
 
@@ -94,10 +95,11 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tu
     return v.reshape(shape), kind
 
 
-def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict, eps: float | None = None) -> dict[str, ModuleScale]:
+def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict, eps: float | None = None, materialise: bool = True) -> dict[str, ModuleScale]:
     """Inverse 1/(√V + eps) per tracked module. `modules` maps name → collect.TrackedModule.
 
-    `eps=None` uses the optimizer's own epsilon where it is a number (Adam), else 1e-8.
+    `eps=None` uses the optimizer's own epsilon where it is a number (Adam), else 1e-8. `materialise=False`
+    keeps only the rank-one factors (all the factored projection uses).
     """
     states = _param_states(model, sd)
     scales = {}
@@ -120,7 +122,7 @@ def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict
         row, col = rank_one_fit(inv[:, : tm.d_in])
         if tm.has_bias:  # bias column given the row factor: least squares c_b = <r, s_b> / <r, r>
             col = torch.cat([col, ((row @ inv[:, -1]) / (row @ row))[None]])
-        scales[name] = ModuleScale(inv.float(), row.float(), col.float())
+        scales[name] = ModuleScale(inv if materialise else None, row, col)
     return scales
 
 

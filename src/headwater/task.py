@@ -125,8 +125,8 @@ class TokenExample:
     target_mask: list[bool]
 
 
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits are upcast for the softmax; float64 models keep float64."""
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to float32; float64 stays float64 (float64 references stay exact)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -259,7 +259,7 @@ class LanguageModelTask:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         B, T, V = logits.shape
         nll = F.cross_entropy(
-            _at_least_float32(logits[:, :-1].reshape(-1, V)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
+            at_least_float32(logits[:, :-1].reshape(-1, V)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
         ).view(B, T - 1)
         return nll * batch["target_mask"][:, 1:]
 
@@ -268,7 +268,7 @@ class LanguageModelTask:
 
     def per_example_sampled_loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """The loss with each target token replaced by a sample from the model (true Fisher), [B]."""
-        logits = _at_least_float32(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
+        logits = at_least_float32(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
         B, T, V = logits.shape
         with torch.no_grad():
             probs = logits.softmax(-1).reshape(-1, V).cpu()

@@ -56,7 +56,7 @@ def low_rank(h: Grads, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     for name, m in h.items():
         u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
         r = min(rank, s.shape[1])
-        out[name] = ((u[:, :, :r] * s[:, None, :r]).float(), vh[:, :r, :].transpose(1, 2).float())
+        out[name] = (u[:, :, :r] * s[:, None, :r], vh[:, :r, :].transpose(1, 2))
     return out
 
 
@@ -73,9 +73,9 @@ def stream_scores(collector: GradientCollector, task: Task, records, h: Grads, r
         for tm, a, delta in calls:
             a_aug = tm.augment(a)
             if factors is None:
-                s = s + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].float(), a_aug)
+                s = s + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].to(delta.dtype), a_aug)
             else:
-                u, v = factors[tm.name]
+                u, v = (f.to(delta.dtype) for f in factors[tm.name])
                 s = s + torch.einsum("btqr,btqr->bq", torch.einsum("bto,qor->btqr", delta, u), torch.einsum("bti,qir->btqr", a_aug, v))
         out.append(s.detach())
     return torch.cat(out).numpy()
