@@ -20,6 +20,8 @@ demo: install
 	$(BIN)/headwater demo
 
 test: install
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: install

@@ -84,11 +84,23 @@ def main() -> None:
 
     def report(seconds: list[float]) -> None:
         info = json.load(open(os.path.join(cfg.partial_run_path, "info.json")))
-        print(json.dumps({
-            "bergson_version": bergson.__version__, "torch": torch.__version__, "docs": len(ds), "tokens": tokens,
-            "seconds": min(seconds), "runs": seconds, "dim": int(sum(info["grad_sizes"].values())),
-            "dtype": info.get("base_dtype"), "modules": len(info["grad_sizes"]),
-        }), file=out, flush=True)
+        print(
+            json.dumps(
+                {
+                    "bergson_version": bergson.__version__,
+                    "torch": torch.__version__,
+                    "docs": len(ds),
+                    "tokens": tokens,
+                    "seconds": min(seconds),
+                    "runs": seconds,
+                    "dim": int(sum(info["grad_sizes"].values())),
+                    "dtype": info.get("base_dtype"),
+                    "modules": len(info["grad_sizes"]),
+                }
+            ),
+            file=out,
+            flush=True,
+        )
 
     if args.serve:  # one timed run per line on stdin, so the caller can interleave it with its own
         print(json.dumps({"ready": True}), file=out, flush=True)

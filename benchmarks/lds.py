@@ -18,23 +18,36 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from headwater.collect import GradientCollector
-from headwater.curvature import CurvatureConfig, fit_curvature
-from headwater.evaluate import lds, retrain_losses, seed_ceiling, subset_masks
-from headwater.methods.influence import InfluenceFunction, loss_gradients
-from headwater.methods.magic import Trainer, TrainingRun, magic_scores
-from headwater.methods.source import Segment, source_scores
-from headwater.methods.trak import trak_scores
-from headwater.precondition import trackstar_preconditioner
-from headwater.projection import ProjectionConfig
-from headwater.task import ClassificationTask, LanguageModelTask
+import headwater as hw
+from headwater import (
+    EKFAC,
+    MAGIC,
+    SOURCE,
+    TRAK,
+    Cosine,
+    CurvatureConfig,
+    GradientConfig,
+    InfluenceConfig,
+    LanguageModelTask,
+    MagicConfig,
+    ModuleTask,
+    ProjectionConfig,
+    Replay,
+    Segment,
+    TracIn,
+    TracInConfig,
+    TrackStar,
+    TrackStarConfig,
+    TrainConfig,
+    TRAKConfig,
+)
 from headwater.toy import tiny_gpt2, word_tokenizer
 
 
@@ -45,19 +58,19 @@ class Setting:
     train: list[dict]
     targets: list[dict]
     init: Callable[[int], torch.nn.Module]  # seed -> model at the start of the attributed training
-    run: TrainingRun
-    projection: ProjectionConfig  # for the projected methods (TRAK)
+    run: TrainConfig
+    projection: ProjectionConfig  # for the projected methods (TrackStar, TRAK)
 
-    def fit(self, records, seed: int) -> tuple[torch.nn.Module, Trainer]:
+    def fit(self, records, seed: int) -> tuple[torch.nn.Module, Replay]:
         model = self.init(seed)
-        trainer = Trainer(model, self.task, records, dataclasses.replace(self.run, seed=seed))
-        trainer.load(trainer.train())
-        return model, trainer
+        replay = Replay(model, self.task, records, dataclasses.replace(self.run, data_seed=seed))
+        replay.load(replay.train())
+        return model, replay
 
     def target_losses(self, model) -> np.ndarray:
-        batch = self.task.collate([ex for t in self.targets for ex in self.task.encode(t)])
+        batch = self.task.collate([self.task.whole(t) for t in self.targets])
         with torch.no_grad():
-            return self.task.per_example_loss(model, batch).double().numpy()
+            return self.task.loss(model, batch).double().numpy()
 
     protocol: str = "subset"
 
@@ -67,8 +80,8 @@ class Setting:
         steps and data order): the counterfactual MAGIC's metagradient linearises."""
         if self.protocol == "reweight":
             model = self.init(seed)
-            trainer = Trainer(model, self.task, self.train, dataclasses.replace(self.run, seed=seed))
-            trainer.load(trainer.train(torch.as_tensor(mask, dtype=next(model.parameters()).dtype)))
+            replay = Replay(model, self.task, self.train, dataclasses.replace(self.run, data_seed=seed))
+            replay.load(replay.train(torch.as_tensor(mask, dtype=next(model.parameters()).dtype)))
             return self.target_losses(model)
         model, _ = self.fit([r for r, keep in zip(self.train, mask) if keep], seed)
         return self.target_losses(model)
@@ -90,8 +103,8 @@ def tabular(args) -> Setting:
         torch.manual_seed(1000 + seed)
         return torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.Tanh(), torch.nn.Linear(32, classes))
 
-    run = TrainingRun("sgd", lr=0.05, epochs=args.tab_epochs, batch_size=20, momentum=0.9, weight_decay=1e-3)
-    return Setting("tabular MLP", ClassificationTask(), records[: args.tab_train], records[args.tab_train :], init, run, ProjectionConfig("none"))
+    run = TrainConfig("sgd", lr=0.05, epochs=args.tab_epochs, train_batch_size=20, momentum=0.9, weight_decay=1e-3)
+    return Setting("tabular MLP", ModuleTask(), records[: args.tab_train], records[args.tab_train :], init, run, ProjectionConfig("none"))
 
 
 def language_model(args) -> Setting:
@@ -109,7 +122,7 @@ def language_model(args) -> Setting:
     torch.manual_seed(args.seed)
     base = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=32)
     base.config._attn_implementation = "eager"  # MAGIC differentiates through training twice
-    pre = Trainer(base, task, [{"text": t} for t in base_texts], TrainingRun("adamw", lr=3e-3, epochs=2, batch_size=16, seed=args.seed))
+    pre = Replay(base, task, [{"text": t} for t in base_texts], TrainConfig("adamw", lr=3e-3, epochs=2, train_batch_size=16, data_seed=args.seed))
     pre.load(pre.train())  # "pretraining": every fine-tune below starts here
     state = {k: v.clone() for k, v in base.state_dict().items()}
 
@@ -119,97 +132,62 @@ def language_model(args) -> Setting:
         model.load_state_dict(state)
         return model
 
-    run = TrainingRun("adamw", lr=2e-3, epochs=args.lm_epochs, batch_size=8, weight_decay=0.01)
+    run = TrainConfig("adamw", lr=2e-3, epochs=args.lm_epochs, train_batch_size=8, weight_decay=0.01)
     return Setting("tiny GPT-2 fine-tune", task, train, targets, init, run, ProjectionConfig("factored", 256))
 
 
 # ------------------------------------------------------------------------------------ methods
 
 
-def rows(model, setting, records, projection=ProjectionConfig("none")):
-    col = GradientCollector(model, setting.task, projection)
-    ex = [e for r in records for e in setting.task.encode(r)]
-    return torch.cat([col(setting.task.collate(ex[i : i + 32])) for i in range(0, len(ex), 32)]).double(), col
-
-
-def cosine(a, b):
-    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    return (a @ b.T).numpy()
-
-
-def methods(setting: Setting, args) -> dict[str, tuple[np.ndarray, float]]:
+def methods(setting: Setting, args) -> dict[str, tuple[hw.Scores, float]]:
+    """Every method through the library's one protocol: `Method(...).fit(train).score(targets)`."""
     out = {}
     t0 = time.perf_counter()
-    final, trainer = setting.fit(setting.train, seed=0)
+    final, replay = setting.fit(setting.train, seed=0)
     train_s = time.perf_counter() - t0
+    task, train, targets, proj = setting.task, setting.train, setting.targets, setting.projection
 
-    def timed(name, fn):
+    def timed(name, fn, extra_s=0.0):
         t = time.perf_counter()
         scores = fn()
-        out[name] = (np.asarray(scores, dtype=np.float64), time.perf_counter() - t)
+        out[name] = (scores, time.perf_counter() - t + extra_s)
         print(f"  {setting.name}: {name} done in {out[name][1]:.1f} s", flush=True)
 
-    def grad_cosine():
-        g_train, _ = rows(final, setting, setting.train)
-        g_target, _ = rows(final, setting, setting.targets)
-        return cosine(g_train, g_target)
-
-    def trackstar():
-        g_train, col = rows(final, setting, setting.train, setting.projection)
-        g_target, _ = rows(final, setting, setting.targets, setting.projection)
-        blocks = list(col.segments.values())
-        pre = trackstar_preconditioner(g_train.float(), g_target.float(), blocks)
-        return cosine(pre.apply(g_train.float()).double(), pre.apply(g_target.float()).double())
-
-    T = len(trainer.schedule)
+    T = replay.steps
     ckpt_steps = sorted({max(1, round(T * (c + 1) / args.checkpoints)) for c in range(args.checkpoints)})
-    states = trainer.trajectory(ckpt_steps)
+    states = replay.trajectory(ckpt_steps)
 
     def checkpoint(step):
         model = setting.init(0)
-        Trainer(model, setting.task, setting.train, setting.run).load(states[step])
+        Replay(model, task, train, setting.run).load(states[step])
         return model
 
     checkpoints = [checkpoint(s) for s in ckpt_steps]
     spacing = [b - a for a, b in zip([0] + ckpt_steps[:-1], ckpt_steps)]
+    seg_lr = [float(np.mean([replay.lr(t) for t in range(s - k, s)])) for s, k in zip(ckpt_steps, spacing)]
+    ensemble = [final] + [setting.fit(train, seed=s)[0] for s in range(1, args.trak_models)]
+    curvature = CurvatureConfig(fisher="true", seed=0, batch_size=32)
+    influence = InfluenceConfig(curvature=curvature, damping=0.1)
+    full = GradientConfig(projection=ProjectionConfig("none"), batch_size=32)
+    magic = lambda seeds: MAGIC(setting.init(0), task, MagicConfig(run=setting.run, replay_seeds=seeds)).fit(train).score(targets)
 
-    def tracin():
-        total = 0
-        for model, step, k in zip(checkpoints, ckpt_steps, spacing):
-            col = GradientCollector(model, setting.task, ProjectionConfig("none"))
-            tr, tg = loss_gradients(col, setting.train), loss_gradients(col, setting.targets)
-            total = total + setting.run.lr_at(step - 1) * k * sum(torch.einsum("noi,qoi->nq", tr[n], tg[n]) for n in tr).numpy()
-        return total
-
-    ensemble = [final] + [setting.fit(setting.train, seed=s)[0] for s in range(1, args.trak_models)]
-    curvature = CurvatureConfig(fisher="true", damping=0.1, seed=0, batch_size=32)
-
-    def ekfac(cg_steps=0):
-        curv = fit_curvature(final, setting.task, setting.train, config=curvature, progress=False)
-        return InfluenceFunction(final, setting.task, curv, cg_steps=cg_steps, cg_records=setting.train).scores(setting.train, setting.targets)
-
-    def source():
-        segs = [Segment([m], lr=float(np.mean([setting.run.lr_at(t) for t in range(s - k, s)])), steps=k) for m, s, k in zip(checkpoints, ckpt_steps, spacing)]
-        momentum = setting.run.momentum if setting.run.optimizer == "sgd" else 0.0
-        return source_scores(final, setting.task, setting.train, setting.targets, segs, curvature, momentum=momentum)
-
-    def magic(seeds):
-        cols = []
-        for t in setting.targets:
-            batch = setting.task.collate(setting.task.encode(t))
-            measure = lambda m, b=batch: setting.task.per_example_loss(m, b).sum()
-            cols.append(magic_scores(setting.init(0), setting.task, setting.train, setting.run, measure, seeds=seeds))
-        return np.stack(cols, 1)
-
-    timed("gradient cosine", grad_cosine)
-    timed("TrackStar", trackstar)
-    timed(f"TracIn ({len(ckpt_steps)} ckpts)", tracin)
-    timed("TRAK (1 model)", lambda: trak_scores([final], setting.task, setting.train, setting.targets, setting.projection))
-    timed(f"TRAK ({args.trak_models} models)", lambda: trak_scores(ensemble, setting.task, setting.train, setting.targets, setting.projection))
-    out[f"TRAK ({args.trak_models} models)"] = (out[f"TRAK ({args.trak_models} models)"][0], out[f"TRAK ({args.trak_models} models)"][1] + train_s * (args.trak_models - 1))
-    timed("EK-FAC influence", ekfac)
-    timed(f"EK-FAC + CG ({args.cg_steps} steps)", lambda: ekfac(args.cg_steps))
-    timed(f"SOURCE ({len(ckpt_steps)} segments)", source)
+    timed("gradient cosine", lambda: Cosine(final, task, full).fit(train).score(targets))
+    timed("TrackStar", lambda: TrackStar(final, task, TrackStarConfig(projection=proj, batch_size=32)).fit(train).score(targets))
+    # TracIn weights each checkpoint by its learning rate times the steps it stands for
+    tracin_lr = [replay.lr(s - 1) * k for s, k in zip(ckpt_steps, spacing)]
+    tracin = TracInConfig(projection=ProjectionConfig("none"), batch_size=32, checkpoint_lr=tracin_lr)
+    timed(f"TracIn ({len(ckpt_steps)} ckpts)", lambda: TracIn(checkpoints, task, tracin).fit(train).score(targets))
+    trak = TRAKConfig(projection=proj, batch_size=32)
+    timed("TRAK (1 model)", lambda: TRAK([final], task, trak).fit(train).score(targets, hw.Loss()))
+    timed(
+        f"TRAK ({args.trak_models} models)", lambda: TRAK(ensemble, task, trak).fit(train).score(targets, hw.Loss()), train_s * (args.trak_models - 1)
+    )
+    timed("EK-FAC influence", lambda: EKFAC(final, task, influence).fit(train).score(targets))
+    cg = dataclasses.replace(influence, cg_steps=args.cg_steps)
+    timed(f"EK-FAC + CG ({args.cg_steps} steps)", lambda: EKFAC(final, task, cg).fit(train).score(targets))
+    segments = [Segment([m], lr=lr, steps=k) for m, lr, k in zip(checkpoints, seg_lr, spacing)]
+    source = hw.SourceConfig(curvature=curvature, momentum=setting.run.momentum if setting.run.optimizer == "sgd" else 0.0, batch_size=32)
+    timed(f"SOURCE ({len(ckpt_steps)} segments)", lambda: SOURCE(segments, task, source, final_model=final).fit(train).score(targets))
     timed("MAGIC (1 run)", lambda: magic([0]))
     timed(f"MAGIC ({args.seeds}-seed ensemble)", lambda: magic(list(range(args.seeds))))
     return out
@@ -222,14 +200,23 @@ def evaluate(setting: Setting, args) -> dict:
     print(f"\n== {setting.name}: {len(setting.train)} training examples, {len(setting.targets)} targets", flush=True)
     scores = methods(setting, args)
     t = time.perf_counter()
-    masks = subset_masks(len(setting.train), args.subsets, 0.5, seed=args.seed)
-    losses = retrain_losses(setting.train_and_measure, masks, seeds=list(range(args.seeds)), progress=True)
+    masks = hw.subset_masks(len(setting.train), args.subsets, 0.5, seed=args.seed)
+    losses = hw.retrain_outcomes(setting.train_and_measure, masks, seeds=list(range(args.seeds)), progress=True)
     retrain_s = time.perf_counter() - t
-    ceiling = seed_ceiling(losses)
-    result = {"setting": setting.name, "protocol": setting.protocol, "train": len(setting.train), "targets": len(setting.targets), "subsets": args.subsets,
-              "seeds": args.seeds, "seed_ceiling": ceiling, "retraining_seconds": retrain_s, "methods": {}}
+    ceiling = hw.seed_ceiling(losses)
+    result = {
+        "setting": setting.name,
+        "protocol": setting.protocol,
+        "train": len(setting.train),
+        "targets": len(setting.targets),
+        "subsets": args.subsets,
+        "seeds": args.seeds,
+        "seed_ceiling": ceiling,
+        "retraining_seconds": retrain_s,
+        "methods": {},
+    }
     for name, (s, secs) in scores.items():
-        value, per_target = lds(s, masks, losses.mean(0))
+        value, per_target = hw.lds(s, masks, losses.mean(0))
         result["methods"][name] = {"lds": value, "of_ceiling": value / ceiling, "seconds": secs}
     return result
 
@@ -237,9 +224,13 @@ def evaluate(setting: Setting, args) -> dict:
 def table(results: list[dict]) -> str:
     lines = []
     for r in results:
-        lines += [f"\n{r['setting']} ({r['protocol']} retraining) — {r['train']} training examples, {r['targets']} targets, "
-                  f"{r['subsets']} subsets × {r['seeds']} seeds (α = 0.5); seed ceiling {r['seed_ceiling']:.3f}",
-                  "", "| method | LDS | LDS / ceiling | seconds |", "|---|---|---|---|"]
+        lines += [
+            f"\n{r['setting']} ({r['protocol']} retraining) — {r['train']} training examples, {r['targets']} targets, "
+            f"{r['subsets']} subsets × {r['seeds']} seeds (α = 0.5); seed ceiling {r['seed_ceiling']:.3f}",
+            "",
+            "| method | LDS | LDS / ceiling | seconds |",
+            "|---|---|---|---|",
+        ]
         for name, m in r["methods"].items():
             lines.append(f"| {name} | {m['lds']:.3f} | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
     return "\n".join(lines)
@@ -261,8 +252,12 @@ def main() -> None:
     p.add_argument("--lm-train", type=int, default=96)
     p.add_argument("--lm-targets", type=int, default=10)
     p.add_argument("--lm-epochs", type=int, default=3)
-    p.add_argument("--protocol", choices=["subset", "reweight"], default="subset",
-                   help="retrain on each subset (same epochs) or reweight losses 0/1 in the full run (same steps)")
+    p.add_argument(
+        "--protocol",
+        choices=["subset", "reweight"],
+        default="subset",
+        help="retrain on each subset (same epochs) or reweight losses 0/1 in the full run (same steps)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lds.json")
     args = p.parse_args()

@@ -6,7 +6,7 @@
 
 Prints a table and writes JSON (benchmarks/results/throughput.json unless --out).
 
-1. Build. A GPT-2-shaped model built from a config (no download: `GPT2Config`, --layers/--embd/
+1. Build. A GPT-2-shaped model built from a config (no download: `headwater.toy.tiny_gpt2`, --layers/--embd/
    --heads) over a generated corpus of --docs documents of exactly --doc-tokens words drawn
    uniformly from --vocab made-up words ("w0" … "w4999"); the vocabulary is every such word,
    built by `headwater.toy.word_tokenizer`, so one word is one token. Every measurement uses the
@@ -21,7 +21,7 @@ Prints a table and writes JSON (benchmarks/results/throughput.json unless --out)
    build_index ≥ 0.8 of it).
 2. Query. A store of --rows × --dim float16 rows written through headwater's `ShardWriter`
    (real shards, journal, manifest) and --queries random query rows. Streams the whole store with
-   `Index.score_blocks` (cosine scorer) and with `rank(…, top_k)`, and with a numpy baseline that
+   `Cosine().fit(index).score_rows` (streaming cosine) and with `rank(…, top_k)`, and with a numpy baseline that
    reads the same memory-mapped .npy shards (`np.load(mmap_mode="r")`), converts each block to
    float32 and multiplies by the query matrix, keeping nothing; a second numpy variant also divides
    by the row norms, i.e. exactly cosine. Checksum verification "on" uses a fresh `Index` each run
@@ -77,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dim", type=int, default=65536, help="row width D (default: 16 modules x 4096, the build's)")
     g.add_argument("--queries", type=int, default=16)
     g.add_argument("--top-k", type=int, default=10)
-    g.add_argument("--block-rows", type=int, default=None, help="Index.score_blocks block size; numpy uses the same (default: the library's, about 64 MiB of float32)")
+    g.add_argument(
+        "--block-rows", type=int, default=None, help="streaming block size; numpy uses the same (default: the library's, about 64 MiB of float32)"
+    )
     g.add_argument("--repeats", type=int, default=3, help="timed runs per query measurement (best is kept)")
     g.add_argument("--skip-query", action="store_true")
     g = ap.add_argument_group("bergson")
@@ -118,10 +120,9 @@ def timed(fn, repeats: int = 1) -> float:
 
 def make_setup(args):
     import datasets
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from headwater.task import LanguageModelTask
-    from headwater.toy import word_tokenizer
+    from headwater.toy import tiny_gpt2, word_tokenizer
 
     datasets.disable_progress_bars()
     rng = np.random.default_rng(args.seed)
@@ -130,11 +131,7 @@ def make_setup(args):
     n_positions = max(1024, args.doc_tokens)
     tok = word_tokenizer([" ".join(words)], max_length=n_positions)
     torch.manual_seed(args.seed)
-    config = GPT2Config(
-        vocab_size=len(tok), n_layer=args.layers, n_embd=args.embd, n_head=args.heads, n_positions=n_positions,
-        bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2(len(tok), args.layers, args.embd, args.heads, n_positions).eval()
     task = LanguageModelTask(tok, max_length=args.doc_tokens)
     records = datasets.Dataset.from_dict({"text": texts})
     examples = [ex for t in texts for ex in task.encode({"text": t})]
@@ -242,9 +239,22 @@ def start_bergson(args, s, workdir: Path) -> tuple[Bergson | None, dict]:
     s["tok"].save_pretrained(model_dir)
     s["records"].save_to_disk(str(data_dir))
     cmd = [
-        str(py), str(HERE / "bergson_driver.py"), str(model_dir), str(data_dir), str(workdir / "bergson_run"),
-        "--projection-dim", str(p), "--batch-size", str(args.batch_size), "--doc-tokens", str(args.doc_tokens),
-        "--threads", str(args.threads), "--warmup-docs", str(2 * args.batch_size), "--serve",
+        str(py),
+        str(HERE / "bergson_driver.py"),
+        str(model_dir),
+        str(data_dir),
+        str(workdir / "bergson_run"),
+        "--projection-dim",
+        str(p),
+        "--batch-size",
+        str(args.batch_size),
+        "--doc-tokens",
+        str(args.doc_tokens),
+        "--threads",
+        str(args.threads),
+        "--warmup-docs",
+        str(2 * args.batch_size),
+        "--serve",
     ]
     info["command"] = cmd
     log("bergson: loading and warming up: " + " ".join(cmd))
@@ -256,10 +266,10 @@ def start_bergson(args, s, workdir: Path) -> tuple[Bergson | None, dict]:
 
 def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
     """(headwater build results, bergson results); all timed cases run in interleaved rounds."""
-    from headwater.build import BuildConfig, build_index
+    from headwater.build import build_index
     from headwater.collect import GradientCollector, model_fingerprint
+    from headwater.config import BuildConfig, ProjectionConfig
     from headwater.data import fingerprint_records
-    from headwater.projection import ProjectionConfig
 
     model, task, batches, records = s["model"], s["task"], s["batches"], s["records"]
     n_docs, tokens = len(records), s["tokens"]
@@ -270,7 +280,7 @@ def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
     bare_pass(model, warm)
     collector = GradientCollector(model, task, ProjectionConfig("factored", args.projection_dim, args.seed))
     collector_pass(collector, warm)  # also creates the projection matrices
-    cfg = BuildConfig(projection="factored", projection_dim=args.projection_dim, dtype="float16", batch_size=args.batch_size, seed=args.seed)
+    cfg = BuildConfig(projection=ProjectionConfig("factored", args.projection_dim, args.seed), storage_dtype="float16", batch_size=args.batch_size)
     build_index(workdir / "warm", model, records.select(range(min(len(records), 2 * args.batch_size))), task, cfg, overwrite=True, progress=False)
 
     cases = {
@@ -306,11 +316,19 @@ def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
         return {"seconds": seconds, "docs_per_s": docs / seconds, "tokens_per_s": toks / seconds}
 
     out = {
-        "docs": n_docs, "tokens": tokens, "row_dim": collector.dim, "modules": len(collector.modules),
-        "bare_fwd_bwd": row(t_bare), "collector": row(t_coll), "build_index": row(t_build),
-        "collector_over_bare": t_bare / t_coll, "build_over_bare": t_bare / t_build, "build_over_collector": t_coll / t_build,
+        "docs": n_docs,
+        "tokens": tokens,
+        "row_dim": collector.dim,
+        "modules": len(collector.modules),
+        "bare_fwd_bwd": row(t_bare),
+        "collector": row(t_coll),
+        "build_index": row(t_build),
+        "collector_over_bare": t_bare / t_coll,
+        "build_over_bare": t_bare / t_build,
+        "build_over_collector": t_coll / t_build,
         "store_and_setup_seconds": t_build - t_coll,
-        "model_fingerprint_seconds": t_fp_model, "records_fingerprint_seconds": t_fp_data,
+        "model_fingerprint_seconds": t_fp_model,
+        "records_fingerprint_seconds": t_fp_data,
         "all_runs_seconds": runs,
         "index_bytes": sum(p.stat().st_size for p in (workdir / "idx" / "shards").glob("*.npy") if not p.name.endswith(".ids.npy")),
     }
@@ -318,8 +336,14 @@ def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
         r = bergson.last if bergson is not None else None
         r = r or {}
         binfo.update(
-            status="ok", version=r.get("bergson_version"), torch=r.get("torch"), docs=r.get("docs"), tokens=r.get("tokens"),
-            row_dim=r.get("dim"), stored_dtype=r.get("dtype"), all_runs_seconds=bergson_runs,
+            status="ok",
+            version=r.get("bergson_version"),
+            torch=r.get("torch"),
+            docs=r.get("docs"),
+            tokens=r.get("tokens"),
+            row_dim=r.get("dim"),
+            stored_dtype=r.get("dtype"),
+            all_runs_seconds=bergson_runs,
             **row(min(bergson_runs), r.get("docs"), r.get("tokens")),
         )
         binfo["headwater_over_bergson"] = out["build_index"]["docs_per_s"] / binfo["docs_per_s"]
@@ -335,17 +359,24 @@ def write_store(args, path: Path) -> float:
 
     Returns the seconds spent in ShardWriter (add/close: float16 conversion, np.save, fsync, sha256),
     not counting generating the random rows."""
-    from headwater.build import SHARD_BYTES, BuildConfig
+    from headwater.build import SHARD_BYTES
+    from headwater.config import BuildConfig, ProjectionConfig
     from headwater.store import ShardWriter, write_json, write_manifest
 
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    write_json(path / "config.json", BuildConfig(projection_dim=args.dim, dtype="float16").to_dict())
+    write_json(path / "config.json", BuildConfig(projection=ProjectionConfig(dim=args.dim), storage_dtype="float16").to_dict())
     header = {
-        "model": {"name": None, "fingerprint": "random"}, "modules": [], "projection": {"kind": "factored", "dim": args.dim, "seed": 0},
-        "normalizer": None, "task": {"type": "random", "unit": "document"},
+        "model": {"name": None, "fingerprint": "random"},
+        "modules": [],
+        "projection": {"kind": "factored", "dim": args.dim, "seed": 0},
+        "normalizer": None,
+        "task": {"type": "random", "unit": "document"},
         "data": {"source": None, "fingerprint": "random", "records": args.rows},
-        "segments": [{"name": "random", "start": 0, "stop": args.dim}], "dim": args.dim, "dtype": "float16", "world_size": 1,
+        "segments": [{"name": "random", "start": 0, "stop": args.dim}],
+        "dim": args.dim,
+        "dtype": "float16",
+        "world_size": 1,
     }
     write_json(path / "header.json", header)
     shard_rows = max(1, SHARD_BYTES // (args.dim * 2))  # what build_index would use
@@ -379,8 +410,8 @@ def numpy_pass(path: Path, qt: np.ndarray, block_rows: int, cosine: bool) -> Non
 
 def bench_query(args, workdir: Path) -> dict:
     from headwater.index import Index
-    from headwater.methods.gradient import make_scorer
-    from headwater.query import rank
+    from headwater.methods import Cosine
+    from headwater.ranking import rank
 
     path = workdir / "store"
     log(f"query: writing a {args.rows} x {args.dim} float16 store through ShardWriter")
@@ -389,28 +420,26 @@ def bench_query(args, workdir: Path) -> dict:
     data_bytes = args.rows * args.dim * 2
     queries = torch.randn(args.queries, args.dim, generator=torch.Generator().manual_seed(args.seed + 1))
 
-    def scorer_for(index):
-        return make_scorer("cosine").fit(index.store, queries)
+    qt = np.ascontiguousarray(torch.nn.functional.normalize(queries, dim=1).numpy().T)  # [D, q] unit queries, float32
+    args.block_rows = args.block_rows or Index(path).store.block_rows()
+    warm = Cosine().fit(Index(path, args.block_rows, verify=False))
 
-    qt = np.ascontiguousarray(scorer_for(Index(path)).q.numpy().T)  # [D, q] unit queries, float32
-    warm_index = Index(path)
-    warm_scorer = scorer_for(warm_index)
+    def cosine(verify: bool, fresh: bool):
+        """The library's streaming cosine over the store (a fresh Index verifies every shard)."""
+        return Cosine().fit(Index(path, args.block_rows, verify=verify)) if fresh else warm
 
     def hw_scores(verify: bool, fresh: bool):
         def run():
-            index = Index(path) if fresh else warm_index
-            sc = scorer_for(index) if fresh else warm_scorer
-            collections.deque(index.score_blocks(sc, args.block_rows, verify=verify), maxlen=0)  # drain: scores dropped
+            collections.deque(cosine(verify, fresh).score_rows(queries), maxlen=0)  # drain: scores dropped
+
         return run
 
     def hw_rank(verify: bool, fresh: bool):
         def run():
-            index = Index(path) if fresh else warm_index
-            sc = scorer_for(index) if fresh else warm_scorer
-            rank(index.score_blocks(sc, args.block_rows, verify=verify), args.top_k)
+            rank(cosine(verify, fresh).score_rows(queries), args.top_k)
+
         return run
 
-    args.block_rows = args.block_rows or warm_index.store.block_rows()
     log("query: warm-up (page cache)")
     numpy_pass(path, qt, args.block_rows, cosine=False)
     hw_scores(False, False)()
@@ -429,15 +458,24 @@ def bench_query(args, workdir: Path) -> dict:
             runs[name].append(timed(fn, 1))
     times = {name: min(r) for name, r in runs.items()}
     out = {
-        "rows": args.rows, "dim": args.dim, "queries": args.queries, "top_k": args.top_k, "block_rows": args.block_rows,
-        "shards": len(json.loads((path / "manifest.json").read_text())["shards"]), "data_bytes": data_bytes, "file_bytes": nbytes,
-        "write_seconds": t_write, "write_GB_per_s": data_bytes / t_write / 1e9,
-        "cases": {n: {"seconds": t, "GB_per_s": data_bytes / t / 1e9, "rows_per_s": args.rows / t, "all_runs_seconds": runs[n]} for n, t in times.items()},
+        "rows": args.rows,
+        "dim": args.dim,
+        "queries": args.queries,
+        "top_k": args.top_k,
+        "block_rows": args.block_rows,
+        "shards": len(json.loads((path / "manifest.json").read_text())["shards"]),
+        "data_bytes": data_bytes,
+        "file_bytes": nbytes,
+        "write_seconds": t_write,
+        "write_GB_per_s": data_bytes / t_write / 1e9,
+        "cases": {
+            n: {"seconds": t, "GB_per_s": data_bytes / t / 1e9, "rows_per_s": args.rows / t, "all_runs_seconds": runs[n]} for n, t in times.items()
+        },
     }
     base_mm, base_cos = times["numpy_matmul"], times["numpy_cosine"]
-    out["ratios"] = {
-        f"{n}_over_numpy_matmul": base_mm / times[n] for n in cases if not n.startswith("numpy")
-    } | {f"{n}_over_numpy_cosine": base_cos / times[n] for n in cases if not n.startswith("numpy")}
+    out["ratios"] = {f"{n}_over_numpy_matmul": base_mm / times[n] for n in cases if not n.startswith("numpy")} | {
+        f"{n}_over_numpy_cosine": base_cos / times[n] for n in cases if not n.startswith("numpy")
+    }
     return out
 
 
@@ -455,8 +493,10 @@ def table(result: dict) -> str:
     load = result.get("machine_load")
     if load is not None:
         busy = load["others_fraction"]
-        L.append(f"other processes used {100 * busy:.0f}% of the machine's CPU time during the run"
-                 + (" -- NOISY: rerun on an idle machine" if busy > 0.1 else " (quiet enough)"))
+        L.append(
+            f"other processes used {100 * busy:.0f}% of the machine's CPU time during the run"
+            + (" -- NOISY: rerun on an idle machine" if busy > 0.1 else " (quiet enough)")
+        )
     b = result.get("build")
     if b:
         m = result["build_setup"]
@@ -466,20 +506,30 @@ def table(result: dict) -> str:
             f"{b['docs']} docs x {m['doc_tokens']} tokens, batch {m['batch_size']}; factored {m['projection_dim']}/module x {b['modules']} modules = {b['row_dim']} dims, float16"
         )
         L.append(f"  {'':38}{'seconds':>9}{'docs/s':>10}{'tokens/s':>11}{'vs bare':>9}")
-        for key, label in (("bare_fwd_bwd", "bare forward+backward (training)"), ("collector", "GradientCollector (no disk)"), ("build_index", "build_index (end to end)")):
+        for key, label in (
+            ("bare_fwd_bwd", "bare forward+backward (training)"),
+            ("collector", "GradientCollector (no disk)"),
+            ("build_index", "build_index (end to end)"),
+        ):
             r = b[key]
             ratio = b["bare_fwd_bwd"]["seconds"] / r["seconds"]
             L.append(f"  {label:38}{r['seconds']:9.2f}{fmt_rate(r['docs_per_s']):>10}{fmt_rate(r['tokens_per_s']):>11}{ratio:9.2f}")
         g = result.get("bergson", {})
         if g.get("status") == "ok":
-            L.append(f"  {'bergson ' + g['version'] + ' collect_gradients':38}{g['seconds']:9.2f}{fmt_rate(g['docs_per_s']):>10}{fmt_rate(g['tokens_per_s']):>11}{b['bare_fwd_bwd']['seconds'] / g['seconds']:9.2f}")
-        L.append(f"  build_index / bare = {b['build_over_bare']:.2f} (target >= 0.8: {'met' if b['build_over_bare'] >= 0.8 else 'NOT met'});"
-                 f" store+setup overhead = {b['store_and_setup_seconds']:.2f} s ({100 * (1 - b['build_over_collector']):.0f}% of build_index);"
-                 f" model fingerprint {b['model_fingerprint_seconds']:.2f} s, data fingerprint {b['records_fingerprint_seconds']:.3f} s")
+            L.append(
+                f"  {'bergson ' + g['version'] + ' collect_gradients':38}{g['seconds']:9.2f}{fmt_rate(g['docs_per_s']):>10}{fmt_rate(g['tokens_per_s']):>11}{b['bare_fwd_bwd']['seconds'] / g['seconds']:9.2f}"
+            )
+        L.append(
+            f"  build_index / bare = {b['build_over_bare']:.2f} (target >= 0.8: {'met' if b['build_over_bare'] >= 0.8 else 'NOT met'});"
+            f" store+setup overhead = {b['store_and_setup_seconds']:.2f} s ({100 * (1 - b['build_over_collector']):.0f}% of build_index);"
+            f" model fingerprint {b['model_fingerprint_seconds']:.2f} s, data fingerprint {b['records_fingerprint_seconds']:.3f} s"
+        )
         if g.get("status") == "ok":
             r = g.get("headwater_over_bergson")
-            L.append(f"  headwater / bergson docs/s = {r:.2f} (target >= 1.5: {'met' if r >= 1.5 else 'NOT met'});"
-                     f" bergson: {g['projection']}, {g['row_dim']} dims stored as {g['stored_dtype']}" + (f"; {g['note']}" if g.get("note") else ""))
+            L.append(
+                f"  headwater / bergson docs/s = {r:.2f} (target >= 1.5: {'met' if r >= 1.5 else 'NOT met'});"
+                f" bergson: {g['projection']}, {g['row_dim']} dims stored as {g['stored_dtype']}" + (f"; {g['note']}" if g.get("note") else "")
+            )
         else:
             L.append(f"  bergson: {g.get('status', 'not run')}")
     q = result.get("query")
@@ -500,9 +550,13 @@ def table(result: dict) -> str:
         mm, cos = q["cases"]["numpy_matmul"]["seconds"], q["cases"]["numpy_cosine"]["seconds"]
         for key, label in labels.items():
             c = q["cases"][key]
-            L.append(f"  {label:38}{c['seconds']:9.3f}{c['GB_per_s']:8.2f}{fmt_rate(c['rows_per_s']):>10}{mm / c['seconds']:10.2f}{cos / c['seconds']:10.2f}")
+            L.append(
+                f"  {label:38}{c['seconds']:9.3f}{c['GB_per_s']:8.2f}{fmt_rate(c['rows_per_s']):>10}{mm / c['seconds']:10.2f}{cos / c['seconds']:10.2f}"
+            )
         r = q["ratios"]["rank_verify_off_over_numpy_matmul"]
-        L.append(f"  rank (verify off) / numpy matmul = {r:.2f} (target >= 0.7: {'met' if r >= 0.7 else 'NOT met'}); ShardWriter wrote it at {q['write_GB_per_s']:.2f} GB/s (float16 cast, np.save, fsync, sha256)")
+        L.append(
+            f"  rank (verify off) / numpy matmul = {r:.2f} (target >= 0.7: {'met' if r >= 0.7 else 'NOT met'}); ShardWriter wrote it at {q['write_GB_per_s']:.2f} GB/s (float16 cast, np.save, fsync, sha256)"
+        )
     return "\n".join(L)
 
 
@@ -542,15 +596,22 @@ def cpu_name() -> str:
 
 def main(args) -> dict:
     torch.set_num_threads(args.threads)
-    import headwater
     import transformers
+
+    import headwater
 
     result = {
         "args": vars(args),
         "environment": {
-            "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "transformers": transformers.__version__,
-            "headwater": getattr(headwater, "__version__", "?"), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "transformers": transformers.__version__,
+            "headwater": getattr(headwater, "__version__", "?"),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     }
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="headwater-bench-"))
@@ -564,8 +625,14 @@ def main(args) -> dict:
         if not args.skip_build:
             s = make_setup(args)
             result["build_setup"] = {
-                "layers": args.layers, "embd": args.embd, "heads": args.heads, "vocab": s["vocab"], "params": s["params"],
-                "doc_tokens": args.doc_tokens, "batch_size": args.batch_size, "projection_dim": args.projection_dim,
+                "layers": args.layers,
+                "embd": args.embd,
+                "heads": args.heads,
+                "vocab": s["vocab"],
+                "params": s["params"],
+                "doc_tokens": args.doc_tokens,
+                "batch_size": args.batch_size,
+                "projection_dim": args.projection_dim,
             }
             result["build"], result["bergson"] = bench_build(args, s, workdir)
             del s

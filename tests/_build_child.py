@@ -24,7 +24,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from headwater import BuildConfig, LanguageModelTask, build_index  # noqa: E402
+from headwater import BuildConfig, LanguageModelTask, ProjectionConfig, build_index  # noqa: E402
 from headwater.toy import tiny_gpt2, word_tokenizer  # noqa: E402
 
 VOCAB = (
@@ -66,7 +66,7 @@ def model(vocab_size: int):
 
 
 def config(dtype: str = "float32") -> BuildConfig:
-    return BuildConfig(projection_dim=64, shard_rows=SHARD_ROWS, dtype=dtype, batch_size=BATCH_SIZE, seed=0)
+    return BuildConfig(projection=ProjectionConfig(dim=64, seed=0), shard_rows=SHARD_ROWS, storage_dtype=dtype, batch_size=BATCH_SIZE)
 
 
 def setup():
@@ -75,15 +75,15 @@ def setup():
     return model(len(tok)), LanguageModelTask(tok), corpus()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SlowTask(LanguageModelTask):
     """The same task (same `describe()`), but each batch sleeps first."""
 
     sleep: float = 0.0
 
-    def per_example_loss(self, model, batch):
+    def loss(self, model, batch, sample=None):
         time.sleep(self.sleep)
-        return super().per_example_loss(model, batch)
+        return super().loss(model, batch, sample)
 
 
 def build(path, resume: bool = False, overwrite: bool = False, dtype: str = "float32", sleep: float = 0.0):

@@ -5,17 +5,18 @@ import sys
 import torch
 import torch.distributed as dist
 
-from headwater.curvature import CurvatureConfig, fit_curvature
-from headwater.task import ClassificationTask
+from headwater.config import CurvatureConfig
+from headwater.curvature import fit_curvature
+from headwater.task import ModuleTask
 
 
 def setup():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(30, 4, generator=g)
+    x = torch.randn(30, 4, generator=g).double()  # float64: batches differ between the runs
     records = [{"x": x[i], "y": int(i % 3)} for i in range(30)]
-    return model, ClassificationTask(), records
+    return model, ModuleTask(), records
 
 
 CONFIG = CurvatureConfig(fisher="empirical", batch_size=4)

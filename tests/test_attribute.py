@@ -1,25 +1,22 @@
-"""`headwater attribute` (TRAK, SOURCE, MAGIC from model paths) equals the Python methods."""
+"""`headwater attribute` runs every method from model paths or indexes and writes Scores equal to
+the Python API's; its saved config replays it; `evaluate` reads Scores files end to end."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from headwater.methods.magic import TrainingRun, magic_scores
-from headwater.methods.source import Segment, source_scores
-from headwater.methods.trak import trak_scores
-from headwater.projection import ProjectionConfig
-from headwater.task import LanguageModelTask
+import headwater as hw
+from headwater.models import load_model
 from headwater.toy import tiny_gpt2, word_tokenizer
 
-TRAIN = [{"text": t} for t in ["ana lives in oslo .", "ben lives in lima .", "cleo eats figs in rome .", "dara eats rice in oslo .", "eli went to lima ."]]
+TRAIN = [
+    {"text": t} for t in ["ana lives in oslo .", "ben lives in lima .", "cleo eats figs in rome .", "dara eats rice in oslo .", "eli went to lima ."]
+]
 QUERIES = [{"prompt": "ana lives in", "completion": " oslo"}, {"prompt": "ben lives in", "completion": " lima"}]
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -38,95 +35,239 @@ def ws(tmp_path_factory):
     return root
 
 
-def cli(ws, *args):
-    r = subprocess.run([sys.executable, "-m", "headwater", "attribute", *map(str, args)], cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+def run(ws, *args, code=0):
+    """The command line, in this process (the same code path as `python -m headwater`, less the
+    interpreter start-up); `r.stdout` and `r.stderr` as a subprocess would give them."""
+    from typer.testing import CliRunner
+
+    from headwater.cli import app
+
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    assert r.exit_code == code, r.stderr[-2000:]
     return r
 
 
-def load(path):
-    from headwater.build import load_model
+def load(ws, name):
+    model, tok = load_model(str(ws / name))
+    return model, hw.LanguageModelTask(tok)
 
-    return load_model(str(path))
+
+COMMON = ("--data", "train.jsonl", "--queries", "q.jsonl", "--no-progress")
 
 
-def test_trak_ensemble(ws):
-    cli(ws, "--method", "trak", "--model", "model", "--ensemble", "other", "--data", "train.jsonl", "--queries", "q.jsonl",
-        "--projection-dim", "64", "--out", "trak.npy", "--top-k", "2")
-    (m, tok), (o, _) = load(ws / "model"), load(ws / "other")
-    want = trak_scores([m, o], LanguageModelTask(tok), TRAIN, QUERIES, ProjectionConfig("factored", 64, 0))
-    np.testing.assert_allclose(np.load(ws / "trak.npy"), want, rtol=1e-5, atol=1e-8)
+def check(ws, out, want: hw.Scores, method):
+    got = hw.Scores.load(ws / out)
+    assert got.method == method and got.train_ids == list(range(len(TRAIN))) and got.query_ids == [0, 1]
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-7 * np.abs(want.values).max())
+    return got
+
+
+@pytest.mark.parametrize("method", ["dot", "cosine", "trackstar", "ekfac", "kfac"])
+def test_gradient_and_influence_methods(ws, method):
+    run(ws, "attribute", "--method", method, "--model", "model", *COMMON, "--projection-dim", "16", "--out", f"{method}.safetensors")
+    model, task = load(ws, "model")
+    cls = hw.METHODS[method]
+    config = cls.config_class()
+    if hasattr(config, "projection"):
+        config.projection = hw.ProjectionConfig(dim=16)
+    check(ws, f"{method}.safetensors", cls(model, task, config).fit(TRAIN).score(QUERIES), method)
+
+
+def test_trak_ensemble_with_top_k_and_replay(ws):
+    run(
+        ws,
+        "attribute",
+        "--method",
+        "trak",
+        "--model",
+        "model",
+        "--ensemble",
+        "other",
+        *COMMON,
+        "--projection-dim",
+        "64",
+        "--out",
+        "trak.safetensors",
+        "--top-k",
+        "2",
+    )
+    (m, task), (o, _) = load(ws, "model"), load(ws, "other")
+    want = hw.TRAK([m, o], task, hw.TRAKConfig(projection=hw.ProjectionConfig(dim=64))).fit(TRAIN).score(QUERIES)
+    got = check(ws, "trak.safetensors", want, "trak")
+    assert got.measurement["name"] == "log-odds" and got.config["projection"]["dim"] == 64
     top = pd.read_csv(ws / "trak.csv")
     assert len(top) == 2 * len(QUERIES) and set(top["query_id"]) == {0, 1}
+    saved = json.loads((ws / "trak.config.json").read_text())
+    assert saved["AttributeConfig"]["ensemble"] == ["other"] and saved["TRAKConfig"]["projection"]["dim"] == 64
+    run(ws, "attribute", "--config", "trak.config.json", "--out", "again.safetensors", "--no-progress")  # replays it
+    np.testing.assert_array_equal(hw.Scores.load(ws / "again.safetensors").values, got.values)
+
+
+def test_tracin_over_checkpoints(ws):
+    run(
+        ws,
+        "attribute",
+        "--method",
+        "tracin",
+        "--checkpoint",
+        "checkpoint-2",
+        "--checkpoint",
+        "checkpoint-5",
+        "--checkpoint-lr",
+        "0.01",
+        "--checkpoint-lr",
+        "0.005",
+        *COMMON,
+        "--projection",
+        "none",
+        "--out",
+        "tracin.safetensors",
+    )
+    (c2, task), (c5, _) = load(ws, "checkpoint-2"), load(ws, "checkpoint-5")
+    config = hw.TracInConfig(projection=hw.ProjectionConfig("none"), checkpoint_lr=[0.01, 0.005])
+    check(ws, "tracin.safetensors", hw.TracIn([c2, c5], task, config).fit(TRAIN).score(QUERIES), "tracin")
 
 
 def test_source_from_trainer_state(ws):
-    cli(ws, "--method", "source", "--model", "checkpoint-5", "--checkpoint", "checkpoint-2", "--checkpoint", "checkpoint-5",
-        "--trainer-state", "trainer_state.json", "--data", "train.jsonl", "--queries", "q.jsonl", "--out", "source.npy")
-    (final, tok), (c2, _) = load(ws / "checkpoint-5"), load(ws / "checkpoint-2")
-    segments = [Segment([c2], 1e-2, 2), Segment([final], 5e-3, 3)]
-    want = source_scores(final, LanguageModelTask(tok), TRAIN, QUERIES, segments)
-    np.testing.assert_allclose(np.load(ws / "source.npy"), want, rtol=1e-5, atol=1e-8)
+    run(
+        ws,
+        "attribute",
+        "--method",
+        "source",
+        "--model",
+        "checkpoint-5",
+        "--checkpoint",
+        "checkpoint-2",
+        "--checkpoint",
+        "checkpoint-5",
+        "--trainer-state",
+        "trainer_state.json",
+        *COMMON,
+        "--out",
+        "source.safetensors",
+    )
+    (final, task), (c2, _) = load(ws, "checkpoint-5"), load(ws, "checkpoint-2")
+    segments = [hw.Segment([c2], 1e-2, 2), hw.Segment([final], 5e-3, 3)]
+    check(ws, "source.safetensors", hw.SOURCE(segments, task, final_model=final).fit(TRAIN).score(QUERIES), "source")
 
 
 def test_magic_replays_the_recipe(ws):
-    cli(ws, "--method", "magic", "--model", "model", "--lr", "0.01", "--epochs", "2", "--batch-size", "2", "--optimizer", "adamw",
-        "--data", "train.jsonl", "--queries", "q.jsonl", "--out", "magic.npy", "--mean-query")
-    m, tok = load(ws / "model")
-    task = LanguageModelTask(tok)
-    batches = [task.collate(task.encode(q)) for q in QUERIES]
-    mean_loss = lambda mod: sum(task.per_example_loss(mod, b).sum() for b in batches) / len(batches)
+    run(
+        ws,
+        "attribute",
+        "--method",
+        "magic",
+        "--init-model",
+        "model",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "2",
+        "--train-batch-size",
+        "2",
+        *COMMON,
+        "--out",
+        "magic.safetensors",
+    )
+    m, task = load(ws, "model")
+    config = hw.MagicConfig(run=hw.TrainConfig("adamw", lr=0.01, epochs=2, train_batch_size=2))
     with pytest.warns(UserWarning, match="eager"):
-        want = magic_scores(m, task, TRAIN, TrainingRun("adamw", 0.01, 2, 2), mean_loss)
-    got = np.load(ws / "magic.npy")
-    assert got.shape == (len(TRAIN), 1)
-    np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-8)
+        want = hw.MAGIC(m, task, config).fit(TRAIN).score(QUERIES)
+    check(ws, "magic.safetensors", want, "magic")
+
+
+def test_bm25(ws):
+    run(ws, "attribute", "--method", "bm25", *COMMON, "--out", "bm25.safetensors")
+    got = check(ws, "bm25.safetensors", hw.BM25().fit(TRAIN).score(QUERIES), "bm25")
+    assert got.values[0, 0] > 0 and got.values[2, 0] == 0  # "ana lives in oslo" shares words with query 0
 
 
 def test_bad_input_is_one_line(ws):
-    r = subprocess.run([sys.executable, "-m", "headwater", "attribute", "--method", "source", "--model", "model", "--data", "train.jsonl",
-                        "--queries", "q.jsonl", "--out", "x.npy"], cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "checkpoints" in r.stderr.strip().splitlines()[-1]
+    for args, needle in [
+        (("--method", "source", "--model", "model"), "checkpoints"),
+        (("--method", "magic"), "--init-model"),
+        (("--method", "cosine", "--model", "model", "--measurement", "loss", "--projection-dim", "-3"), "projection-dim"),
+    ]:
+        r = run(ws, "attribute", *args, *COMMON, "--out", "x.safetensors", code=2)
+        assert "Traceback" not in r.stderr and needle in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (ws / "x.safetensors").exists()
 
 
-def test_evaluate_lds_with_the_builtin_trainer(ws):
-    """`evaluate lds --train builtin` retrains the LM recipe on each subset; equal to the Python path."""
-    from headwater.evaluate import RetrainLM, lds, retrain_losses, subset_masks
-
-    cli(ws, "--method", "magic", "--model", "model", "--lr", "0.01", "--epochs", "1", "--batch-size", "2",
-        "--data", "train.jsonl", "--queries", "q.jsonl", "--out", "m.npy")
-    r = subprocess.run([sys.executable, "-m", "headwater", "evaluate", "lds", "--scores", "m.npy", "--train", "builtin",
-                        "--model", "model", "--data", "train.jsonl", "--targets", "q.jsonl", "--lr", "0.01", "--epochs", "1",
-                        "--batch-size", "2", "--subsets", "6", "--seeds", "2", "--out", "lds.json"],
-                       cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_token_index_scores_are_per_record_and_evaluate_end_to_end(ws):
+    """A token-unit index: attribute pools its rows to records, so `evaluate lds --train builtin`
+    (which retrains on records) gets record-level scores, equal to the Python path."""
+    run(ws, "build", "tokidx", "--model", "model", "--data", "train.jsonl", "--unit", "token", "--projection-dim", "16", "--no-progress")
+    run(ws, "attribute", "--method", "cosine", "--index", "tokidx", "--queries", "q.jsonl", "--no-progress", "--out", "tok.safetensors")
+    scores = hw.Scores.load(ws / "tok.safetensors")
+    assert scores.values.shape == (len(TRAIN), len(QUERIES))
+    assert hw.Index(ws / "tokidx").store.rows > 2 * len(TRAIN)  # many rows per record, pooled
+    lds = ("evaluate", "lds", "--train", "builtin", "--init-model", "model", "--data", "train.jsonl", "--queries", "q.jsonl")
+    r = run(
+        ws,
+        *lds,
+        "--scores",
+        "tok.safetensors",
+        "--lr",
+        "0.01",
+        "--train-batch-size",
+        "2",
+        "--subsets",
+        "6",
+        "--retrain-seeds",
+        "2",
+        "--out",
+        "lds.json",
+    )
     got = json.loads((ws / "lds.json").read_text())
-    masks = subset_masks(len(TRAIN), 6, 0.5, 0)
-    fn = RetrainLM(str(ws / "model"), str(ws / "train.jsonl"), str(ws / "q.jsonl"), TrainingRun("adamw", 0.01, 1, 2))
-    losses = retrain_losses(fn, masks, [0, 1], progress=False)
-    assert got["methods"]["m"] == pytest.approx(lds(np.load(ws / "m.npy"), masks, losses.mean(0))[0])
+    masks = hw.subset_masks(len(TRAIN), 6, 0.5, 0)
+    fn = hw.RetrainLM(str(ws / "model"), str(ws / "train.jsonl"), str(ws / "q.jsonl"), hw.TrainConfig(lr=0.01, train_batch_size=2))
+    outcomes = hw.retrain_outcomes(fn, masks, [0, 1], progress=False)
+    assert got["methods"]["tok"] == pytest.approx(hw.lds(scores, masks, outcomes.mean(0))[0])
+    assert "seed ceiling" in r.stdout
+    # a per-row matrix of another size is refused before any retraining
+    rows = hw.Scores(np.zeros((7, 2), np.float32), list(range(7)), [0, 1])
+    rows.save(ws / "rows.safetensors")
+    r = run(ws, *lds, "--scores", "rows.safetensors", code=2)
+    assert "pooled to records" in r.stderr
 
 
 def test_evaluate_leave_k_out_and_tail_patch(ws):
-    from headwater.build import load_model
-    from headwater.evaluate import leave_k_out, tail_patch
-
-    cli(ws, "--method", "trak", "--model", "model", "--data", "train.jsonl", "--queries", "q.jsonl", "--projection-dim", "64", "--out", "t.npy")
-    scores = np.load(ws / "t.npy")
-    # leave-k-out with a user function: an exactly linear datamodel over the 5 training examples
+    run(ws, "attribute", "--method", "dot", "--model", "model", *COMMON, "--projection", "none", "--out", "t.safetensors")
+    scores = hw.Scores.load(ws / "t.safetensors")
+    # leave-k-out with a user function: an exactly linear datamodel over the 5 training records
     tau = np.array([0.5, -0.2, 0.3, 0.0, -0.4])
     np.save(ws / "tau.npy", tau)
-    (ws / "kout.py").write_text(f"import numpy as np\nTAU = np.load({str(ws / 'tau.npy')!r})\n"
-                                "def train(mask, seed):\n    return np.array([-(mask * TAU).sum()])\n")
-    r = subprocess.run([sys.executable, "-m", "headwater", "evaluate", "leave-k-out", "--scores", "t.npy", "--k", "2", "--train", "kout:train"],
-                       cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    fn = lambda mask, seed: np.array([-(mask * tau).sum()])
-    want = leave_k_out(scores.mean(1), 2, fn, [0, 1], 0)
+    (ws / "kout.py").write_text(
+        f"import numpy as np\nTAU = np.load({str(ws / 'tau.npy')!r})\ndef train(mask, seed):\n    return np.array([-(mask * TAU).sum()] * 2)\n"
+    )
+    r = run(ws, "evaluate", "leave-k-out", "--scores", "t.safetensors", "--k", "2", "--train", "kout:train")
+    fn = lambda mask, seed: np.array([-(mask * tau).sum()] * 2)
+    want = hw.leave_k_out(scores, 2, fn, [0, 1], 0)
     assert f"removing the top 2: {want['top_k_removed']:+.4f}" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "headwater", "evaluate", "tail-patch", "--scores", "t.npy", "--model", "model", "--data", "train.jsonl",
-                        "--queries", "q.jsonl", "--k", "2", "--lr", "0.01"], cwd=ws, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m, tok = load_model(str(ws / "model"))
-    want = tail_patch(m, LanguageModelTask(tok), TRAIN, QUERIES, scores, 2, 0.01, 0)
+    r = run(
+        ws,
+        "evaluate",
+        "tail-patch",
+        "--scores",
+        "t.safetensors",
+        "--model",
+        "model",
+        "--data",
+        "train.jsonl",
+        "--queries",
+        "q.jsonl",
+        "--k",
+        "2",
+        "--patch-lr",
+        "0.01",
+    )
+    m, task = load(ws, "model")
+    want = hw.tail_patch(m, task, TRAIN, QUERIES, scores, 2, 0.01, 0)
     assert f"top 2 {want['top_k']:+.5f}, random {want['random']:+.5f}" in r.stdout

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from headwater import GradientStore, Index
-from headwater.toy import tiny_gpt2, word_tokenizer
-
 from conftest import WORDS
+
+import headwater
+from headwater import Cosine, Dot, GradientStore, Index, Loss, Scores
+from headwater.toy import tiny_gpt2, word_tokenizer
 
 N_DOCS = 16
 QUERIES = [
@@ -33,7 +33,7 @@ QUERIES = [
     {"id": "q2", "prompt": "the famous river of vask", "completion": " is blue and green"},
 ]
 COLUMNS = ["query_id", "side", "rank", "train_id", "score", "text"]
-COMMON = ["--data", "train.jsonl", "--projection-dim", "64", "--batch-size", "4", "--seed", "3"]
+COMMON = ["--data", "train.jsonl", "--projection-dim", "64", "--batch-size", "4", "--projection-seed", "3"]
 LRS = (0.1, 0.2)
 
 # Launcher variables of an enclosing torchrun must not leak into the CLI (it would skip relaunching).
@@ -135,20 +135,23 @@ def ws(tmp_path_factory) -> Path:
 def first(ws) -> dict[str, subprocess.CompletedProcess]:
     """Builds, and the calls that need no index."""
     quiet = "--no-progress"
-    return run_all({
-        "nproc": ("build", "idx_n", "--model", "model_a", *COMMON, "--nproc", "2", quiet),  # longest first
-        "a": ("build", "idx_a", "--model", "model_a", *COMMON),  # exactly as a user would
-        "b": ("build", "idx_b", "--model", "model_b", *COMMON, quiet),
-        "sentence": ("build", "idx_s", "--model", "model_a", *COMMON, "--unit", "sentence", quiet),
-        "token": ("build", "idx_t", "--model", "model_a", *COMMON, "--unit", "token", quiet),
-        # A bare file name (no directory part) must not be looked up on the hub.
-        "err_missing_data": ("build", "x_data", "--model", "model_a", "--data", "missing.jsonl", "--projection-dim", "64"),
-        "err_dtype": ("build", "x_dtype", "--model", "model_a", *COMMON, "--dtype", "float8"),
-        "err_not_a_model": ("build", "x_model", "--model", "not_a_model", *COMMON),
-        "err_not_index": ("query", "model_a", "--queries", "q.jsonl"),
-        "help_build": ("build", "--help"),
-        "help_query": ("query", "--help"),
-    }, ws)
+    return run_all(
+        {
+            "nproc": ("build", "idx_n", "--model", "model_a", *COMMON, "--nproc", "2", quiet),  # longest first
+            "a": ("build", "idx_a", "--model", "model_a", *COMMON),  # exactly as a user would
+            "b": ("build", "idx_b", "--model", "model_b", *COMMON, quiet),
+            "sentence": ("build", "idx_s", "--model", "model_a", *COMMON, "--unit", "sentence", quiet),
+            "token": ("build", "idx_t", "--model", "model_a", *COMMON, "--unit", "token", quiet),
+            # A bare file name (no directory part) must not be looked up on the hub.
+            "err_missing_data": ("build", "x_data", "--model", "model_a", "--data", "missing.jsonl", "--projection-dim", "64"),
+            "err_dtype": ("build", "x_dtype", "--model", "model_a", *COMMON, "--storage-dtype", "float8"),
+            "err_not_a_model": ("build", "x_model", "--model", "not_a_model", *COMMON),
+            "err_not_index": ("query", "model_a", "--queries", "q.jsonl"),
+            "help_build": ("build", "--help"),
+            "help_query": ("query", "--help"),
+        },
+        ws,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,21 +159,24 @@ def second(ws, first) -> dict[str, subprocess.CompletedProcess]:
     """Everything that reads the indexes built by `first`."""
     for name in ("a", "b", "sentence", "token"):
         ok(first[name])
-    lrs = [a for lr in LRS for a in ("--lr", str(lr))]
-    return run_all({
-        "csv": ("query", "idx_a", "--queries", "q.jsonl", "--top-k", "5", "--out", "top.csv"),
-        "jsonl": ("query", "idx_a", "--queries", "q.jsonl", "--top-k", "5", "--bottom-k", "3", "--out", "top.jsonl"),
-        "parquet": ("query", "idx_a", "--queries", "q.jsonl", "--top-k", "5", "--method", "dot", "--out", "top.parquet"),
-        # Replayed from another working directory: config.json must not depend on where it was written.
-        "replay": (ws / "elsewhere", "build", ws / "idx_r", "--config", ws / "idx_a" / "config.json", "--no-progress"),
-        "tracin": ("query", "idx_a", "idx_b", "--queries", "q.jsonl", *lrs, "--method", "tracin", "--top-k", N_DOCS, "--out", "tracin.csv"),
-        "sentence_q": ("query", "idx_s", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "sentence.csv"),
-        "token_q": ("query", "idx_t", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "token.csv"),
-        "err_tracin_lrs": ("query", "idx_a", "idx_b", "--queries", "q.jsonl", "--lr", "0.1", "--method", "tracin"),
-        "err_exists": ("build", "idx_a", "--model", "model_a", *COMMON),
-        "err_mismatch": ("query", "idx_a", "--queries", "q.jsonl", "--model", "model_b"),
-        "err_method": ("query", "idx_a", "--queries", "q.jsonl", "--method", "bogus"),
-    }, ws)
+    lrs = [a for lr in LRS for a in ("--checkpoint-lr", str(lr))]
+    return run_all(
+        {
+            "csv": ("query", "idx_a", "--queries", "q.jsonl", "--top-k", "5", "--out", "top.csv"),
+            "jsonl": ("query", "idx_a", "--queries", "q.jsonl", "--top-k", "5", "--bottom-k", "3", "--out", "top.jsonl"),
+            "parquet": ("query", "idx_a", "--queries", "q.jsonl", "--top-k", "5", "--method", "dot", "--out", "top.parquet"),
+            # Replayed from another working directory: config.json must not depend on where it was written.
+            "replay": (ws / "elsewhere", "build", ws / "idx_r", "--config", ws / "idx_a" / "config.json", "--no-progress"),
+            "tracin": ("query", "idx_a", "idx_b", "--queries", "q.jsonl", *lrs, "--method", "tracin", "--top-k", N_DOCS, "--out", "tracin.csv"),
+            "sentence_q": ("query", "idx_s", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "sentence.csv"),
+            "token_q": ("query", "idx_t", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "token.csv"),
+            "err_tracin_lrs": ("query", "idx_a", "idx_b", "--queries", "q.jsonl", "--checkpoint-lr", "0.1", "--method", "tracin"),
+            "err_exists": ("build", "idx_a", "--model", "model_a", *COMMON),
+            "err_mismatch": ("query", "idx_a", "--queries", "q.jsonl", "--model", "model_b"),
+            "err_method": ("query", "idx_a", "--queries", "q.jsonl", "--method", "bogus"),
+        },
+        ws,
+    )
 
 
 @pytest.fixture()
@@ -183,17 +189,13 @@ def in_ws(ws, monkeypatch):
 # ------------------------------------------------------------------------------ build + query
 
 
-@pytest.mark.parametrize("fmt, method, extra", [
-    ("csv", "cosine", {}),
-    ("jsonl", "cosine", {"bottom_k": 3}),
-    ("parquet", "dot", {}),
-])
+@pytest.mark.parametrize("fmt, method, extra", [("csv", "cosine", {}), ("jsonl", "cosine", {"bottom_k": 3}), ("parquet", "dot", {})])
 def test_query_output_matches_python_api(ws, first, second, in_ws, fmt, method, extra):
     assert "built" in ok(first["a"]).stdout
     assert f"wrote {len(QUERIES) * (5 + extra.get('bottom_k', 0))} rows" in ok(second[fmt]).stdout
     got = read_results(ws / f"top.{fmt}")
     assert set(COLUMNS) <= set(got.columns)
-    want = Index(ws / "idx_a").query(ws / "q.jsonl", method=method, top_k=5, **extra)
+    want = headwater.query(Index(ws / "idx_a"), ws / "q.jsonl", method=method, top_k=5, **extra)
     assert list(got.columns) == list(want.columns)
 
     for qid in ("q0", "q1", "q2"):
@@ -225,24 +227,30 @@ def test_replay_from_config_gives_the_same_rows(ws, first, second):
 # ------------------------------------------------------------------------------ user errors
 
 
-@pytest.mark.parametrize("case, needle, target", [
-    ("err_missing_data", "data file missing.jsonl does not exist", "x_data"),
-    ("err_dtype", "unknown dtype 'float8'", "x_dtype"),
-    ("err_not_a_model", "could not load model", "x_model"),
-    ("err_not_index", "not a headwater index", None),
-])
+@pytest.mark.parametrize(
+    "case, needle, target",
+    [
+        ("err_missing_data", "data file missing.jsonl does not exist", "x_data"),
+        ("err_dtype", "'float8' is not one of 'float16', 'bfloat16', 'float32'", "x_dtype"),
+        ("err_not_a_model", "could not load model", "x_model"),
+        ("err_not_index", "not a headwater index", None),
+    ],
+)
 def test_user_error_is_one_line(ws, first, case, needle, target):
     assert needle in user_error(first[case])
     if target:
         assert not (ws / target).exists(), "a refused build left a directory behind"
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("err_exists", "already exists"),
-    ("err_mismatch", "mismatch"),
-    ("err_method", "unknown method 'bogus'"),
-    ("err_tracin_lrs", "one learning rate per index"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("err_exists", "already exists"),
+        ("err_mismatch", "mismatch"),
+        ("err_method", "Invalid value for '--method'"),
+        ("err_tracin_lrs", "one learning rate per checkpoint"),
+    ],
+)
 def test_user_error_on_an_index_is_one_line(ws, second, case, needle):
     assert needle in user_error(second[case])
     assert GradientStore(ws / "idx_a").rows == N_DOCS  # the refused build left the index alone
@@ -250,10 +258,21 @@ def test_user_error_on_an_index_is_one_line(ws, second, case, needle):
 
 def test_help_mentions_every_flag(first):
     build = ANSI.sub("", ok(first["help_build"]).stdout)
-    for flag in ("--model", "--data", "--projection-dim", "--seed", "--batch-size", "--device", "--dtype", "--unit", "--config", "--nproc"):
+    for flag in (
+        "--model",
+        "--data",
+        "--projection-dim",
+        "--projection-seed",
+        "--batch-size",
+        "--device",
+        "--storage-dtype",
+        "--unit",
+        "--config",
+        "--nproc",
+    ):
         assert flag in build, flag
     query = ANSI.sub("", ok(first["help_query"]).stdout)
-    for flag in ("--model", "--batch-size", "--device", "--queries", "--top-k", "--method", "--lr", "--out"):
+    for flag in ("--model", "--batch-size", "--device", "--queries", "--top-k", "--method", "--checkpoint-lr", "--out"):
         assert flag in query, flag
 
 
@@ -264,8 +283,8 @@ def test_tracin_over_two_checkpoints(ws, second, in_ws):
     ok(second["tracin"])
     got = pd.read_csv(ws / "tracin.csv")
     assert len(got) == N_DOCS * len(QUERIES)
-    dot_a = Index(ws / "idx_a").scores(ws / "q.jsonl", method="dot")
-    dot_b = Index(ws / "idx_b").scores(ws / "q.jsonl", method="dot")
+    dot_a = Dot().fit(Index(ws / "idx_a")).score(ws / "q.jsonl").values
+    dot_b = Dot().fit(Index(ws / "idx_b")).score(ws / "q.jsonl").values
     assert dot_a.shape == dot_b.shape == (N_DOCS, len(QUERIES))
     assert np.abs(dot_b - dot_a).max() > 0.1 * np.abs(dot_a).max(), "the two checkpoints barely differ"
     want = LRS[0] * dot_a + LRS[1] * dot_b  # document units: row i is record i
@@ -301,8 +320,9 @@ def test_span_units_pool_per_record(ws, second, in_ws, unit):
     assert not got.duplicated(["query_id", "train_id"]).any(), "a record appears twice for one query"
     assert (got["unit"] == -1).all()
     # Default pooling is max over the record's rows.
-    scores = index.scores(ws / "q.jsonl", method="cosine")
-    records = index.store.ids()[:, 0]
+    blocks = list(Cosine().fit(index).score_blocks(ws / "q.jsonl", Loss()))
+    scores = torch.cat([b for _, _, b in blocks]).numpy()
+    records = np.concatenate([ids[:, 0] for _, ids, _ in blocks])
     for qi, qid in enumerate(("q0", "q1", "q2")):
         q = got[got.query_id == qid]
         assert (np.diff(q["score"].to_numpy()) <= 0).all()
@@ -311,31 +331,68 @@ def test_span_units_pool_per_record(ws, second, in_ws, unit):
 
 
 def test_influence_methods_and_lds_from_the_command_line(ws, first, in_ws):
-    """curvature → scores/query --method ekfac → evaluate lds, as a user chains them."""
+    """curvature → attribute/query --method ekfac → evaluate lds, as a user chains them."""
     ok(first["a"])
-    ok(hw("curvature", "idx_a", "--batch-size", "4", "--seed", "1", "--no-progress", cwd=ws))
-    assert (ws / "idx_a" / "curvature.safetensors").exists()
-    ok(hw("scores", "idx_a", "--queries", "q.jsonl", "--method", "ekfac", "--out", "ekfac.npy", cwd=ws))
-    got = np.load(ws / "ekfac.npy")
-    want = Index(ws / "idx_a").scores(str(ws / "q.jsonl"), method="ekfac")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    ok(hw("curvature", "idx_a", "--batch-size", "4", "--fisher-seed", "1", "--no-progress", cwd=ws))
+    assert len(list((ws / "idx_a").glob("curvature-*.safetensors"))) == 1
+    ok(
+        hw(
+            "attribute",
+            "--index",
+            "idx_a",
+            "--method",
+            "ekfac",
+            "--queries",
+            "q.jsonl",
+            "--batch-size",
+            "4",
+            "--fisher-seed",
+            "1",
+            "--no-progress",
+            "--out",
+            "ekfac.safetensors",
+            cwd=ws,
+        )
+    )
+    assert len(list((ws / "idx_a").glob("curvature-*.safetensors"))) == 1  # the same settings reuse the fitted curvature
+    got = Scores.load(ws / "ekfac.safetensors")
+    config = headwater.InfluenceConfig(curvature=headwater.CurvatureConfig(batch_size=4, seed=1), batch_size=4)
+    want = headwater.EKFAC(config=config).fit(Index(ws / "idx_a")).score(str(ws / "q.jsonl"))
+    assert got.train_ids == [f"doc-{i}" for i in range(N_DOCS)] and got.query_ids == ["q0", "q1", "q2"]
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-7)
     ok(hw("query", "idx_a", "--queries", "q.jsonl", "--method", "kfac", "--top-k", "3", "--out", "kfac.csv", cwd=ws))
     assert len(read_results(ws / "kfac.csv")) == 3 * len(QUERIES)
 
     # evaluate lds with a user training function: an exactly linear datamodel, so LDS is ±1.
     tau = np.random.default_rng(0).normal(size=(N_DOCS, 2))
     np.save(ws / "tau.npy", tau)
-    np.save(ws / "minus_tau.npy", -tau)
+    for name, values in (("tau", tau), ("minus_tau", -tau)):
+        Scores(values, list(range(N_DOCS)), [0, 1]).save(ws / f"{name}.safetensors")
     (ws / "lds_train.py").write_text(
-        "import numpy as np\n"
-        f"TAU = np.load({str(ws / 'tau.npy')!r})\n"
-        "def train(mask, seed):\n    return -(mask.astype(float) @ TAU)\n"
+        f"import numpy as np\nTAU = np.load({str(ws / 'tau.npy')!r})\ndef train(mask, seed):\n    return -(mask.astype(float) @ TAU)\n"
     )
-    r = ok(hw("evaluate", "lds", "--scores", "tau.npy", "--scores", "minus_tau.npy", "--train", "lds_train:train",
-              "--subsets", "20", "--seeds", "2", "--out", "lds.json", cwd=ws))
+    r = ok(
+        hw(
+            "evaluate",
+            "lds",
+            "--scores",
+            "tau.safetensors",
+            "--scores",
+            "minus_tau.safetensors",
+            "--train",
+            "lds_train:train",
+            "--subsets",
+            "20",
+            "--retrain-seeds",
+            "2",
+            "--out",
+            "lds.json",
+            cwd=ws,
+        )
+    )
     result = json.loads((ws / "lds.json").read_text())
     assert result["methods"]["tau"] == pytest.approx(1.0) and result["methods"]["minus_tau"] == pytest.approx(-1.0)
     assert result["seed_ceiling"] == pytest.approx(1.0)
     assert "tau: LDS 1.0000" in r.stdout
-    err = hw("evaluate", "lds", "--scores", "tau.npy", "--train", "no_such_module:train", cwd=ws)
+    err = hw("evaluate", "lds", "--scores", "tau.safetensors", "--train", "no_such_module:train", cwd=ws)
     assert err.returncode == 2 and "cannot import the training function" in err.stderr

@@ -4,24 +4,24 @@ import pytest
 import torch
 
 from headwater.collect import GradientCollector
-from headwater.curvature import Curvature, CurvatureConfig, _batches, _loss_fn, fit_curvature
-from headwater.projection import ProjectionConfig
-from headwater.task import ClassificationTask, LanguageModelTask
+from headwater.config import CurvatureConfig, ProjectionConfig
+from headwater.curvature import Curvature, curvature_batches, fisher_loss, fit_curvature
+from headwater.task import LanguageModelTask, ModuleTask
 
 
 def mlp_setup(n=48):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)).double()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 5, generator=g)
+    x = torch.randn(n, 5, generator=g).double()
     records = [{"x": x[i], "y": int((x[i, 0] > 0) + 2 * (x[i, 1] > 0))} for i in range(n)]
-    return model, ClassificationTask(), records
+    return model, ModuleTask(), records
 
 
 def dense_fisher(model, task, records, config):
     """Per module: (1/N) Σ_n vec(DW_n) vec(DW_n)ᵀ from per-example gradients under the same labels."""
     col = GradientCollector(model, task, ProjectionConfig("none"))
-    rows = torch.cat([col(b, _loss_fn(task, config, i)) for i, b in enumerate(_batches(task, records, config))]).double()
+    rows = torch.cat([col(b, fisher_loss(task, config, i)) for i, b in enumerate(curvature_batches(task, records, config))]).double()
     return {n: rows[:, a:b].T @ rows[:, a:b] / rows.shape[0] for n, (a, b) in col.segments.items()}, col
 
 
@@ -38,7 +38,7 @@ def test_ekfac_eigenvalues_are_the_dense_diagonal_in_the_kfac_basis(fisher):
     for name, m in curv.modules.items():
         q = kron_basis(m)
         want = torch.diagonal(q.T @ dense[name] @ q).reshape(m.corrected.shape)
-        torch.testing.assert_close(m.corrected, want, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(m.corrected, want, rtol=1e-10, atol=1e-14)
 
 
 def test_factors_are_token_and_example_covariances(gpt2, tokenizer, lm_records):
@@ -57,7 +57,7 @@ def test_factors_are_token_and_example_covariances(gpt2, tokenizer, lm_records):
         batch = task.collate([ex])
         store = {}
         h = layer.register_forward_hook(lambda mod, a, o: store.update(a=a[0], o=o))
-        loss = task.per_example_loss(gpt2, batch).sum()
+        loss = task.loss(gpt2, batch).sum()
         h.remove()
         (d,) = torch.autograd.grad(loss, store["o"])
         acts.append(torch.cat([store["a"][0], torch.ones(len(ex.input_ids), 1)], 1).double())
@@ -71,7 +71,7 @@ def test_factors_are_token_and_example_covariances(gpt2, tokenizer, lm_records):
 
 def test_ekfac_inverse_hvp_is_close_to_the_dense_damped_solve(capsys):
     model, task, records = mlp_setup(n=96)
-    config = CurvatureConfig(fisher="empirical", batch_size=16, damping=0.1)
+    config = CurvatureConfig(fisher="empirical", batch_size=16)
     curv = fit_curvature(model, task, records, config=config, progress=False)
     dense, col = dense_fisher(model, task, records, config)
     g = torch.Generator().manual_seed(7)
@@ -80,14 +80,19 @@ def test_ekfac_inverse_hvp_is_close_to_the_dense_damped_solve(capsys):
         shape = m.corrected.shape
         v = torch.randn(shape, generator=g, dtype=torch.float64)
         for kind, ekfac in (("ekfac", True), ("kfac", False)):
-            lam = curv.damping_for(name, ekfac=True)  # same damping for both: compare the curvature only
-            got = curv.inverse_hvp({name: v}, ekfac=ekfac, damping=lam / float(m.eigenvalues(True).mean()))[name]
+            lam = curv.damping_for(name, 0.1, "relative", ekfac=True)  # same damping for both: compare the curvature only
+            got = curv.inverse_hvp({name: v}, lam, "absolute", ekfac=ekfac)[name]
             want = torch.linalg.solve(dense[name] + lam * torch.eye(dense[name].shape[0], dtype=torch.float64), v.reshape(-1)).reshape(shape)
             errors[kind].append(((got - want).norm() / want.norm()).item())
     with capsys.disabled():
         print(f"\n  iHVP relative error vs dense damped solve: EK-FAC {errors['ekfac']}, KFAC {errors['kfac']}")
-    assert max(errors["ekfac"]) < 0.35
-    assert sum(errors["ekfac"]) < sum(errors["kfac"])
+    # Both are usable approximations here; at equal damping neither is uniformly closer for the
+    # inverse. What EK-FAC guarantees is the best diagonal in the KFAC basis for G itself:
+    assert max(errors["ekfac"] + errors["kfac"]) < 0.35
+    for name, m in curv.modules.items():
+        q = kron_basis(m)
+        approx = lambda eig: q @ torch.diag(eig.reshape(-1)) @ q.T
+        assert (approx(m.eigenvalues(True)) - dense[name]).norm() < (approx(m.eigenvalues(False)) - dense[name]).norm()
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -111,15 +116,15 @@ def test_module_called_twice_counts_both_calls():
             return self.lin(torch.tanh(self.lin(x)))
 
     torch.manual_seed(0)
-    model = Twice()
-    task = ClassificationTask()
+    model = Twice().double()
+    task = ModuleTask()
     g = torch.Generator().manual_seed(0)
-    records = [{"x": torch.randn(3, generator=g), "y": i % 3} for i in range(20)]
+    records = [{"x": torch.randn(3, generator=g, dtype=torch.float64), "y": i % 3} for i in range(20)]
     config = CurvatureConfig(fisher="empirical", batch_size=5)
     curv = fit_curvature(model, task, records, config=config, progress=False)
     dense, _ = dense_fisher(model, task, records, config)
     m = curv.modules["lin"]
     q = kron_basis(m)
-    torch.testing.assert_close(m.corrected, torch.diagonal(q.T @ dense["lin"] @ q).reshape(m.corrected.shape), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(m.corrected, torch.diagonal(q.T @ dense["lin"] @ q).reshape(m.corrected.shape), rtol=1e-10, atol=1e-14)
     # A averages over both calls' inputs: 40 "tokens" for 20 examples.
     assert curv.meta["tokens"]["lin"] == 40

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _build_child as child
 import numpy as np
 import pytest
 import torch
 
-import _build_child as child
-from headwater import GradientStore, Index, UserError
+from headwater import METHODS, GradientStore, Index, UserError, query
 
 CHILD = Path(child.__file__).resolve()
 WORLD = 2
@@ -32,8 +32,18 @@ def torchrun(path: Path, *args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(CHILD), str(path), *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(CHILD),
+        str(path),
+        *args,
     ]
     with open(log, "wb") as fh:
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300).returncode
@@ -89,12 +99,12 @@ def test_two_ranks_equal_one_rank(one_rank, two_ranks):
 @pytest.mark.parametrize("method", ["cosine", "trackstar"])
 def test_two_rank_scores_equal_one_rank(one_rank, two_ranks, setup, method):
     model, task, _ = setup
-    s1 = Index(one_rank).scores(child.QUERIES, method, model=model, task=task)
-    s2 = Index(two_ranks).scores(child.QUERIES, method, model=model, task=task)
+    s1 = METHODS[method](model, task).fit(Index(one_rank)).score(child.QUERIES).values
+    s2 = METHODS[method](model, task).fit(Index(two_ranks)).score(child.QUERIES).values
     assert s1.shape == (child.N_DOCS, len(child.QUERIES))
     np.testing.assert_allclose(s2, s1, rtol=1e-6, atol=1e-6)
-    q1 = Index(one_rank).query(child.QUERIES, method, top_k=5, bottom_k=3, model=model, task=task)
-    q2 = Index(two_ranks).query(child.QUERIES, method, top_k=5, bottom_k=3, block_rows=3, model=model, task=task)
+    q1 = query(Index(one_rank), child.QUERIES, method, top_k=5, bottom_k=3, model=model, task=task)
+    q2 = query(Index(two_ranks, block_rows=3), child.QUERIES, method, top_k=5, bottom_k=3, model=model, task=task)
     assert q2[["query_id", "side", "rank", "record"]].equals(q1[["query_id", "side", "rank", "record"]])
 
 
@@ -124,13 +134,25 @@ def test_two_rank_resume_recovers_each_rank(one_rank, two_ranks, tmp_path):
 def test_curvature_all_reduced_over_two_ranks_equals_one_process(tmp_path):
     """Each rank fits on its half of the records; the all-reduced factors equal a one-process fit."""
     import _curvature_child as cchild
+
     from headwater.curvature import Curvature, fit_curvature
 
     out = tmp_path / "curvature.safetensors"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(cchild.__file__).resolve()), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(Path(cchild.__file__).resolve()),
+        str(out),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     two = Curvature.load(out)
@@ -139,6 +161,6 @@ def test_curvature_all_reduced_over_two_ranks_equals_one_process(tmp_path):
     assert two.examples == one.examples == len(records)
     for name, m in one.modules.items():
         t = two.modules[name]
-        torch.testing.assert_close(t.q_a @ torch.diag(t.lam_a) @ t.q_a.T, m.q_a @ torch.diag(m.lam_a) @ m.q_a.T, rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(t.q_s @ torch.diag(t.lam_s) @ t.q_s.T, m.q_s @ torch.diag(m.lam_s) @ m.q_s.T, rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(t.corrected, m.corrected, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(t.q_a @ torch.diag(t.lam_a) @ t.q_a.T, m.q_a @ torch.diag(m.lam_a) @ m.q_a.T, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(t.q_s @ torch.diag(t.lam_s) @ t.q_s.T, m.q_s @ torch.diag(m.lam_s) @ m.q_s.T, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(t.corrected, m.corrected, rtol=1e-10, atol=1e-14)

@@ -1,4 +1,5 @@
-"""LDS, seed ceiling and leave-k-out, against synthetic datamodels and real retraining."""
+"""LDS, seed ceiling, leave-k-out and TRAK, against synthetic datamodels, real retraining and a
+closed form."""
 
 import functools
 
@@ -6,13 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_example_grads
 
-from headwater.curvature import CurvatureConfig, fit_curvature
-from headwater.evaluate import leave_k_out, lds, retrain_losses, seed_ceiling, subset_masks
-from headwater.methods.influence import InfluenceFunction
-from headwater.methods.trak import trak_scores
-from headwater.projection import ProjectionConfig
-from headwater.task import ClassificationTask
+from headwater import EKFAC, TRAK, InfluenceConfig, Loss, ModuleTask, Scores, TRAKConfig, UserError
+from headwater.config import CurvatureConfig, ProjectionConfig
+from headwater.methods.influence import dense_gauss_newton
+from headwater.metrics import lds, seed_ceiling
+from headwater.retrain import leave_k_out, retrain_outcomes, subset_masks
+
+
+def scores_of(values, direction="down"):
+    n, q = values.shape
+    return Scores(values, list(range(n)), list(range(q)), measurement={"name": "m", "direction": direction})
 
 
 def test_lds_recovers_an_exactly_linear_datamodel():
@@ -22,9 +28,18 @@ def test_lds_recovers_an_exactly_linear_datamodel():
     masks = subset_masks(n, m, 0.5, seed=1)
     assert (masks.sum(1) == 20).all()
     losses = -(masks @ tau)  # helpful examples (positive τ) lower the loss
-    assert lds(tau, masks, losses)[0] == pytest.approx(1.0)
-    assert lds(-tau, masks, losses)[0] == pytest.approx(-1.0)
-    assert abs(lds(rng.normal(size=(n, t)), masks, losses)[0]) < 0.3
+    assert lds(scores_of(tau), masks, losses)[0] == pytest.approx(1.0)
+    assert lds(scores_of(-tau), masks, losses)[0] == pytest.approx(-1.0)
+    assert lds(scores_of(tau, "up"), masks, -losses)[0] == pytest.approx(1.0)  # an output measured upwards
+    assert abs(lds(scores_of(rng.normal(size=(n, t))), masks, losses)[0]) < 0.3
+
+
+def test_lds_refuses_scores_of_other_data():
+    masks = subset_masks(40, 10, 0.5)
+    with pytest.raises(UserError, match="different data"):
+        lds(scores_of(np.zeros((41, 3))), masks, np.zeros((10, 3)))
+    with pytest.raises(UserError, match="targets"):
+        lds(scores_of(np.zeros((40, 3))), masks, np.zeros((10, 2)))
 
 
 def test_seed_ceiling_drops_with_seed_noise():
@@ -78,18 +93,18 @@ def train_and_measure(mask, seed):
 @pytest.fixture(scope="module")
 def retraining():
     masks = subset_masks(len(TRAIN), 40, 0.5, seed=3)
-    return masks, retrain_losses(train_and_measure, masks, seeds=[0], progress=False)[0]
+    return masks, retrain_outcomes(train_and_measure, masks, seeds=[0], progress=False)[0]
 
 
 def test_ekfac_and_trak_predict_retraining(retraining):
     masks, losses = retraining
     torch.manual_seed(0)
     model = fit(TRAIN)
-    task = ClassificationTask(dtype=torch.float64)
-    curv = fit_curvature(model, task, TRAIN, config=CurvatureConfig(fisher="true", damping=0.05, damping_mode="absolute", seed=1), progress=False)
-    influence = InfluenceFunction(model, task, curv).scores(TRAIN, QUERIES)
-    trak = trak_scores([model], task, TRAIN, QUERIES, projection=ProjectionConfig("none"), damping=1e-6)
-    random = np.random.default_rng(0).normal(size=influence.shape)
+    task = ModuleTask()
+    config = InfluenceConfig(curvature=CurvatureConfig(fisher="true", seed=1), damping=0.05, damping_mode="absolute")
+    influence = EKFAC(model, task, config).fit(TRAIN).score(QUERIES)
+    trak = TRAK(model, task, TRAKConfig(projection=ProjectionConfig("none"), damping=1e-6)).fit(TRAIN).score(QUERIES, Loss())
+    random = scores_of(np.random.default_rng(0).normal(size=influence.values.shape))
     got = {name: lds(s, masks, losses)[0] for name, s in [("ekfac", influence), ("trak", trak), ("random", random)]}
     assert got["ekfac"] > 0.85, got
     assert got["trak"] > 0.8, got
@@ -97,56 +112,78 @@ def test_ekfac_and_trak_predict_retraining(retraining):
 
 
 def test_trak_primal_and_dual_forms_agree():
+    """n < k uses the dual (n × n) inverse; the same kernel solved in the primal by hand."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
-    task = ClassificationTask(dtype=torch.float64)
-    few = trak_scores([model], task, TRAIN[:10], QUERIES, projection=ProjectionConfig("none"), damping=1e-2)  # n < k: dual
-    # the same problem, primal: repeat the kernel solve by hand
-    from headwater.collect import GradientCollector
-
-    col = GradientCollector(model, task, ProjectionConfig("none"))
-    phi = col(task.collate([task.encode(r)[0] for r in TRAIN[:10]]), task.per_example_output).double()
-    q = col(task.collate([task.encode(r)[0] for r in QUERIES]), task.per_example_output).double()
-    lam = 1e-2 * float((phi**2).sum() / phi.shape[1] / phi.shape[0]) * phi.shape[0]
+    task = ModuleTask()
+    config = TRAKConfig(projection=ProjectionConfig("none"), damping=1e-2)
+    few = TRAK(model, task, config).fit(TRAIN[:10]).score(QUERIES, dtype=np.float64)  # n < k: dual
+    assert few.measurement["name"] == "log-odds"
+    objective = lambda m, b: -task.log_odds(m, b)
+    phi = -torch.cat([g.flatten(1) for g in per_example_grads(model, task, TRAIN[:10], loss=objective).values()], 1)
+    q = -torch.cat([g.flatten(1) for g in per_example_grads(model, task, QUERIES, loss=objective).values()], 1)
     k = phi.shape[1]
+    lam = 1e-2 * float((phi**2).sum()) / k
     s = q @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(k, dtype=torch.float64), phi.T)
     with torch.no_grad():
-        p = torch.exp(-task.per_example_loss(model, task.collate([task.encode(r)[0] for r in TRAIN[:10]])))
-    np.testing.assert_allclose(few, (s.T * (1 - p[:, None])).numpy(), rtol=1e-6, atol=1e-10)
+        p = torch.exp(-task.loss(model, task.collate(TRAIN[:10])))
+    np.testing.assert_allclose(few.values, (s.T * (1 - p[:, None])).numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_trak_is_the_exact_derivative_for_linear_regression():
+    """Ridge regression: upweighting record i by ε moves the weights by (XᵀX + λI)⁻¹ x_i r_i ε (r the
+    residual), so the query prediction x_qᵀw by x_qᵀ(XᵀX + λI)⁻¹ x_i r_i. TRAK with the prediction as
+    output computes this kernel; it leaves out the squared error's output curvature (2), as it
+    leaves out p(1−p) for classification, so its scores are exactly twice the derivative."""
+    g = torch.Generator().manual_seed(0)
+    n, d, lam = 30, 5, 0.3
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    xq = torch.randn(4, d, generator=g, dtype=torch.float64)
+    w = torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=torch.float64), x.T @ y)  # the ridge optimum
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w[None])
+    task = ModuleTask("mse")
+    train = [{"x": x[i], "y": y[i]} for i in range(n)]
+    queries = [{"x": xq[j], "y": torch.tensor(0.0, dtype=torch.float64)} for j in range(4)]
+    damping = lam / float((x**2).sum() / d)  # TRAK's λ is relative to the mean eigenvalue of XᵀX
+    scores = TRAK(model, task, TRAKConfig(projection=ProjectionConfig("none"), damping=damping)).fit(train).score(queries, dtype=np.float64)
+    assert scores.measurement["name"] == "prediction"
+    residual = y - x @ w
+    derivative = (xq @ torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=torch.float64), x.T * residual)).T  # [n, q]
+    np.testing.assert_allclose(scores.values, 2 * derivative.numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_leave_k_out_top_proponents_hurt_more_than_random():
     torch.manual_seed(0)
     model = fit(TRAIN)
-    task = ClassificationTask(dtype=torch.float64)
-    from headwater.methods.influence import dense_gauss_newton
-
-    scores = InfluenceFunction(model, task, dense_gauss_newton(model, task, TRAIN, damping=0.05)).scores(TRAIN, QUERIES).mean(1)
+    task = ModuleTask()
+    config = InfluenceConfig(damping=0.05, damping_mode="absolute")
+    scores = EKFAC(model, task, config, curvature=dense_gauss_newton(model, task, TRAIN)).fit(TRAIN).score(QUERIES)
     out = leave_k_out(scores, 8, train_and_measure, seeds=[0])
-    assert out["top_k_removed"] > 0 and out["top_k_removed"] > out["random_removed"], out
+    # oriented outcomes (−loss): removing the top proponents lowers them, and more than random removal
+    assert out["top_k_removed"] < 0 and out["top_k_removed"] < out["random_removed"], out
 
 
 def test_retraining_can_use_several_processes():
     masks = subset_masks(len(TRAIN), 4, 0.5, seed=0)
     fn = functools.partial(train_and_measure)
-    serial = retrain_losses(fn, masks, seeds=[0], progress=False)
-    parallel = retrain_losses(fn, masks, seeds=[0], processes=2, progress=False)
+    serial = retrain_outcomes(fn, masks, seeds=[0], progress=False)
+    parallel = retrain_outcomes(fn, masks, seeds=[0], processes=2, progress=False)
     np.testing.assert_allclose(serial, parallel)
 
 
 def test_tail_patch_top_proponents_raise_the_target_more_than_random(gpt2, tokenizer, lm_records):
-    from headwater.collect import GradientCollector
-    from headwater.evaluate import tail_patch
-    from headwater.task import LanguageModelTask
+    from headwater import Dot, GradientConfig, LanguageModelTask
+    from headwater.retrain import tail_patch
 
     task = LanguageModelTask(tokenizer)
     train = lm_records + [{"text": "the capital of zorblat is quenti ."}, {"text": "zorblat has the capital quenti ."}]
     queries = [{"prompt": "the capital of zorblat is", "completion": " quenti"}]
-    col = GradientCollector(gpt2, task, ProjectionConfig("none"))
-    g_train = col(task.collate([task.encode(r)[0] for r in train]))
-    g_query = col(task.collate([task.encode(q)[0] for q in queries]))
-    scores = (g_train @ g_query.T).numpy()  # dot product: first-order change of −loss per unit step
+    # dot product of full gradients: the first-order change of −loss per unit step
+    scores = Dot(gpt2, task, GradientConfig(projection=ProjectionConfig("none"))).fit(train).score(queries)
     out = tail_patch(gpt2, task, train, queries, scores, k=2, lr=1e-2)
     assert out["top_k"] > 0 and out["top_k"] > out["random"], out
-    top2 = np.sort(scores[:, 0])[-2:]
+    top2 = np.sort(scores.values[:, 0])[-2:]
     assert out["top_k"] == pytest.approx(1e-2 * top2.mean(), rel=0.1)  # one small step: first order holds

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_example_grads
 
+import headwater as hw
 from headwater.collect import GradientCollector
-from headwater.curvature import CurvatureConfig, _batches, _loss_fn, fit_curvature
-from headwater.methods.influence import InfluenceFunction, dense_gauss_newton, full_gradients
-from headwater.projection import ProjectionConfig
-from headwater.task import ClassificationTask
+from headwater.config import CurvatureConfig, InfluenceConfig, ProjectionConfig
+from headwater.curvature import curvature_batches, fisher_loss, fit_curvature
+from headwater.methods.influence import EKFAC, KFAC, dense_gauss_newton, record_gradients
+from headwater.task import ModuleTask
 
 
 def logistic_data(n=60, d=4, classes=3, seed=0):
@@ -44,9 +46,10 @@ def test_dense_influence_matches_leave_one_out_retraining():
     reg = 1e-2
     torch.manual_seed(0)
     model = fit_logistic(torch.nn.Linear(4, 3).double(), records, torch.ones(len(records), dtype=torch.float64), reg)
-    task = ClassificationTask(dtype=torch.float64)
-    G = dense_gauss_newton(model, task, records, damping=reg)
-    scores = InfluenceFunction(model, task, G).scores(records, queries)  # [n, q]
+    task = ModuleTask()
+    G = dense_gauss_newton(model, task, records)
+    config = InfluenceConfig(damping=reg, damping_mode="absolute")
+    scores = EKFAC(model, task, config, curvature=G).fit(records).score(queries).values  # [n, q]
 
     qx = torch.stack([q["x"] for q in queries])
     qy = torch.tensor([q["y"] for q in queries])
@@ -71,24 +74,23 @@ def classifier(seed=0):
 
 def test_cg_refinement_converges_to_the_full_damped_solve():
     records = logistic_data(n=40)
-    model, task = classifier(), ClassificationTask(dtype=torch.float64)
-    model = model.double()
-    config = CurvatureConfig(fisher="true", batch_size=8, seed=4, damping=0.1)
-    curv = fit_curvature(model, task, records, config=config, progress=False)
+    model, task = classifier().double(), ModuleTask()
+    curvature = CurvatureConfig(fisher="true", batch_size=8, seed=4)
+    curv = fit_curvature(model, task, records, config=curvature, progress=False)
     queries = logistic_data(n=3, seed=2)
     # Dense full Fisher of the same sample (same sampled labels), with each module's damping.
     col = GradientCollector(model, task, ProjectionConfig("none"))
-    batches = _batches(task, records, config)
-    rows = torch.cat([col(b, _loss_fn(task, config, i)) for i, b in enumerate(batches)]).double()
+    batches = curvature_batches(task, records, curvature)
+    rows = torch.cat([col(b, fisher_loss(task, curvature, i)) for i, b in enumerate(batches)]).double()
     Fd = rows.T @ rows / rows.shape[0]
-    damp = torch.cat([torch.full((b - a,), curv.damping_for(n)) for n, (a, b) in col.segments.items()]).double()
+    damp = torch.cat([torch.full((b - a,), curv.damping_for(n, 0.1)) for n, (a, b) in col.segments.items()]).double()
     errors = []
     for steps in (0, 3, 80):  # condition number ~400: PCG needs ~80 steps to reach the float floor
-        inf = InfluenceFunction(model, task, curv, cg_steps=steps, cg_records=records)
-        g = inf.query_gradients(queries)
+        inf = EKFAC(model, task, InfluenceConfig(curvature=curvature, cg_steps=steps), curvature=curv).fit(records)
+        g = record_gradients(inf.collector, queries, hw.Loss())
         flat = lambda d: torch.cat([t.reshape(t.shape[0], -1) for t in d.values()], 1).double()
         want = torch.linalg.solve(Fd + torch.diag(damp), flat(g).T).T
-        got = flat(inf.precondition(g))
+        got = flat(inf.preconditioned_queries(queries, hw.Loss()))
         errors.append(((got - want).norm() / want.norm()).item())
     assert errors[1] < errors[0]
     assert errors[2] < 1e-4, errors
@@ -96,37 +98,61 @@ def test_cg_refinement_converges_to_the_full_damped_solve():
 
 @pytest.mark.parametrize("rank", [None, 9, 1])
 def test_streaming_scores_equal_dense_dot_products(rank):
+    """Streaming (optionally with rank-r queries) equals dense dot products of per-example
+    gradients with the preconditioned queries, truncated to rank r per module by an SVD."""
     records = logistic_data(n=20)
-    model, task = classifier(), ClassificationTask()
+    model, task = classifier().double(), ModuleTask()
     curv = fit_curvature(model, task, records, config=CurvatureConfig(batch_size=8), progress=False)
     queries = logistic_data(n=3, seed=3)
-    inf = InfluenceFunction(model, task, curv, rank=rank, batch_size=7)
-    h = inf.precondition(inf.query_gradients(queries))
-    train = full_gradients(inf.collector, [task.collate([task.encode(r)[0] for r in records])])
+    inf = EKFAC(model, task, InfluenceConfig(query_rank=rank, batch_size=7), curvature=curv).fit(records)
+    h = inf.preconditioned_queries(queries, hw.Loss())
+    train = per_example_grads(model, task, [task.whole(r) for r in records])
+    if rank is not None:  # the best rank-r approximation of each query direction, independently
+        h = {n: torch.stack([truncate(m, rank) for m in h[n]]) for n in h}
     want = sum(torch.einsum("noi,qoi->nq", train[n], h[n]) for n in h).numpy()
-    got = inf.scores(records, queries)
-    if rank in (None, 9):  # rank 9 >= every module's smaller side: the factorisation is exact
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
-    else:
-        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.5
-        assert not np.allclose(got, want, rtol=1e-3)
+    got = inf.score(queries, dtype=np.float64).values
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def truncate(m: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = np.linalg.svd(m.numpy(), full_matrices=False)
+    return torch.from_numpy((u[:, :r] * s[:r]) @ vh[:r])
+
+
+def test_custom_measurement_equals_autograd_preconditioned_by_hand():
+    """EK-FAC with the margin (log-odds) as the measurement: the autograd gradient of −margin per
+    query, times the dense inverse (Q_S⊗Q_A)(Λ*+λ)⁻¹(Q_S⊗Q_A)ᵀ, dotted with each training gradient."""
+    records, queries = logistic_data(n=24), logistic_data(n=3, seed=5)
+    model, task = classifier().double(), ModuleTask()
+    config = InfluenceConfig(curvature=CurvatureConfig(batch_size=8, seed=2), damping=0.1)
+    inf = EKFAC(model, task, config).fit(records)
+    got = inf.score(queries, hw.LogOdds(), dtype=np.float64)
+    assert got.measurement == {"name": "log-odds", "direction": "up"}
+    objective = lambda m, b: -task.log_odds(m, b)
+    q = per_example_grads(model, task, [task.whole(r) for r in queries], loss=objective)
+    train = per_example_grads(model, task, [task.whole(r) for r in records])
+    want = 0
+    for name, m in inf.curvature.modules.items():
+        basis = torch.kron(m.q_s, m.q_a)
+        lam = 0.1 * m.corrected.mean()
+        inverse = basis @ torch.diag(1 / (m.corrected.reshape(-1) + lam)) @ basis.T
+        want = want + train[name].flatten(1) @ inverse @ q[name].flatten(1).T
+    np.testing.assert_allclose(got.values, want.numpy(), rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("method", [EKFAC, KFAC])
 def test_index_influence_equals_streaming_scores(tmp_path, method):
-    """Through an index (projection none) the scores are exactly the streamed influence scores."""
-    import headwater as hw
-    from headwater.curvature import Curvature
-
+    """Through an index (projection none) the scores are the streamed influence scores; the
+    curvature is fitted once and saved beside the index."""
     records = [{"x": r["x"].tolist(), "y": r["y"]} for r in logistic_data(n=24)]
     queries = [{"x": r["x"].tolist(), "y": r["y"]} for r in logistic_data(n=3, seed=9)]
-    model, task = classifier().float(), ClassificationTask()
-    index = hw.build_index(tmp_path / "idx", model, records, task=task, config=hw.BuildConfig(projection="none", dtype="float32"), progress=False)
-    with pytest.raises(hw.UserError, match="no curvature"):
-        index.scores(queries, method=method, model=model, task=task)
-    index.fit_curvature(CurvatureConfig(seed=1, batch_size=8), model=model, task=task, progress=False)
-    got = index.scores(queries, method=method, model=model, task=task)
-    want = InfluenceFunction(model, task, Curvature.load(index.curvature_path), ekfac=method == "ekfac").scores(records, queries)
+    model, task = classifier().float(), ModuleTask()
+    build = hw.BuildConfig(projection=ProjectionConfig("none"), storage_dtype="float32")
+    index = hw.build_index(tmp_path / "idx", model, records, task=task, config=build, progress=False)
+    config = InfluenceConfig(curvature=CurvatureConfig(seed=1, batch_size=8))
+    got = method(model, task, config).fit(index).score(queries).values
+    assert len(list(tmp_path.glob("idx/curvature-*.safetensors"))) == 1
+    want = method(model, task, config).fit(records).score(queries).values
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
-    top = index.query(queries, method=method, model=model, task=task, top_k=3)
+    top = hw.query(index, queries, method(model, task, config), top_k=3)
     assert top.groupby("query_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()

@@ -10,14 +10,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import STORED_F32, assert_rel_close, reference_rows
 
 from headwater import BuildConfig, GradientCollector, LanguageModelTask, ProjectionConfig, UserError, build_index
 from headwater.data import fingerprint_records, load_records
 from headwater.toy import tiny_gpt2
 
-from test_collect import assert_rel_close, reference_rows
-
-CFG = dict(projection="factored", projection_dim=16, dtype="float32", batch_size=4)
+CFG = dict(projection=ProjectionConfig("factored", 16), storage_dtype="float32", batch_size=4)
 
 
 def build(path, model, data, tokenizer, max_length=None, **overrides):
@@ -128,6 +127,7 @@ def test_optimizer_state_not_a_state_dict(tmp_path, gpt2, tokenizer, lm_records)
 
 
 def test_truncation_warns_with_count_and_builds(tmp_path, gpt2, tokenizer, lm_records):
+    gpt2 = gpt2.double()
     max_length = 6
     # Record 0 is the longest, so it is also the record the build probes before writing anything.
     records = [lm_records[3]] + [r for i, r in enumerate(lm_records) if i != 3]
@@ -149,7 +149,7 @@ def test_truncation_warns_with_count_and_builds(tmp_path, gpt2, tokenizer, lm_re
     cfg = ProjectionConfig(**index.manifest["projection"])
     want = reference_rows(gpt2, task, cut, cfg)
     got = torch.from_numpy(np.concatenate([b.rows.numpy() for b in index.store.blocks()]))[k : k + 1]
-    assert_rel_close(got, want, 1e-5)
+    assert_rel_close(got, want, STORED_F32)
 
 
 # ------------------------------------------------------------------------------ record sources
@@ -185,16 +185,17 @@ def test_sources_load_the_same_records(tmp_path):
 
 
 def test_sources_build_identical_indexes(tmp_path, gpt2, tokenizer):
+    gpt2 = gpt2.double()
     sources = _write_sources(tmp_path)
     task = LanguageModelTask(tokenizer)
-    cfg = ProjectionConfig(CFG["projection"], CFG["projection_dim"])
+    cfg = CFG["projection"]
     want = reference_rows(gpt2, task, [task.encode(r)[0] for r in RECORDS], cfg)
     prints = set()
     for name, src in sources.items():
         index = build(tmp_path / f"idx-{name}", gpt2, src, tokenizer)
         prints.add(index.manifest["data"]["fingerprint"])
         rows = torch.cat([b.rows for b in index.store.blocks()])
-        assert_rel_close(rows, want)
+        assert_rel_close(rows, want, STORED_F32)
         assert index.train_ids == [r["id"] for r in RECORDS], name
         assert index.text(1) == RECORDS[1]["text"]
     assert len(prints) == 1
@@ -227,6 +228,7 @@ def test_chat_mask_is_exactly_the_assistant_turns(tokenizer):
 
 
 def test_chat_gradient_equals_hand_written_loss(gpt2, tokenizer):
+    gpt2 = gpt2.double()
     task = LanguageModelTask(tokenizer)
     other = {"messages": [{"role": "user", "content": "the river"}, {"role": "assistant", "content": "is green and old"}]}
     examples = [task.encode(CHAT)[0], task.encode(other)[0]]
@@ -251,7 +253,7 @@ def test_chat_gradient_equals_hand_written_loss(gpt2, tokenizer):
         for tm in tracked.values():
             w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
             parts.append(torch.cat([w, tm.module.bias.grad[:, None]], 1).reshape(-1))
-        assert_rel_close(row[None], torch.cat(parts)[None], 1e-5)
+        assert_rel_close(row[None], torch.cat(parts)[None])
 
 
 def test_multi_process_build_fails_in_one_line_before_launching(tmp_path):
@@ -265,8 +267,14 @@ def test_multi_process_build_fails_in_one_line_before_launching(tmp_path):
     cases = [("--data", "missing.jsonl", "idx2", "does not exist"), ("--data", "train.jsonl", "idx", "already exists")]
     (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
     for flag, data, index, needle in cases:
-        r = subprocess.run([sys.executable, "-m", "headwater", "build", index, "--model", "some/model", flag, data, "--nproc", "2"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "headwater", "build", index, "--model", "some/model", flag, data, "--nproc", "2"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed" not in r.stderr, r.stderr
         errors = [line for line in r.stderr.splitlines() if line.startswith("headwater: error:")]
         assert len(errors) == 1 and needle in errors[0] and r.stderr.rstrip().endswith(errors[0]), r.stderr

@@ -9,56 +9,27 @@ same amplification stays far below TOL."""
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_rel_close, ce, mlp, mlp_records, per_example_grads
 
 from headwater import UserError
 from headwater.collect import GradientCollector, tracked_modules
+from headwater.config import ProjectionConfig
 from headwater.normalizer import load_optimizer_state, module_scales
-from headwater.projection import ProjectionConfig, project
+from headwater.projection import project
 from headwater.task import LanguageModelTask, ModuleTask
-
-from test_collect import assert_rel_close
 
 EPS = 1e-8  # module_scales' default, equal to Adam's default eps
 TOL = 1e-9  # float64 round-off (1e-16) amplified by at most the range of 1/√v (< 1e7 here)
-
-
-def mlp(d_in=6, hidden=16, classes=8, seed=1, bias=True):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(d_in, hidden, bias=bias), torch.nn.Tanh(), torch.nn.Linear(hidden, classes, bias=False)
-    ).double()
-
-
-def ce(model, batch):
-    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
-
-
-def mlp_records(n=6, d_in=6, classes=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(d_in, generator=g, dtype=torch.float64), "y": i % classes} for i in range(n)]
 
 
 def train(model, task, records, opt, steps):
     model.train()
     for _ in range(steps):
         opt.zero_grad()
-        task.per_example_loss(model, task.collate(records)).mean().backward()
+        task.loss(model, task.collate(records)).mean().backward()
         opt.step()
     model.eval()
     model.zero_grad()
-
-
-def per_example_grads(model, task, examples, tracked):
-    """{module name: [B, d_out, d_in(+1)]} autograd gradients, bias as the last column."""
-    out = {name: [] for name in tracked}
-    for ex in examples:
-        model.zero_grad()
-        task.per_example_loss(model, task.collate([ex])).sum().backward()
-        for name, tm in tracked.items():
-            w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
-            out[name].append(torch.cat([w, tm.module.bias.grad[:, None]], 1) if tm.has_bias else w.clone())
-    model.zero_grad()
-    return {name: torch.stack(gs).double() for name, gs in out.items()}
 
 
 def adam_denominator(opt, p):
@@ -95,7 +66,7 @@ def normalised_reference(model, opt, tracked, grads, denominator):
 
 def _setup(kind, tokenizer, lm_records):
     if kind == "mlp":
-        model, task, records = mlp(), ModuleTask(ce), mlp_records()
+        model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
         # named parameters: the saved param_groups carry param_names
         opt = torch.optim.Adam(model.named_parameters(), lr=1e-2)
     else:
@@ -123,7 +94,7 @@ def test_adam_rows_are_gradients_over_sqrt_second_moment(tmp_path, tokenizer, lm
     cfg = ProjectionConfig("none")
     got = GradientCollector(model, task, cfg, scales=scales)(task.collate(records))
 
-    grads = per_example_grads(model, task, records, tracked)
+    grads = per_example_grads(model, task, records, list(tracked))
     want = normalised_reference(model, opt, tracked, grads, adam_denominator)
     want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1)
     assert_rel_close(got, want, TOL)
@@ -143,7 +114,7 @@ def test_adafactor_factored_fold_is_exact_for_rank_one_second_moment(tmp_path):
     tracked = tracked_modules(model, ["2"])  # Linear(16, 8, bias=False)
     assert not tracked["2"].has_bias
     scales = module_scales(model, tracked, load_optimizer_state(path))
-    grads = per_example_grads(model, task, records, tracked)
+    grads = per_example_grads(model, task, records, list(tracked))
     exact = normalised_reference(model, opt, tracked, grads, adafactor_denominator)["2"]
 
     cfg = ProjectionConfig("factored", dim=16, seed=5)
@@ -166,7 +137,7 @@ def test_adafactor_materialised_paths_apply_exact_scales(tmp_path):
     torch.save(opt.state_dict(), path)
     tracked = tracked_modules(model)
     scales = module_scales(model, tracked, load_optimizer_state(path))
-    grads = per_example_grads(model, task, records, tracked)
+    grads = per_example_grads(model, task, records, list(tracked))
     exact = normalised_reference(model, opt, tracked, grads, adafactor_denominator)
     for cfg in (ProjectionConfig("none"), ProjectionConfig("dense", dim=24, seed=2)):
         got = GradientCollector(model, task, cfg, scales=scales)(task.collate(records))
@@ -223,7 +194,7 @@ def test_missing_state_file_refused(tmp_path):
 def test_safetensors_state_equals_torch_save(tmp_path):
     from safetensors.torch import save_file
 
-    model, task, records = mlp(), ModuleTask(ce), mlp_records()
+    model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # default betas: safetensors keeps no param_groups
     train(model, task, records, opt, steps=3)
     sd = opt.state_dict()
@@ -237,7 +208,7 @@ def test_safetensors_state_equals_torch_save(tmp_path):
     for name in ("opt.safetensors", "opt.pt"):
         scales = module_scales(model, tracked, load_optimizer_state(tmp_path / name))
         rows[name] = GradientCollector(model, task, cfg, scales=scales)(task.collate(records))
-    grads = per_example_grads(model, task, records, tracked)
+    grads = per_example_grads(model, task, records, list(tracked))
     want = normalised_reference(model, opt, tracked, grads, adam_denominator)
     want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1)
     assert_rel_close(rows["opt.safetensors"], want, TOL)
@@ -246,7 +217,7 @@ def test_safetensors_state_equals_torch_save(tmp_path):
 
 def test_adam_uses_the_optimizers_own_eps(tmp_path):
     """A large user-set eps changes the scales: it must come from the saved param group."""
-    model, task, records = mlp(), ModuleTask(ce), mlp_records()
+    model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-3)
     train(model, task, records, opt, steps=3)
     path = tmp_path / "opt.pt"
@@ -254,7 +225,7 @@ def test_adam_uses_the_optimizers_own_eps(tmp_path):
     tracked = tracked_modules(model)
     scales = module_scales(model, tracked, load_optimizer_state(path))
     got = GradientCollector(model, task, ProjectionConfig("none"), scales=scales)(task.collate(records))
-    grads = per_example_grads(model, task, records, tracked)
+    grads = per_example_grads(model, task, records, list(tracked))
     big_eps = lambda o, p: adam_denominator(o, p) - EPS + 1e-3
     want = normalised_reference(model, opt, tracked, grads, big_eps)
     want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1)

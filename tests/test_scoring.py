@@ -1,18 +1,19 @@
-"""Index scores against dense numpy written from the math, on autograd reference gradients;
-span pooling; and the sign convention pinned by an actual gradient step."""
+"""Gradient-similarity scores against dense numpy written from the math, on autograd reference
+gradients (through an index and in memory); measurements; span pooling; and the sign convention
+pinned by an actual gradient step."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
+from reference import reference_rows
 
-from headwater import BuildConfig, LanguageModelTask, ProjectionConfig, build_index
+from headwater import METHODS, BuildConfig, Cosine, Dot, LanguageModelTask, LogOdds, LogProb, ProjectionConfig, TrackStarConfig, build_index, query
 from headwater.collect import tracked_modules
+from headwater.config import GradientConfig
 from headwater.precondition import mixing_weight
 from headwater.toy import tiny_gpt2
-
-from test_collect import reference_rows
 
 TRAIN = [
     {"text": "the capital of zorblat is quenti"},
@@ -47,20 +48,25 @@ PROJ = ProjectionConfig("factored", dim=16, seed=7)
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    return tiny_gpt2(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64).eval()
+    return tiny_gpt2(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64).eval().double()
 
 
 def _build(path, model, records, task, proj=PROJ):
-    config = BuildConfig(projection=proj.kind, projection_dim=proj.dim, seed=proj.seed, dtype="float32", batch_size=5)
+    config = BuildConfig(projection=proj, storage_dtype="float32", batch_size=5)
     return build_index(path, model, records, task=task, config=config, progress=False)
+
+
+def method(name, model, task, **options):
+    config = TrackStarConfig(**options) if name == "trackstar" else GradientConfig()
+    return METHODS[name](model, task, config)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, model, tokenizer):
     task = LanguageModelTask(tokenizer)
     index = _build(tmp_path_factory.mktemp("scoring") / "idx", model, TRAIN, task)
-    train = reference_rows(model, task, [task.encode(r)[0] for r in TRAIN], PROJ).double().numpy()
-    queries = reference_rows(model, task, [task.encode(r)[0] for r in QUERIES], PROJ).double().numpy()
+    train = reference_rows(model, task, [task.encode(r)[0] for r in TRAIN], PROJ).numpy()
+    queries = reference_rows(model, task, [task.encode(r)[0] for r in QUERIES], PROJ).numpy()
     blocks = [(s["start"], s["stop"]) for s in index.manifest["segments"]]
     assert len(blocks) == len(tracked_modules(model)) and blocks[-1][1] == train.shape[1]
     return index, task, train, queries, blocks
@@ -106,32 +112,50 @@ def np_scores(method, train, queries, blocks, **options):
 CASES = [
     ("dot", {}, {}),
     ("cosine", {}, {}),
-    ("trackstar", {"k": 2, "fit_rows": 100}, {"k": 2}),
-    ("trackstar", {"k": 0, "fit_rows": 100, "damping": 0.03}, {"k": 0, "damping": 0.03}),
-    ("trackstar", {"mix": 0.3, "fit_rows": 100}, {"mix": 0.3, "k": None}),
+    ("trackstar", {"mix_rank": 2, "fit_rows": 100}, {"k": 2}),
+    ("trackstar", {"mix_rank": 0, "fit_rows": 100, "damping": 0.03}, {"k": 0, "damping": 0.03}),
+    ("trackstar", {"mix": "0.3", "fit_rows": 100}, {"mix": 0.3, "k": None}),
+    ("trackstar", {"mix": "0", "fit_rows": 100}, {"mix": 0.0, "k": None}),
     # Default k (1000) is beyond both ranks (4 queries, 12 training rows per 16-dim block): it is
     # clipped to the smaller rank, i.e. the last nonzero eigenvalue of R_eval.
     ("trackstar", {"fit_rows": 100}, {"k": len(QUERIES) - 1}),
 ]
 
 
-@pytest.mark.parametrize("method,options,ref_options", CASES, ids=lambda x: str(x) if isinstance(x, str) else None)
-def test_scores_match_numpy(setup, model, method, options, ref_options):
+@pytest.mark.parametrize("name,options,ref_options", CASES, ids=lambda x: str(x) if isinstance(x, str) else None)
+@pytest.mark.parametrize("where", ["index", "memory"])
+def test_scores_match_numpy(setup, model, name, options, ref_options, where):
     index, task, train, queries, blocks = setup
-    got = index.scores(QUERIES, method, model=model, task=task, **options)
-    want = np_scores(method, train, queries, blocks, **ref_options)
-    assert got.shape == (len(TRAIN), len(QUERIES))
+    m = method(name, model, task, **options)
+    if where == "memory":
+        m.config.projection, m.config.batch_size = PROJ, 5
+    scores = m.fit(index if where == "index" else TRAIN).score(QUERIES)
+    got = scores.values
+    want = np_scores(name, train, queries, blocks, **ref_options)
+    assert got.shape == (len(TRAIN), len(QUERIES)) and scores.method == name
+    assert scores.train_ids == list(range(len(TRAIN))) and scores.query_ids == list(range(len(QUERIES)))
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * scale)
-    # and the ranking agrees
-    assert (got.argmax(0) == want.argmax(0)).all()
+    assert (got.argmax(0) == want.argmax(0)).all()  # and the ranking agrees
 
 
 def test_trackstar_mixing_differs_from_plain_cosine(setup, model):
     index, task, train, queries, blocks = setup
-    ts = index.scores(QUERIES, "trackstar", model=model, task=task, k=2, fit_rows=100)
-    cos = index.scores(QUERIES, "cosine", model=model, task=task)
+    ts = method("trackstar", model, task, mix_rank=2, fit_rows=100).fit(index).score(QUERIES).values
+    cos = Cosine(model, task).fit(index).score(QUERIES).values
     assert np.abs(ts - cos).max() > 0.05  # the preconditioner does something
+
+
+def test_measurements_are_gradients_of_their_objective(setup, model):
+    """LogOdds: the query side is the gradient of its objective, −log p/(1-p) (a step on a training
+    example that raises the log-odds scores positive); LogProb ranks exactly as the loss does."""
+    index, task, train, queries, blocks = setup
+    dot = Dot(model, task).fit(index)
+    log_odds = dot.score(QUERIES, LogOdds())
+    want = train @ reference_rows(model, task, [task.encode(r)[0] for r in QUERIES], PROJ, loss=lambda m, b: -task.log_odds(m, b)).numpy().T
+    np.testing.assert_allclose(log_odds.values, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    assert log_odds.measurement == {"name": "log-odds", "direction": "up"}
+    np.testing.assert_allclose(dot.score(QUERIES, LogProb()).values, dot.score(QUERIES).values, rtol=1e-6)
 
 
 def test_mixing_weight_clips_k_to_the_ranks():
@@ -147,12 +171,12 @@ def test_mixing_weight_clips_k_to_the_ranks():
         assert 0 < mixing_weight(s_t, s_e, 1000) < 1
 
 
-@pytest.mark.parametrize("method", ["dot", "cosine", "trackstar"])
-def test_aggregate_is_mean_of_per_query_scores(setup, model, method):
+@pytest.mark.parametrize("name", ["dot", "cosine", "trackstar"])
+def test_aggregate_is_mean_of_per_query_scores(setup, model, name):
     index, task, train, queries, blocks = setup
-    options = {"k": 2, "fit_rows": 100} if method == "trackstar" else {}
-    agg = index.scores(QUERIES, method, model=model, task=task, aggregate=True, **options)
-    want = np_scores(method, train, queries, blocks, **({"k": 2} if method == "trackstar" else {})).mean(1, keepdims=True)
+    options = {"mix_rank": 2, "fit_rows": 100} if name == "trackstar" else {}
+    agg = method(name, model, task, **options).fit(index).score(QUERIES).mean_query().values
+    want = np_scores(name, train, queries, blocks, **({"k": 2} if name == "trackstar" else {})).mean(1, keepdims=True)
     assert agg.shape == (len(TRAIN), 1)
     np.testing.assert_allclose(agg, want, rtol=0, atol=2e-4 * np.abs(want).max())
 
@@ -161,7 +185,7 @@ def test_aggregate_is_mean_of_per_query_scores(setup, model, method):
 def test_span_index_pools_sentence_rows(tmp_path, model, tokenizer, pool):
     span_task = LanguageModelTask(tokenizer, unit="sentence")
     index = _build(tmp_path / "spans", model, SPAN_TRAIN, span_task)
-    assert index.pooled
+    assert index.unit == "sentence"
     want_ids = [(r, u) for r, n in enumerate(SPAN_SENTENCES) for u in range(n)]
     assert [tuple(x) for x in index.store.ids()] == want_ids
 
@@ -169,14 +193,14 @@ def test_span_index_pools_sentence_rows(tmp_path, model, tokenizer, pool):
     examples = [ex for r in SPAN_TRAIN for ex in span_task.encode(r)]
     assert len(examples) == len(want_ids)
     doc_task = LanguageModelTask(tokenizer)
-    rows = reference_rows(model, doc_task, examples, PROJ).double().numpy()
-    queries = reference_rows(model, doc_task, [doc_task.encode(q)[0] for q in QUERIES], PROJ).double().numpy()
+    rows = reference_rows(model, doc_task, examples, PROJ).numpy()
+    queries = reference_rows(model, doc_task, [doc_task.encode(q)[0] for q in QUERIES], PROJ).numpy()
     sentence_scores = unit(rows) @ unit(queries).T
     rec = np.array([r for r, _ in want_ids])
     reduce = np.max if pool == "max" else np.mean
     want = np.stack([reduce(sentence_scores[rec == r], axis=0) for r in range(len(SPAN_TRAIN))])  # [records, q]
 
-    frame = index.query(QUERIES, "cosine", top_k=len(SPAN_TRAIN), pool=pool, model=model, task=doc_task)
+    frame = query(index, QUERIES, "cosine", top_k=len(SPAN_TRAIN), pool=pool, model=model, task=doc_task)
     top = frame[frame.side == "top"]
     assert (top.unit == -1).all() and len(top) == len(SPAN_TRAIN) * len(QUERIES)
     for (qi, r), score in zip(zip(top.query_id, top.record), top.score):
@@ -185,22 +209,23 @@ def test_span_index_pools_sentence_rows(tmp_path, model, tokenizer, pool):
         ranked = top[top.query_id == qi]
         assert ranked["rank"].tolist() == list(range(1, len(SPAN_TRAIN) + 1))
         assert (np.diff(ranked.score.to_numpy()) <= 0).all()
+    scores = Cosine(model, span_task, GradientConfig(pool=pool)).fit(index).score(QUERIES)  # the same as Scores
+    np.testing.assert_allclose(scores.values, want, rtol=0, atol=1e-4)
 
 
 def test_sign_convention_by_a_gradient_step(tmp_path, model, tokenizer):
     """Top under "dot": an SGD step on it lowers the query loss; bottom: raises it (first order)."""
     task = LanguageModelTask(tokenizer)
     index = _build(tmp_path / "none", model, TRAIN, task, ProjectionConfig("none"))
-    query = [QUERIES[0]]
-    scores = index.scores(query, "dot", model=model, task=task)[:, 0]
+    scores = Dot(model, task).fit(index).score([QUERIES[0]]).values[:, 0]
     top, bottom = int(scores.argmax()), int(scores.argmin())
     assert scores[top] > 0 > scores[bottom], scores
 
     def query_loss(m):
         with torch.no_grad():
-            return float(task.per_example_loss(m, task.collate(task.encode(QUERIES[0]))).sum())
+            return float(task.loss(m, task.collate(task.encode(QUERIES[0]))).sum())
 
-    base = copy.deepcopy(model).double()
+    base = copy.deepcopy(model)
     tracked = [p for tm in tracked_modules(base).values() for p in tm.module.parameters()]
     loss0 = query_loss(base)
     lr = 1e-3 / np.abs(scores).max()
@@ -208,7 +233,7 @@ def test_sign_convention_by_a_gradient_step(tmp_path, model, tokenizer):
         stepped = copy.deepcopy(base)
         params = [p for tm in tracked_modules(stepped).values() for p in tm.module.parameters()]
         assert len(params) == len(tracked)
-        loss = task.per_example_loss(stepped, task.collate(task.encode(TRAIN[i]))).sum()
+        loss = task.loss(stepped, task.collate(task.encode(TRAIN[i]))).sum()
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads):

@@ -5,13 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from reference import per_example_grads
 
-from headwater.collect import GradientCollector
-from headwater.curvature import CurvatureConfig, fit_curvature
-from headwater.methods.influence import InfluenceFunction, loss_gradients
-from headwater.methods.source import Segment, segments_from_trainer_state, source_scores
-from headwater.projection import ProjectionConfig
-from headwater.task import ClassificationTask
+from headwater import EKFAC, SOURCE, InfluenceConfig, ModuleTask, Segment, SourceConfig, segments_from_trainer_state
+from headwater.config import CurvatureConfig
 
 
 def setup():
@@ -22,34 +19,38 @@ def setup():
     queries = [{"x": x[i], "y": int(y[i])} for i in range(24, 30)]
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2).double()
-    return model, ClassificationTask(dtype=torch.float64), records, queries
+    return model, ModuleTask(), records, queries
 
 
 CONFIG = CurvatureConfig(fisher="true", seed=2)
 
 
+def source_scores(model, task, records, queries, segments, curvature=CONFIG, momentum=0.0):
+    config = SourceConfig(curvature=curvature, momentum=momentum)
+    return SOURCE(segments, task, config, final_model=model).fit(records).score(queries, dtype=np.float64).values
+
+
 def test_small_step_limit_is_tracin():
     model, task, records, queries = setup()
     eta_k = 1e-7
-    got = source_scores(model, task, records, queries, [Segment([model], lr=eta_k, steps=1)], CONFIG)
-    col = GradientCollector(model, task, ProjectionConfig("none"))
-    tr, q = loss_gradients(col, records), loss_gradients(col, queries)
+    got = source_scores(model, task, records, queries, [Segment([model], lr=eta_k, steps=1)])
+    tr, q = per_example_grads(model, task, records), per_example_grads(model, task, queries)
     want = eta_k * sum(torch.einsum("noi,qoi->nq", tr[n], q[n]) for n in tr).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12 * np.abs(want).max())
 
 
 def test_long_training_limit_is_the_influence_function():
     model, task, records, queries = setup()
-    got = source_scores(model, task, records, queries, [Segment([model], lr=1.0, steps=10**9)], CONFIG)
-    curv = fit_curvature(model, task, records, config=CurvatureConfig(fisher="true", seed=2, damping=1e-12, damping_mode="absolute"), progress=False)
-    want = InfluenceFunction(model, task, curv).scores(records, queries)
+    got = source_scores(model, task, records, queries, [Segment([model], lr=1.0, steps=10**9)])
+    config = InfluenceConfig(curvature=CONFIG, damping=1e-12, damping_mode="absolute")
+    want = EKFAC(model, task, config).fit(records).score(queries, dtype=np.float64).values
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
 
 
 def test_momentum_lengthens_the_effective_step():
     model, task, records, queries = setup()
-    a = source_scores(model, task, records, queries, [Segment([model], lr=0.05, steps=40)], CONFIG, momentum=0.75)
-    b = source_scores(model, task, records, queries, [Segment([model], lr=0.2, steps=40)], CONFIG)
+    a = source_scores(model, task, records, queries, [Segment([model], lr=0.05, steps=40)], momentum=0.75)
+    b = source_scores(model, task, records, queries, [Segment([model], lr=0.2, steps=40)])
     np.testing.assert_allclose(a, b, rtol=1e-10)
 
 
@@ -58,11 +59,11 @@ def test_two_segments_differ_from_one_and_sum_their_parts():
     exp(−ηK H̄) of the later one: the total is not the sum of the segments scored alone."""
     model, task, records, queries = setup()
     early, late = Segment([model], lr=0.1, steps=20), Segment([model], lr=0.1, steps=30)
-    both = source_scores(model, task, records, queries, [early, late], CONFIG)
-    one = source_scores(model, task, records, queries, [Segment([model], lr=0.1, steps=50)], CONFIG)
+    both = source_scores(model, task, records, queries, [early, late])
+    one = source_scores(model, task, records, queries, [Segment([model], lr=0.1, steps=50)])
     # same checkpoint in both segments: H̄ is shared, so the two-segment walk equals one long segment
-    np.testing.assert_allclose(both, one, rtol=1e-4, atol=1e-6)  # float32 streaming
-    alone = sum(source_scores(model, task, records, queries, [s], CONFIG) for s in (early, late))
+    np.testing.assert_allclose(both, one, rtol=1e-9, atol=1e-12)
+    alone = sum(source_scores(model, task, records, queries, [s]) for s in (early, late))
     assert not np.allclose(both, alone, rtol=1e-3)
 
 

@@ -4,6 +4,7 @@ Every build here is the deterministic tiny build of `_build_child.py` (60 one-ro
 shards of 4 rows, batches of 2), so an uninterrupted build is a byte-exact reference.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,12 +15,24 @@ import sys
 import time
 from pathlib import Path
 
+import _build_child as child
 import numpy as np
 import pytest
 import torch
 
-import _build_child as child
-from headwater import ChecksumError, GradientCollector, GradientStore, Index, UserError, build_index
+from headwater import (
+    METHODS,
+    ChecksumError,
+    Cosine,
+    GradientCollector,
+    GradientStore,
+    Index,
+    LanguageModelTask,
+    TrackStar,
+    UserError,
+    build_index,
+    query,
+)
 
 CHILD = Path(child.__file__).resolve()
 N_SHARDS = child.N_DOCS // child.SHARD_ROWS
@@ -72,8 +85,8 @@ def assert_equals_baseline(path: Path, baseline: Path, setup) -> None:
     np.testing.assert_array_equal(got.ids(), want.ids())
     assert torch.equal(stored_rows(path), stored_rows(baseline))
     model, task, _ = setup
-    s_got = Index(path).scores(child.QUERIES, "cosine", model=model, task=task)
-    s_want = Index(baseline).scores(child.QUERIES, "cosine", model=model, task=task)
+    s_got = Cosine(model, task).fit(Index(path)).score(child.QUERIES).values
+    s_want = Cosine(model, task).fit(Index(baseline)).score(child.QUERIES).values
     np.testing.assert_array_equal(s_got, s_want)
     # Nothing but the journaled shards is left behind, and the lock is gone.
     assert sorted(p.name for p in (path / "shards").iterdir()) == sorted(p.name for p in (baseline / "shards").iterdir())
@@ -85,20 +98,25 @@ class Interrupt(Exception):
     """Stands in for a crash inside an in-process build."""
 
 
+@dataclasses.dataclass(frozen=True)
+class CrashingTask(LanguageModelTask):
+    """The build's task (same `describe()`), crashing while computing batch `after + 1`."""
+
+    after: int = 0
+    calls: list = dataclasses.field(default_factory=list, compare=False)
+
+    def loss(self, model, batch, sample=None):
+        self.calls.append(1)
+        if len(self.calls) > self.after:
+            raise Interrupt
+        return super().loss(model, batch, sample)
+
+
 def interrupted_build(path: Path, batches: int) -> None:
     """Build in-process and crash while computing batch `batches + 1`; no manifest is written."""
     model, task, records = child.setup()
-    loss, calls = task.per_example_loss, []
-
-    def crashing_loss(m, batch):
-        calls.append(1)
-        if len(calls) > batches:
-            raise Interrupt
-        return loss(m, batch)
-
-    task.per_example_loss = crashing_loss
     with pytest.raises(Interrupt):
-        build_index(path, model, records, task=task, config=child.config(), progress=False)
+        build_index(path, model, records, task=CrashingTask(task.tokenizer, after=batches), config=child.config(), progress=False)
     assert not (path / "manifest.json").exists()
 
 
@@ -329,9 +347,9 @@ def test_corrupt_shard_raises_checksum_error(baseline, setup, tmp_path, kind):
     with pytest.raises(ChecksumError):
         list(GradientStore(path).blocks())
     with pytest.raises(ChecksumError):
-        Index(path).query(child.QUERIES, model=model, task=task, top_k=3)
+        query(Index(path), child.QUERIES, model=model, task=task, top_k=3)
     with pytest.raises(ChecksumError):
-        Index(path).scores(child.QUERIES, "trackstar", model=model, task=task)
+        TrackStar(model, task).fit(Index(path)).score(child.QUERIES)
     if name.startswith("r000-s000000"):  # the first shard is checked before the first block
         with pytest.raises(ChecksumError):
             next(GradientStore(path).blocks())
@@ -350,12 +368,12 @@ def test_flipped_byte_is_caught_only_by_the_checksum(baseline, tmp_path):
 def test_corruption_after_a_query_is_caught_by_the_same_index(baseline, setup, tmp_path):
     path = copy_of(baseline, tmp_path)
     model, task, _ = setup
-    index = Index(path)
-    index.query(child.QUERIES, model=model, task=task, top_k=3)
+    method = Cosine(model, task).fit(Index(path))
+    query(None, child.QUERIES, method, top_k=3)
     time.sleep(0.01)
     flip_byte(path / "shards" / "r000-s000003.npy", where="start")
     with pytest.raises(ChecksumError):
-        index.query(child.QUERIES, model=model, task=task, top_k=3)
+        query(None, child.QUERIES, method, top_k=3)
 
 
 # ----------------------------------------------------------------------------------- dtypes
@@ -365,7 +383,7 @@ def test_corruption_after_a_query_is_caught_by_the_same_index(baseline, setup, t
 def collector_rows(setup) -> torch.Tensor:
     """The collector's float32 rows for the build's batches (pairs of records, in order)."""
     model, task, records = setup
-    collector = GradientCollector(model, task, child.config().projection_config())
+    collector = GradientCollector(model, task, child.config().projection)
     bs = child.BATCH_SIZE
     return torch.cat([collector(task.collate([task.encode(r)[0] for r in records[i : i + bs]])) for i in range(0, len(records), bs)])
 
@@ -399,11 +417,11 @@ def test_streaming_top_and_bottom_k_equal_dense_argsort(baseline, setup, method)
     index = Index(baseline)
     ids = index.store.ids()
     np.testing.assert_array_equal(ids, np.stack([np.arange(child.N_DOCS), np.zeros(child.N_DOCS, int)], 1))
-    dense = index.scores(child.QUERIES, method, model=model, task=task)
+    dense = METHODS[method](model, task).fit(index).score(child.QUERIES).values
     assert dense.shape == (child.N_DOCS, len(child.QUERIES))
     top_k, bottom_k = 7, 5
     # block_rows=3 with 4-row shards: blocks never span shards and the top-k merges 30 blocks.
-    frame = index.query(child.QUERIES, method, top_k=top_k, bottom_k=bottom_k, block_rows=3, model=model, task=task)
+    frame = query(Index(baseline, block_rows=3), child.QUERIES, method, top_k=top_k, bottom_k=bottom_k, model=model, task=task)
     assert len(frame) == len(child.QUERIES) * (top_k + bottom_k)
     for q in range(len(child.QUERIES)):
         for side, k, order in (("top", top_k, np.argsort(-dense[:, q], kind="stable")), ("bottom", bottom_k, np.argsort(dense[:, q], kind="stable"))):
@@ -418,8 +436,8 @@ def test_query_records_of_mixed_formats(baseline, setup):
     """Queries in different formats in one list each get their own format's gradient."""
     model, task, _ = setup
     index = Index(baseline)
-    together = index.gradients(child.QUERIES, model=model, task=task)
-    alone = torch.cat([index.gradients([q], model=model, task=task) for q in child.QUERIES])
+    together = index.query_rows(child.QUERIES, model=model, task=task)
+    alone = torch.cat([index.query_rows([q], model=model, task=task) for q in child.QUERIES])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
 
 

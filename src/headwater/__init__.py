@@ -2,31 +2,100 @@
 
     import headwater as hw
     index = hw.build_index("runs/idx", model, records, task=hw.LanguageModelTask(tokenizer))
-    top = index.query(queries, method="trackstar", top_k=20)
+    scores = hw.TrackStar().fit(index).score(queries)          # hw.Scores [records, queries]
+    top = scores.top_k(20, records=index.records)             # a DataFrame
+
+Every method is `Method(model, task, config).fit(train).score(queries, measurement=...)`.
 """
 
-from .build import BuildConfig, build_index
+from .build import build_index
 from .collect import GradientCollector, tracked_modules
-from .curvature import Curvature, CurvatureConfig, fit_curvature
+from .config import (
+    BuildConfig,
+    CurvatureConfig,
+    GradientConfig,
+    InfluenceConfig,
+    LDSConfig,
+    MagicConfig,
+    ProjectionConfig,
+    SourceConfig,
+    TracInConfig,
+    TrackStarConfig,
+    TrainConfig,
+    TRAKConfig,
+)
+from .curvature import Curvature, fit_curvature
 from .errors import UserError
-from .evaluate import RetrainLM, leave_k_out, lds, retrain_losses, seed_ceiling, subset_masks, tail_patch
 from .index import Index
-from .methods.gradient import CosineScorer, Scorer, TrackStarScorer, make_scorer
-from .methods.influence import InfluenceFunction, dense_gauss_newton
-from .methods.magic import Trainer, TrainingRun, magic_scores
-from .methods.source import Segment, segments_from_trainer_state, source_scores
-from .methods.tracin import tracin
-from .methods.trak import trak_scores
-from .projection import ProjectionConfig
+from .measurement import Concept, Function, LogOdds, LogProb, Loss, Measurement, Prediction
+from .methods import BM25, EKFAC, KFAC, MAGIC, METHODS, SOURCE, TRAK, Cosine, Dot, InfluenceFunction, TracIn, TrackStar
+from .methods.influence import dense_gauss_newton
+from .methods.source import Segment, segments_from_trainer_state
+from .metrics import lds, retrieval_metrics, seed_ceiling
+from .query import query
+from .retrain import RetrainLM, leave_k_out, retrain_outcomes, subset_masks, tail_patch
+from .scores import Scores
 from .store import ChecksumError, GradientStore
-from .task import ClassificationTask, LanguageModelTask, ModuleTask
+from .task import LanguageModelTask, ModuleTask, Task
+from .training import Replay
 
 __all__ = [
-    "BuildConfig", "build_index", "GradientCollector", "tracked_modules", "Curvature", "CurvatureConfig",
-    "fit_curvature", "UserError", "RetrainLM", "leave_k_out", "lds", "retrain_losses", "seed_ceiling", "subset_masks", "tail_patch",
-    "Index", "CosineScorer", "Scorer", "TrackStarScorer", "make_scorer", "InfluenceFunction",
-    "dense_gauss_newton", "Trainer", "TrainingRun", "magic_scores", "Segment", "segments_from_trainer_state",
-    "source_scores", "tracin", "trak_scores", "ProjectionConfig", "ChecksumError", "GradientStore",
-    "ClassificationTask", "LanguageModelTask", "ModuleTask",
+    "build_index",
+    "GradientCollector",
+    "tracked_modules",
+    "BuildConfig",
+    "CurvatureConfig",
+    "GradientConfig",
+    "InfluenceConfig",
+    "LDSConfig",
+    "MagicConfig",
+    "ProjectionConfig",
+    "SourceConfig",
+    "TracInConfig",
+    "TrackStarConfig",
+    "TrainConfig",
+    "TRAKConfig",
+    "Curvature",
+    "fit_curvature",
+    "UserError",
+    "Index",
+    "Concept",
+    "Function",
+    "LogOdds",
+    "LogProb",
+    "Loss",
+    "Measurement",
+    "Prediction",
+    "BM25",
+    "EKFAC",
+    "KFAC",
+    "MAGIC",
+    "METHODS",
+    "SOURCE",
+    "TRAK",
+    "Cosine",
+    "Dot",
+    "InfluenceFunction",
+    "TracIn",
+    "TrackStar",
+    "dense_gauss_newton",
+    "Segment",
+    "segments_from_trainer_state",
+    "lds",
+    "retrieval_metrics",
+    "seed_ceiling",
+    "query",
+    "RetrainLM",
+    "leave_k_out",
+    "retrain_outcomes",
+    "subset_masks",
+    "tail_patch",
+    "Scores",
+    "ChecksumError",
+    "GradientStore",
+    "LanguageModelTask",
+    "ModuleTask",
+    "Task",
+    "Replay",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -11,90 +11,31 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .collect import GradientCollector, model_fingerprint, tracked_modules
+from .collect import GradientCollector, model_fingerprint, record_rows, tracked_modules
+from .config import BuildConfig
 from .data import fingerprint_records, load_records
 from .errors import UserError
+from .index import Index
+from .models import load_model
 from .normalizer import load_optimizer_state, module_scales
-from .projection import ProjectionConfig
 from .store import DTYPES, BuildLock, ShardWriter, prepare_directory, read_json, sha256_file, write_json, write_manifest
-from .task import LanguageModelTask, Task
+from .task import LanguageModelTask, Task, warn_encoding_problems
 
 SHARD_BYTES = 1 << 27
-
-
-@dataclass
-class BuildConfig:
-    """Everything that determines an index; saved as `config.json` so a build can be replayed.
-
-    `projection_dim` is per tracked module. `modules` are fnmatch globs (default: the linear layers
-    inside the model's blocks). `unit="sentence"` stores one row per sentence (span-level).
-    """
-
-    model: str | None = None
-    data: str | None = None
-    projection: str = "factored"
-    projection_dim: int = 4096
-    seed: int = 0
-    modules: list[str] | None = None
-    dtype: str = "float16"
-    batch_size: int = 8
-    max_length: int | None = None
-    format: str = "auto"
-    unit: str = "document"
-    optimizer_state: str | None = None
-    shard_rows: int | None = None
-    device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.unit not in ("document", "sentence", "token"):
-            raise UserError(f"unknown unit {self.unit!r}; choose document, sentence or token")
-        self.projection_config()  # validates kind and dim
-
-    def projection_config(self) -> ProjectionConfig:
-        return ProjectionConfig(self.projection, self.projection_dim, self.seed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BuildConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown build config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 def absolute_paths(config: BuildConfig) -> BuildConfig:
     """Local model/data/optimizer paths made absolute, so a saved config.json works from anywhere."""
     local = {k: str(Path(v).resolve()) for k in ("model", "data", "optimizer_state") if isinstance(v := getattr(config, k), str) and Path(v).exists()}
     return dataclasses.replace(config, **local)
-
-
-def load_model(name: str, device: str = "cpu"):
-    """(model, tokenizer) for a causal LM from a local path or hub id, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name)
-    except Exception as exc:
-        raise UserError(f"could not load model {name!r}: {exc}") from exc
-    return model.to(device).eval(), tokenizer
 
 
 def distributed() -> tuple[int, int]:
@@ -137,7 +78,7 @@ def index_header(config: BuildConfig, collector: GradientCollector, model, task:
         "data": {"source": config.data, "fingerprint": fingerprint_records(records), "records": len(records)},
         "segments": [{"name": n, "start": a, "stop": b} for n, (a, b) in collector.segments.items()],
         "dim": collector.dim,
-        "dtype": config.dtype,
+        "dtype": config.storage_dtype,
         "world_size": world,
     }
 
@@ -158,8 +99,6 @@ def build_index(
     `config.data` (a file, saved data set or hub name). `task` defaults to a
     `LanguageModelTask` with the model's tokenizer. Returns the opened `Index`.
     """
-    from .index import Index
-
     config = absolute_paths(config or BuildConfig())
     path = Path(path)
     rank, world = distributed()
@@ -175,13 +114,11 @@ def build_index(
             raise UserError("pass a task (or a model path whose tokenizer can be loaded)")
         task = LanguageModelTask(tokenizer, config.max_length, config.format, config.unit)
     task.encode(records[0])  # fail on a bad first record before anything is written
-    if isinstance(task, LanguageModelTask):  # count only this build's examples, not the probe above
-        task.stats.update(examples=0, truncated=0, empty=0)
     scales = None
     if config.optimizer_state:
         tracked = tracked_modules(model, config.modules)
-        scales = module_scales(model, tracked, load_optimizer_state(config.optimizer_state), materialise=config.projection != "factored")
-    collector = GradientCollector(model, task, config.projection_config(), config.modules, scales)
+        scales = module_scales(model, tracked, load_optimizer_state(config.optimizer_state), materialise=config.projection.kind != "factored")
+    collector = GradientCollector(model, task, config.projection, config.modules, scales)
     header = index_header(config, collector, model, task, records, world)
 
     error, complete, created = None, False, not path.exists()
@@ -205,18 +142,17 @@ def build_index(
         return Index(path)
 
     lo, hi = rank * len(records) // world, (rank + 1) * len(records) // world
-    shard_rows = config.shard_rows or max(1, SHARD_BYTES // (collector.dim * np.dtype(DTYPES[config.dtype][1]).itemsize))
+    shard_rows = config.shard_rows or max(1, SHARD_BYTES // (collector.dim * np.dtype(DTYPES[config.storage_dtype][1]).itemsize))
     try:
         with BuildLock(path / "locks" / f"r{rank:03d}.lock"):
-            writer = ShardWriter(path, rank, collector.dim, config.dtype, shard_rows, resume)
+            writer = ShardWriter(path, rank, collector.dim, config.storage_dtype, shard_rows, resume)
             start = writer.next_record if writer.next_record is not None else lo
-            _collect_range(collector, task, records, start, hi, config.batch_size, writer, progress and rank == 0)
+            problems, examples = _collect_range(collector, task, records, start, hi, config.batch_size, writer, progress and rank == 0)
     except UserError:
         if created and rank == 0 and world == 1:  # bad input in a fresh build: leave nothing behind
             shutil.rmtree(path, ignore_errors=True)
         raise
-    if isinstance(task, LanguageModelTask):
-        task.warn_truncation()
+    warn_encoding_problems(task, problems, examples)
     _barrier(world)
     if rank == 0:
         write_manifest(path, header, world)
@@ -238,30 +174,16 @@ def _check_same_build(path: Path, header: dict) -> None:
             raise UserError(f"cannot resume {path}: its {key} differs from this build's ({old.get(key)} vs {header.get(key)})")
 
 
-def _collect_range(collector, task, records, start: int, stop: int, batch_size: int, writer: ShardWriter, progress: bool) -> None:
-    """Gradients of records [start, stop) in batches of `batch_size` units, appended to `writer`."""
+def _collect_range(collector, task, records, start: int, stop: int, batch_size: int, writer: ShardWriter, progress: bool) -> tuple[Counter, int]:
+    """Rows of records [start, stop) appended to `writer`; returns the encoding problems seen
+    (`task.check` counts) and the number of examples."""
     bar = tqdm(total=stop - start, desc="build", unit="doc", disable=not progress)
-    pending: list[tuple[int, int, Any]] = []
-
-    def run(batch_items, done: int) -> None:
-        rows = collector(task.collate([ex for _, _, ex in batch_items]))
-        ids = np.array([(r, u) for r, u, _ in batch_items], dtype=np.int64)
+    problems: Counter = Counter()
+    seen = start
+    for rows, ids, done in record_rows(collector, task, records, start, stop, batch_size, problems):
         writer.add(rows, ids, done)
-
-    token_units = getattr(task, "unit", None) == "token"
-    for rec in range(start, stop):
-        if token_units:  # one forward per record, all its token rows at once
-            rows = collector.token_rows(task.collate([task.encode_whole(records[rec])]))
-            writer.add(rows, np.array([(rec, u) for u in range(len(rows))], dtype=np.int64).reshape(-1, 2), rec + 1)
-            bar.update(1)
-            continue
-        pending += [(rec, u, ex) for u, ex in enumerate(task.encode(records[rec]))]
-        while len(pending) >= batch_size:
-            batch, pending = pending[:batch_size], pending[batch_size:]
-            done = rec if pending and pending[0][0] == rec else rec + 1
-            run(batch, done)
-        bar.update(1)
-    if pending:
-        run(pending, stop)
+        bar.update(done - seen)
+        seen = done
     writer.close(stop)
     bar.close()
+    return problems, problems.pop("examples", 0)

@@ -13,14 +13,20 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import weakref
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from .config import ProjectionConfig
 from .errors import UserError
 from .normalizer import ModuleScale
-from .projection import ProjectionConfig, dense_blocks, factored_matrices
+from .projection import dense_blocks, factored_matrices
+from .store import MemoryStore
 from .task import Batch, Task, at_least_float32
 
 DENSE_CACHE_BYTES = 1 << 30
@@ -81,7 +87,7 @@ def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -
     return chosen
 
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -117,11 +123,11 @@ class GradientCollector:
         self,
         model: torch.nn.Module,
         task: Task,
-        projection: ProjectionConfig = ProjectionConfig(),
+        projection: ProjectionConfig | None = None,
         modules: list[str] | None = None,
         scales: dict[str, ModuleScale] | None = None,
     ):
-        self.model, self.task, self.projection = model, task, projection
+        self.model, self.task, self.projection = model, task, projection or ProjectionConfig()
         self.modules = tracked_modules(model, modules)
         self.scales = scales
         self.device = next(model.parameters()).device
@@ -177,10 +183,10 @@ class GradientCollector:
         """Per-example losses [B] and, for every call of a tracked module, (module, a [B, T, d_in],
         δ [B, T, d_out]) with δ the gradient of Σ_b loss_b with respect to that call's output.
 
-        `loss_fn(model, batch) -> Tensor[B]` defaults to the task's per-example loss; curvature
-        fitting passes a sampled-label loss, TRAK an output function.
+        `loss_fn(model, batch) -> Tensor[B]` defaults to the task's training loss; curvature
+        fitting passes a sampled-label loss, queries a measurement's objective.
         """
-        loss_fn = loss_fn or self.task.per_example_loss
+        loss_fn = loss_fn or self.task.loss
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.enable_grad(), self._recording() as calls:
             losses = loss_fn(self.model, batch)
@@ -218,7 +224,7 @@ class GradientCollector:
             raise ValueError("token_rows takes a batch of one example")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.enable_grad(), self._recording() as calls:
-            losses = self.task.per_token_loss(self.model, batch)[0]  # [T-1]
+            losses = self.task.token_loss(self.model, batch)[0]  # [T-1]
             flat = [(name, a.detach(), out) for name, cs in calls.items() for a, out in cs]
             positions = torch.nonzero(batch["target_mask"][0, 1:]).squeeze(1)
             rows = torch.zeros(len(positions), self.dim, device=self.device, dtype=at_least_float32(losses).dtype)
@@ -233,7 +239,9 @@ class GradientCollector:
                     if delta is not None:
                         start, stop = self.segments[name]
                         n = len(pos)
-                        rows[lo : lo + n, start:stop] += self._segment(self.modules[name], a.expand(n, *a.shape[1:]), delta.reshape(n, *delta.shape[2:]))
+                        rows[lo : lo + n, start:stop] += self._segment(
+                            self.modules[name], a.expand(n, *a.shape[1:]), delta.reshape(n, *delta.shape[2:])
+                        )
         return rows
 
     def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -256,3 +264,43 @@ class GradientCollector:
         for start, stop, block in self._dense_blocks(tm):
             out += flat[:, start:stop] @ block.to(flat.dtype).T
         return out
+
+
+def record_rows(
+    collector: GradientCollector, task: Task, records, start: int, stop: int, batch_size: int, problems: Counter | None = None
+) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    """Rows of records [start, stop), one per attribution unit, in order: (rows [b, dim], ids [b, 2]
+    = (record, unit), done) with every record before `done` complete. Encoding problems are
+    counted into `problems` (`task.check`), with the number of examples under "examples"."""
+    pending: list[tuple[int, int, object]] = []
+    for rec in range(start, stop):
+        examples = task.encode(records[rec])
+        if problems is not None:
+            problems.update(task.check(examples))
+            problems["examples"] += len(examples)
+        if task.unit == "token":  # one forward per record, all its token rows at once
+            rows = collector.token_rows(task.collate(examples))
+            yield rows, np.array([(rec, u) for u in range(len(rows))], dtype=np.int64).reshape(-1, 2), rec + 1
+            continue
+        pending += [(rec, u, ex) for u, ex in enumerate(examples)]
+        while len(pending) >= batch_size:
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            done = rec if pending and pending[0][0] == rec else rec + 1
+            yield collector(task.collate([ex for _, _, ex in batch])), np.array([(r, u) for r, u, _ in batch], dtype=np.int64), done
+    if pending:
+        yield collector(task.collate([ex for _, _, ex in pending])), np.array([(r, u) for r, u, _ in pending], dtype=np.int64), stop
+
+
+def memory_store(collector: GradientCollector, task: Task, records, batch_size: int, progress: bool = False) -> MemoryStore:
+    """Every record's rows held in memory (methods without an index)."""
+    rows, ids = [], []
+    bar = tqdm(total=len(records), desc="training gradients", unit="doc", disable=not progress)
+    done = 0
+    for r, i, d in record_rows(collector, task, records, 0, len(records), batch_size):
+        rows.append(r.detach())
+        ids.append(i)
+        bar.update(d - done)
+        done = d
+    bar.close()
+    segments = [(name, a, b) for name, (a, b) in collector.segments.items()]
+    return MemoryStore(torch.cat(rows), np.concatenate(ids), segments)

@@ -17,36 +17,18 @@ Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ: the damped inverse for influence functio
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .collect import GradientCollector
+from .config import CurvatureConfig, ProjectionConfig
 from .errors import UserError
-from .projection import ProjectionConfig
-from .task import Task, collated_batches, encode_records
-
-
-@dataclass
-class CurvatureConfig:
-    """How curvature is fitted. `damping` is absolute, or a fraction of the mean eigenvalue."""
-
-    fisher: Literal["true", "empirical"] = "true"
-    damping: float = 0.1
-    damping_mode: Literal["relative", "absolute"] = "relative"
-    batch_size: int = 16
-    max_examples: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.fisher not in ("true", "empirical"):
-            raise UserError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
-        if self.damping_mode not in ("relative", "absolute"):
-            raise UserError(f"damping mode must be 'relative' or 'absolute', got {self.damping_mode!r}")
+from .task import Task, collated_batches, whole_examples
 
 
 @dataclass
@@ -88,23 +70,19 @@ class Curvature:
     examples: int = 0
     meta: dict = field(default_factory=dict)
 
-    def damping_for(self, name: str, ekfac: bool = True, damping: float | None = None) -> float:
-        d = self.config.damping if damping is None else damping
-        if self.config.damping_mode == "absolute":
-            return d
-        return d * float(self.modules[name].eigenvalues(ekfac).mean())
+    def damping_for(self, name: str, damping: float, mode: str = "relative", ekfac: bool = True) -> float:
+        """λ for module `name`: `damping` itself (absolute) or times the module's mean eigenvalue."""
+        if mode == "absolute":
+            return damping
+        return damping * float(self.modules[name].eigenvalues(ekfac).mean())
 
-    def inverse_hvp(self, grads: dict[str, torch.Tensor], ekfac: bool = True, damping: float | None = None) -> dict[str, torch.Tensor]:
-        """(G + λI)⁻¹ g per module for gradients {name: [..., d_out, d_in_aug]}."""
+    def inverse_hvp(self, grads: dict[str, torch.Tensor], damping: float, mode: str = "relative", ekfac: bool = True) -> dict[str, torch.Tensor]:
+        """(G + λI)⁻¹ g per module for gradients {name: [..., d_out, d_in_aug]}, in float64."""
         out = {}
         for name, g in grads.items():
-            lam = self.damping_for(name, ekfac, damping)
-            out[name] = self.modules[name].apply(g.double(), lambda e: 1.0 / (e + lam), ekfac).to(g.dtype)
+            lam = self.damping_for(name, damping, mode, ekfac)
+            out[name] = self.modules[name].apply(g.double(), lambda e: 1.0 / (e + lam), ekfac)
         return out
-
-    def hvp(self, grads: dict[str, torch.Tensor], ekfac: bool = True) -> dict[str, torch.Tensor]:
-        """G g per module (the approximate curvature itself)."""
-        return {n: self.modules[n].apply(g.double(), lambda e: e, ekfac).to(g.dtype) for n, g in grads.items()}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -116,11 +94,11 @@ class Curvature:
             for key in ("q_a", "lam_a", "q_s", "lam_s", "corrected"):
                 if getattr(m, key) is not None:
                     tensors[f"{name}/{key}"] = getattr(m, key).contiguous()
-        meta = {"config": asdict(self.config), "examples": self.examples, "meta": self.meta, "modules": list(self.modules)}
+        meta = {"config": self.config.to_dict(), "examples": self.examples, "meta": self.meta, "modules": list(self.modules)}
         save_file(tensors, str(path), metadata={"headwater": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Curvature":
+    def load(cls, path: str | Path) -> Curvature:
         from safetensors import safe_open
 
         path = Path(path)
@@ -133,11 +111,13 @@ class Curvature:
             name: ModuleCurvature(*(tensors[f"{name}/{k}"] for k in ("q_a", "lam_a", "q_s", "lam_s")), tensors.get(f"{name}/corrected"))
             for name in meta["modules"]
         }
-        return cls(modules, CurvatureConfig(**meta["config"]), meta["examples"], meta["meta"])
+        return cls(modules, CurvatureConfig.from_dict(meta["config"]), meta["examples"], meta["meta"])
 
 
-def _batches(task: Task, records, config: CurvatureConfig):
-    examples = encode_records(task, records)
+def curvature_batches(task: Task, records, config: CurvatureConfig) -> list:
+    """The batches curvature is fitted on: one example per record, all its targets (the training
+    loss), a seeded sample of them when `max_examples`."""
+    examples = whole_examples(task, records)
     if config.max_examples is not None:
         g = torch.Generator().manual_seed(config.seed)
         keep = torch.randperm(len(examples), generator=g)[: config.max_examples].sort().values.tolist()
@@ -147,16 +127,15 @@ def _batches(task: Task, records, config: CurvatureConfig):
     return list(collated_batches(task, examples, config.batch_size))
 
 
-def _loss_fn(task: Task, config: CurvatureConfig, batch_index: int):
-    """The loss whose gradients define the Fisher; sampled labels are seeded per batch so both
-    passes see the same samples."""
+def fisher_loss(task: Task, config: CurvatureConfig, batch_index: int):
+    """The per-example loss whose gradients define the Fisher: the data's labels (empirical) or
+    labels sampled from the model (true), seeded per batch (and rank) so both passes see the
+    same samples."""
     if config.fisher == "empirical":
-        return task.per_example_loss
-    if not hasattr(task, "per_example_sampled_loss"):
-        raise UserError(f"{type(task).__name__} cannot sample labels from the model; use fisher='empirical'")
+        return task.loss
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 1_000_000_007 + batch_index)  # own stream per rank
-    return lambda model, batch: task.per_example_sampled_loss(model, batch, gen)
+    return lambda model, batch: task.loss(model, batch, sample=gen)
 
 
 def _token_mask(batch: dict, a: torch.Tensor) -> torch.Tensor:
@@ -191,7 +170,7 @@ def fit_curvature(
     config = config or CurvatureConfig()
     collectors = [GradientCollector(m, task, ProjectionConfig("none"), modules) for m in (model if isinstance(model, (list, tuple)) else [model])]
     collector = collectors[0]
-    batches = _batches(task, records, config)
+    batches = curvature_batches(task, records, config)
     passes = [(col, i, batch) for col in collectors for i, batch in enumerate(batches)]
     dev = collector.device
     A = {n: torch.zeros(tm.d_in_aug, tm.d_in_aug, dtype=torch.float64, device=dev) for n, tm in collector.modules.items()}
@@ -200,7 +179,7 @@ def fit_curvature(
     examples = torch.zeros(1, dtype=torch.float64, device=dev)
     slot = {n: i for i, n in enumerate(A)}
     for col, i, batch in tqdm(passes, desc="curvature: factors", disable=not progress):
-        losses, calls = col.module_grads(batch, _loss_fn(task, config, i))
+        losses, calls = col.module_grads(batch, fisher_loss(task, config, i))
         for tm, a, delta in calls:
             mask = _token_mask(batch, a)
             a_aug = tm.augment(a)[mask].double()
@@ -219,7 +198,7 @@ def fit_curvature(
     if ekfac:
         corr = {n: torch.zeros(m.q_s.shape[0], m.q_a.shape[0], dtype=torch.float64, device=dev) for n, m in curv.items()}
         for col, i, batch in tqdm(passes, desc="curvature: eigenvalue correction", disable=not progress):
-            _, calls = col.module_grads(batch, _loss_fn(task, config, i))
+            _, calls = col.module_grads(batch, fisher_loss(task, config, i))
             per_example: dict[str, torch.Tensor] = {}
             for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
                 m = curv[tm.name]

@@ -91,11 +91,16 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tu
     else:
         raise UserError(f"optimizer state for {name!r} has no second moment (keys: {sorted(state)})")
     if v.numel() != shape.numel() or (v.dim() > 1 and tuple(v.shape) != tuple(shape)):  # same size, other shape: still wrong
-        raise UserError(f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: the optimizer state does not match the model")
+        raise UserError(
+            f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: "
+            "the optimizer state does not match the model"
+        )
     return v.reshape(shape), kind
 
 
-def module_scales(model: torch.nn.Module, modules: dict[str, "object"], sd: dict, eps: float | None = None, materialise: bool = True) -> dict[str, ModuleScale]:
+def module_scales(
+    model: torch.nn.Module, modules: dict[str, object], sd: dict, eps: float | None = None, materialise: bool = True
+) -> dict[str, ModuleScale]:
     """Inverse 1/(√V + eps) per tracked module. `modules` maps name → collect.TrackedModule.
 
     `eps=None` uses the optimizer's own epsilon where it is a number (Adam), else 1e-8. `materialise=False`

@@ -10,6 +10,7 @@ down-weights directions every training document shares (boilerplate, common toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,15 @@ def autocorrelation(rows: torch.Tensor, blocks: list[tuple[int, int]]) -> list[t
     """Per-block (1/n) GᵀG in float64 for rows G [n, dim]; one [d_b, d_b] matrix per block."""
     if rows.shape[0] == 0:
         raise UserError("cannot fit a preconditioner on zero rows")
+    for a, b in blocks:
+        if b - a > MAX_BLOCK:
+            raise UserError(f"a gradient block of {b - a} dims is too large for TrackStar's preconditioner; build the index with a projection")
+    finite = torch.isfinite(rows).all(1)
+    if not finite.all():
+        raise UserError(
+            f"{int((~finite).sum())} of {len(rows)} sampled gradient rows hold inf or NaN (float16 storage overflows "
+            "above 65504, which optimizer-normalised gradients reach): rebuild the index with --storage-dtype bfloat16 or float32"
+        )
     g = rows.double()
     return [g[:, a:b].T @ g[:, a:b] / g.shape[0] for a, b in blocks]
 
@@ -58,44 +68,51 @@ class BlockPreconditioner:
 
 
 def damped_inverse_sqrt(r: torch.Tensor, damping: float) -> torch.Tensor:
-    """U diag((σ + damping·mean σ)^{-1/2}) Uᵀ for a symmetric PSD R (float64 eigendecomposition)."""
-    sigma, u = torch.linalg.eigh(r)
-    sigma = sigma.clamp_min(0)
+    """U diag((σ + damping·mean σ)^{-1/2}) Uᵀ for a symmetric PSD R, in float64.
+
+    Round-off can leave R slightly asymmetric or with tiny negative eigenvalues: it is
+    symmetrised and its eigenvalues clamped at 0. If LAPACK's eigensolver still fails (R spanning
+    many orders of magnitude), the eigenvalues are found on R scaled to unit trace.
+    """
+    r = (r.double() + r.double().T) / 2
+    scale = float(r.diagonal().mean())
+    if not math.isfinite(scale) or scale <= 0:
+        raise UserError("the gradient autocorrelation is zero or not finite: every sampled row is zero, or the rows overflowed")
+    try:
+        sigma, u = torch.linalg.eigh(r / scale)
+    except torch.linalg.LinAlgError:
+        raise UserError(
+            f"TrackStar's preconditioner could not be computed: the eigendecomposition of a {len(r)}×{len(r)} "
+            "gradient autocorrelation did not converge; try a larger --damping or a smaller --projection-dim"
+        ) from None
+    sigma = sigma.clamp_min(0) * scale
     lam = damping * sigma.mean()
     if lam <= 0:
-        lam = torch.tensor(1e-12, dtype=sigma.dtype)
+        lam = torch.tensor(1e-12 * scale, dtype=sigma.dtype)
     return (u * (sigma + lam).rsqrt()) @ u.T
 
 
 def trackstar_preconditioner(
-    train_rows: torch.Tensor,
-    query_rows: torch.Tensor | None,
+    r_train: list[torch.Tensor],
+    r_eval: list[torch.Tensor] | None,
     blocks: list[tuple[int, int]],
     mix: float | str = "auto",
     damping: float = 0.1,
     k: int = 1000,
 ) -> BlockPreconditioner:
-    """R^{-1/2} per block from a training sample [n, dim] and optionally the query gradients [q, dim].
-
-    `mix="auto"` chooses λ by eigenvalue matching; a number in [0, 1] fixes λ; `query_rows=None`
-    or `mix=0` uses the training autocorrelation alone.
+    """R^{-1/2} per block from the training autocorrelation and optionally the queries' (both
+    from `autocorrelation`). `mix="auto"` chooses λ by eigenvalue matching; a number in [0, 1]
+    fixes it; `r_eval=None` or `mix=0` uses the training autocorrelation alone.
     """
-    for a, b in blocks:
-        if b - a > MAX_BLOCK:
-            raise UserError(f"a gradient block of {b - a} dims is too large for TrackStar's preconditioner; build the index with a projection")
-    r_train = autocorrelation(train_rows, blocks)
-    r_eval = autocorrelation(query_rows, blocks) if query_rows is not None and mix != 0 else None
     matrices, lams = [], []
     for i, rt in enumerate(r_train):
-        if r_eval is None:
+        if r_eval is None or mix == 0:
             lam = 0.0
         elif mix == "auto":
             lam = mixing_weight(torch.linalg.eigvalsh(rt).flip(0), torch.linalg.eigvalsh(r_eval[i]).flip(0), k)
         else:
             lam = float(mix)
-            if not 0 <= lam <= 1:
-                raise UserError(f"TrackStar mixing weight must be in [0, 1] or 'auto', got {mix}")
-        r = rt if r_eval is None else lam * r_eval[i] + (1 - lam) * rt
+        r = rt if lam == 0 else lam * r_eval[i] + (1 - lam) * rt
         matrices.append(damped_inverse_sqrt(r, damping).float())
         lams.append(lam)
     return BlockPreconditioner(blocks, matrices, lams)

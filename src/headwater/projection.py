@@ -16,40 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 
-from .errors import UserError
+from .config import ProjectionConfig
 
 DENSE_BLOCK_COLUMNS = 1 << 16
-
-
-@dataclass(frozen=True)
-class ProjectionConfig:
-    """How gradients are compressed. `dim` is per tracked module (factored: k_out·k_in = dim)."""
-
-    kind: Literal["factored", "dense", "none"] = "factored"
-    dim: int = 4096
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.kind not in ("factored", "dense", "none"):
-            raise UserError(f"unknown projection {self.kind!r}; choose factored, dense or none")
-        if self.kind != "none" and self.dim < 1:
-            raise UserError(f"projection dim must be positive, got {self.dim}")
-
-    def factors(self) -> tuple[int, int]:
-        """(k_out, k_in) with k_out·k_in = dim and k_out the largest divisor ≤ √dim."""
-        k_out = max(d for d in range(1, math.isqrt(self.dim) + 1) if self.dim % d == 0)
-        return k_out, self.dim // k_out
-
-    def segment_dim(self, d_out: int, d_in_aug: int) -> int:
-        return d_out * d_in_aug if self.kind == "none" else self.dim
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def derived_seed(seed: int, *parts: object) -> int:

@@ -23,9 +23,9 @@ import os
 import shutil
 import socket
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -236,8 +236,12 @@ class ShardWriter:
         atomic_save_npy(data, rows[:n])
         _fsync_dir(self.shard_dir)
         entry = {
-            "file": data.name, "ids": ids_path.name, "rows": n,
-            "sha256": sha256_file(data), "ids_sha256": sha256_file(ids_path), "next_record": done,
+            "file": data.name,
+            "ids": ids_path.name,
+            "rows": n,
+            "sha256": sha256_file(data),
+            "ids_sha256": sha256_file(ids_path),
+            "next_record": done,
         }
         with open(self.journal, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -299,8 +303,12 @@ class Block:
 class GradientStore:
     """Read access to a completed index's rows, streamed in blocks of bounded size."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, block_rows: int | None = None, verify: bool = True):
+        """`block_rows` and `verify` are the defaults of `blocks()` (and so of every method reading
+        this store): rows per streamed block (default about 64 MiB of float32) and whether each
+        shard is checksummed before its first use."""
         self.path = Path(path)
+        self.default_block_rows, self.default_verify = block_rows, verify
         manifest = self.path / "manifest.json"
         if not manifest.exists():
             if (self.path / "journal").exists():
@@ -310,6 +318,7 @@ class GradientStore:
         self.dim: int = self.manifest["dim"]
         self.dtype: str = self.manifest["dtype"]
         self.rows: int = self.manifest["rows"]
+        self.segments: list[tuple[str, int, int]] = [(s["name"], s["start"], s["stop"]) for s in self.manifest["segments"]]
         self._verified: set[tuple] = set()
 
     def _open_shard(self, shard: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -335,11 +344,12 @@ class GradientStore:
         """Rows per block so that a float32 block takes about `block_bytes`."""
         return max(1, block_bytes // (4 * self.dim))
 
-    def blocks(self, block_rows: int | None = None, verify: bool = True, reuse: bool = False) -> Iterator[Block]:
+    def blocks(self, block_rows: int | None = None, verify: bool | None = None, reuse: bool = False) -> Iterator[Block]:
         """Yield consecutive blocks of at most `block_rows` rows (default: about 64 MiB of float32);
         each shard is checksummed before use. With `reuse`, every block's rows live in one buffer
         that the next block overwrites (for consumers that do not keep them)."""
-        block_rows = block_rows or self.block_rows()
+        block_rows = block_rows or self.default_block_rows or self.block_rows()
+        verify = self.default_verify if verify is None else verify
         buffer = torch.empty(min(block_rows, max(self.rows, 1)), self.dim) if reuse else None
         start = 0
         for shard in self.manifest["shards"]:
@@ -356,10 +366,13 @@ class GradientStore:
 
     def ids(self) -> np.ndarray:
         """(record index, unit index) of every row, int64 [rows, 2]."""
-        return np.concatenate([np.load(self.path / "shards" / s["ids"]) for s in self.manifest["shards"]]) if self.rows else np.zeros((0, 2), np.int64)
+        return (
+            np.concatenate([np.load(self.path / "shards" / s["ids"]) for s in self.manifest["shards"]]) if self.rows else np.zeros((0, 2), np.int64)
+        )
 
-    def sample(self, n: int, seed: int = 0, verify: bool = True) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, verify: bool | None = None) -> torch.Tensor:
         """`n` rows drawn uniformly without replacement (all rows if fewer), float32 [n, dim]."""
+        verify = self.default_verify if verify is None else verify
         rng = np.random.default_rng(seed)
         take = np.sort(rng.choice(self.rows, size=min(n, self.rows), replace=False))
         out, start = [], 0
@@ -370,3 +383,27 @@ class GradientStore:
                 out.append(rows_to_float32(rows[local], self.dtype))
             start += len(rows)
         return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+class MemoryStore:
+    """Rows held in memory with the read interface of `GradientStore` (methods run on small data
+    without an index): `rows` [n, dim], `ids` [n, 2] (record, unit), `segments` per module."""
+
+    dtype = "float32"
+
+    def __init__(self, rows: torch.Tensor, ids: np.ndarray, segments: list[tuple[str, int, int]]):
+        self.data, self._ids, self.segments = rows, np.asarray(ids, dtype=np.int64).reshape(-1, 2), segments
+        self.rows, self.dim = rows.shape
+
+    def blocks(self, block_rows: int | None = None, verify: bool = True, reuse: bool = False) -> Iterator[Block]:
+        step = block_rows or max(1, BLOCK_BYTES // (4 * max(self.dim, 1)))
+        for lo in range(0, self.rows, step):
+            yield Block(lo, self._ids[lo : lo + step], self.data[lo : lo + step])
+
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def sample(self, n: int, seed: int = 0, verify: bool = True) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(self.rows, size=min(n, self.rows), replace=False))
+        return self.data[torch.from_numpy(take)]

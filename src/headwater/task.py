@@ -1,18 +1,18 @@
-"""Tasks: how records become model inputs, and how a batch becomes one loss per example.
+"""Tasks: how records become model inputs, and the training loss of each example.
 
-A task is the measurement object shared by every method: the same `per_example_loss` gives the
-training loss L(z) whose gradients go into the store and the query measurement f(z_q) whose
-gradient is matched against them. Both are losses, so a positive dot product means a step on the
-training example lowers the query loss: the library's sign convention (positive = helps).
+A task is data handling plus the training loss, and nothing else: what a query *asks about* is a
+separate `Measurement` (measurement.py). A task holds settings only (no state changes while it
+runs), so the same task object can serve every method, process and rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,25 +22,62 @@ from .errors import UserError
 Batch = dict[str, torch.Tensor]
 
 
+@runtime_checkable
 class Task(Protocol):
-    """What the collector needs from a task."""
+    """Everything the library uses from a task.
+
+    `unit` says how many rows a record gets: "document" one; "sentence" one per sentence (one
+    example each); "token" one per predicted token (one example holding them all, which the
+    collector splits into rows).
+    """
+
+    unit: str
 
     def encode(self, record: dict) -> list[Any]:
-        """The examples of one record: one per attribution unit (a document, or each of its spans)."""
+        """The examples of one record, one per attribution unit (token units: one example)."""
+
+    def whole(self, record: dict) -> Any:
+        """The record as a single example with all its targets (queries and training runs)."""
 
     def collate(self, examples: list[Any]) -> Batch:
         """Stack examples into a batch; padding must not change any example's loss."""
 
-    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Loss of each example in the batch, shape [B]; examples must not interact."""
+    def loss(self, model: torch.nn.Module, batch: Batch, sample: torch.Generator | None = None) -> torch.Tensor:
+        """Training loss of each example, [B]; examples must not interact. With `sample`, the
+        targets are drawn from the model's own predictive distribution (the true Fisher)."""
+
+    def token_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Loss of each target position, [B, T'] (zero off target); `loss` is its sum over T'."""
+
+    def log_odds(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """log p/(1−p) of each example's target under the model, [B] (classification: the margin)."""
+
+    def check(self, examples: list[Any]) -> dict[str, int]:
+        """How many of `examples` have each encoding problem, keyed by a description of it."""
 
     def describe(self) -> dict:
-        """JSON-able settings, recorded in the index manifest."""
+        """JSON-able settings, recorded in an index's manifest and in result files."""
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to float32; float64 stays float64 (float64 references stay exact)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def log_odds_from_nll(nll: torch.Tensor) -> torch.Tensor:
+    """log p/(1−p) from −log p, stable for p near 1 (small nll) and near 0."""
+    nll = nll.clamp_min(torch.finfo(nll.dtype).tiny)
+    return -nll - torch.log(-torch.expm1(-nll))
 
 
 def encode_records(task: Task, records) -> list:
     """Every example of every record, in record order (`records`: a list or a `datasets.Dataset`)."""
     return [ex for i in range(len(records)) for ex in task.encode(records[i])]
+
+
+def whole_examples(task: Task, records) -> list:
+    """One example per record, with all its targets."""
+    return [task.whole(records[i]) for i in range(len(records))]
 
 
 def collated_batches(task: Task, examples: list, batch_size: int) -> Iterator[Batch]:
@@ -49,72 +86,105 @@ def collated_batches(task: Task, examples: list, batch_size: int) -> Iterator[Ba
         yield task.collate(examples[i : i + batch_size])
 
 
+def batch_to(batch: Batch, device) -> Batch:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------- any module
+
+
 @dataclass
 class ModuleTask:
-    """A task for any `torch.nn.Module`: records are dicts of arrays, the loss is yours.
+    """A task for any `torch.nn.Module` whose records are dicts of arrays.
 
-    `loss_fn(model, batch) -> Tensor[B]` must return one loss per example (e.g.
-    `F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")`). The default collate
-    stacks each field with `torch.as_tensor`.
+    `loss_fn` is "cross_entropy" (the model maps `batch[input_key]` to logits [B, C], the target
+    `batch[target_key]` is a class), "mse" (predictions [B] or [B, D]; the true Fisher samples
+    targets from a Gaussian with variance ½, whose Fisher is the Gauss–Newton matrix), or your own
+    `loss_fn(model, batch) -> Tensor[B]` (give it a third parameter, `sample`, to support the
+    true Fisher: with a generator, draw the targets from the model). `forward(model, batch)`
+    replaces `model(batch[input_key])`; `dtype` casts floating inputs.
     """
 
-    loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor]
+    loss_fn: str | Callable = "cross_entropy"
+    input_key: str = "x"
+    target_key: str = "y"
+    forward: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
     collate_fn: Callable[[list[dict]], Batch] | None = None
-    name: str = "module"
+    dtype: torch.dtype | None = None
+    unit: str = "document"
+
+    def __post_init__(self):
+        if isinstance(self.loss_fn, str) and self.loss_fn not in ("cross_entropy", "mse"):
+            raise UserError(f"unknown loss {self.loss_fn!r}; use 'cross_entropy', 'mse' or a function")
+        if self.unit != "document":
+            raise UserError("a ModuleTask has one example per record (unit='document')")
 
     def encode(self, record: dict) -> list[dict]:
-        return [{k: v for k, v in record.items() if k != "id"}]
+        return [self.whole(record)]
+
+    def whole(self, record: dict) -> dict:
+        if isinstance(self.loss_fn, str):
+            missing = [k for k in (self.input_key, self.target_key) if k not in record]
+            if missing:
+                raise UserError(f"record is missing the column {missing[0]!r} (it has {sorted(record)})")
+        return {k: v for k, v in record.items() if k != "id"}
 
     def collate(self, examples: list[dict]) -> Batch:
         if self.collate_fn is not None:
             return self.collate_fn(examples)
-        return {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in examples[0]}
+        batch = {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in examples[0]}
+        if self.dtype is not None:
+            batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        return batch
 
-    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss_fn(model, batch)
+    def outputs(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self.forward(model, batch) if self.forward is not None else model(batch[self.input_key])
+
+    def loss(self, model: torch.nn.Module, batch: Batch, sample: torch.Generator | None = None) -> torch.Tensor:
+        if callable(self.loss_fn):
+            if sample is None:
+                return self.loss_fn(model, batch)
+            if len(inspect.signature(self.loss_fn).parameters) < 3:
+                raise UserError(
+                    "the true Fisher needs targets sampled from the model: give loss_fn a third parameter, "
+                    "sample (a torch.Generator), or use fisher='empirical'"
+                )
+            return self.loss_fn(model, batch, sample)
+        out = self.outputs(model, batch)
+        if self.loss_fn == "cross_entropy":
+            target = batch[self.target_key].long()
+            if sample is not None:
+                with torch.no_grad():
+                    probs = at_least_float32(out.detach()).softmax(-1).cpu()
+                    target = torch.multinomial(probs, 1, generator=sample).squeeze(1).to(out.device)
+            return F.cross_entropy(out, target, reduction="none")
+        target = batch[self.target_key].to(out.dtype).reshape(out.shape)
+        if sample is not None:
+            noise = torch.randn(out.shape, generator=sample, dtype=out.dtype).to(out.device)
+            target = out.detach() + noise * 0.5**0.5
+        return (out - target).square().reshape(len(out), -1).sum(1)
+
+    def token_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self.loss(model, batch)[:, None]
+
+    def log_odds(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        if self.loss_fn == "mse":
+            raise UserError("log-odds need a classification loss; for regression use the loss as the output (TRAK: output='loss')")
+        if callable(self.loss_fn):  # taken to be a negative log-likelihood
+            return log_odds_from_nll(self.loss(model, batch))
+        logits = self.outputs(model, batch)
+        y = batch[self.target_key].long()[:, None]
+        return logits.gather(1, y).squeeze(1) - torch.logsumexp(logits.scatter(1, y, -torch.inf), dim=1)
+
+    def check(self, examples: list) -> dict[str, int]:
+        return {}
 
     def describe(self) -> dict:
-        return {"type": "module", "name": self.name}
+        loss = self.loss_fn if isinstance(self.loss_fn, str) else getattr(self.loss_fn, "__name__", "custom")
+        return {"type": "module", "loss": loss, "input_key": self.input_key, "target_key": self.target_key}
 
 
-@dataclass
-class ClassificationTask:
-    """Classification of records `{x: features, y: class}` by a model returning logits [B, C].
-
-    Loss: cross-entropy. Output (TRAK): the margin logit_y − logsumexp(other logits). True
-    Fisher: cross-entropy against classes sampled from the model's softmax.
-    """
-
-    input_key: str = "x"
-    label_key: str = "y"
-    dtype: torch.dtype = torch.float32
-
-    def encode(self, record: dict) -> list[dict]:
-        try:
-            return [{"x": torch.as_tensor(record[self.input_key], dtype=self.dtype), "y": torch.as_tensor(record[self.label_key], dtype=torch.long)}]
-        except KeyError as exc:
-            raise UserError(f"record is missing the column {exc.args[0]!r} (it has {sorted(record)})") from None
-
-    def collate(self, examples: list[dict]) -> Batch:
-        return {"x": torch.stack([e["x"] for e in examples]), "y": torch.stack([e["y"] for e in examples])}
-
-    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
-
-    def per_example_sampled_loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        logits = model(batch["x"])
-        with torch.no_grad():
-            sampled = torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-        return F.cross_entropy(logits, sampled, reduction="none")
-
-    def per_example_output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(batch["x"])
-        correct = logits.gather(1, batch["y"][:, None]).squeeze(1)
-        others = logits.scatter(1, batch["y"][:, None], -torch.inf)
-        return correct - torch.logsumexp(others, dim=1)
-
-    def describe(self) -> dict:
-        return {"type": "classification", "input_key": self.input_key, "label_key": self.label_key}
+# ------------------------------------------------------------------------------- language models
 
 
 @dataclass
@@ -123,17 +193,13 @@ class TokenExample:
 
     input_ids: list[int]
     target_mask: list[bool]
-
-
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Half precision upcast to float32; float64 stays float64 (float64 references stay exact)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    truncated: bool = False
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LanguageModelTask:
     """Causal-LM loss on a record's target tokens, summed over tokens.
 
@@ -142,11 +208,9 @@ class LanguageModelTask:
       - `prompt` + `completion`: loss on the completion only;
       - `text`: loss on every token.
 
-    `unit="sentence"` makes each sentence of the target text its own example (span-level
-    attribution): its loss is that sentence's tokens, with the preceding text as context.
-    `unit="token"` makes each target token its own example (per-token attribution: which tokens
-    of a document carry the influence). A record then has several rows in the index and its
-    score is pooled over them.
+    `unit="sentence"` makes each sentence of the target text its own example (its loss is that
+    sentence's tokens, with the preceding text as context); `unit="token"` gives each predicted
+    token its own row. A record then has several rows in an index and its score is pooled.
     """
 
     tokenizer: Any
@@ -157,16 +221,20 @@ class LanguageModelTask:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
-    stats: dict = field(default_factory=lambda: {"examples": 0, "truncated": 0, "empty": 0})
 
     def __post_init__(self):
         if self.tokenizer is None:
             raise UserError("a LanguageModelTask needs a tokenizer")
         if not getattr(self.tokenizer, "is_fast", False):
             raise UserError("a fast (Rust) tokenizer is needed for character offsets; load it with use_fast=True")
+        if self.unit not in ("document", "sentence", "token"):
+            raise UserError(f"unknown unit {self.unit!r}; choose document, sentence or token")
         if self.max_length is None:
             limit = getattr(self.tokenizer, "model_max_length", None)
-            self.max_length = int(limit) if limit and limit < 1_000_000 else 1024
+            object.__setattr__(self, "max_length", int(limit) if limit and limit < 1_000_000 else 1024)
+
+    def with_unit(self, unit: str) -> LanguageModelTask:
+        return dataclasses.replace(self, unit=unit)
 
     def record_format(self, record: dict) -> str:
         if self.format != "auto":
@@ -214,28 +282,32 @@ class LanguageModelTask:
         return text, spans
 
     def encode(self, record: dict) -> list[TokenExample]:
+        if self.unit != "sentence":
+            return [self.whole(record)]
         text, spans = self.target_text(record)
+        ids, offsets = self._tokens(text)
+        return [self._example(ids, self._covers(offsets, [s])) for s in sentence_spans(text, spans)]
+
+    def whole(self, record: dict) -> TokenExample:
+        text, spans = self.target_text(record)
+        ids, offsets = self._tokens(text)
+        return self._example(ids, self._covers(offsets, spans))
+
+    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        covers = lambda unit: [e > b and any(s < e and b < t for s, t in unit) for b, e in offsets]
-        if self.unit == "document":
-            masks = [covers(spans)]
-        elif self.unit == "sentence":
-            masks = [covers([s]) for s in sentence_spans(text, spans)]
-        else:  # token: one unit per predicted token (the first token has no context to predict it)
-            masks = [[j == t for j in range(len(ids))] for t, m in enumerate(covers(spans)) if m and t > 0]
-        examples = []
-        for mask in masks:
-            last = max((t for t, m in enumerate(mask) if m), default=-1) + 1
-            unit_ids, unit_mask = ids[:last], mask[:last]
-            self.stats["examples"] += 1
-            if len(unit_ids) > self.max_length:
-                self.stats["truncated"] += 1
-                unit_ids, unit_mask = unit_ids[: self.max_length], unit_mask[: self.max_length]
-            if not any(unit_mask[1:]):
-                self.stats["empty"] += 1
-            examples.append(TokenExample(unit_ids or [self.pad_id], unit_mask or [False]))
-        return examples
+        return enc["input_ids"], enc["offset_mapping"]
+
+    @staticmethod
+    def _covers(offsets, spans) -> list[bool]:
+        return [e > b and any(s < e and b < t for s, t in spans) for b, e in offsets]
+
+    def _example(self, ids: list[int], mask: list[bool]) -> TokenExample:
+        last = max((t for t, m in enumerate(mask) if m), default=-1) + 1
+        ids, mask = ids[:last], mask[:last]
+        truncated = len(ids) > self.max_length
+        if truncated:
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+        return TokenExample(ids or [self.pad_id], mask or [False], truncated)
 
     @property
     def pad_id(self) -> int:
@@ -254,48 +326,34 @@ class LanguageModelTask:
             tgt[i, :n] = torch.tensor(e.target_mask)
         return {"input_ids": ids, "attention_mask": attn, "target_mask": tgt}
 
-    def per_token_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """Loss of each predicted token, [B, T-1] (entry t is token t+1's loss; zero off target)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def _logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits predicting tokens 1…T−1, [B, T−1, V], at least float32."""
+        return at_least_float32(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
+
+    def token_loss(self, model: torch.nn.Module, batch: Batch, sample: torch.Generator | None = None) -> torch.Tensor:
+        """Loss of each predicted token, [B, T−1] (entry t is token t+1's loss; zero off target)."""
+        logits = self._logits(model, batch)
         B, T, V = logits.shape
-        nll = F.cross_entropy(
-            at_least_float32(logits[:, :-1].reshape(-1, V)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
-        ).view(B, T - 1)
+        targets = batch["input_ids"][:, 1:]
+        if sample is not None:
+            with torch.no_grad():
+                probs = logits.softmax(-1).reshape(-1, V).cpu()
+                targets = torch.multinomial(probs, 1, generator=sample).view(B, T).to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
         return nll * batch["target_mask"][:, 1:]
 
-    def per_example_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.per_token_loss(model, batch).sum(1)
+    def loss(self, model: torch.nn.Module, batch: Batch, sample: torch.Generator | None = None) -> torch.Tensor:
+        return self.token_loss(model, batch, sample).sum(1)
 
-    def per_example_sampled_loss(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        """The loss with each target token replaced by a sample from the model (true Fisher), [B]."""
-        logits = at_least_float32(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
-        B, T, V = logits.shape
-        with torch.no_grad():
-            probs = logits.softmax(-1).reshape(-1, V).cpu()
-            sampled = torch.multinomial(probs, 1, generator=generator).view(B, T).to(logits.device)
-        nll = F.cross_entropy(logits.reshape(-1, V), sampled.reshape(-1), reduction="none").view(B, T)
-        return (nll * batch["target_mask"][:, 1:]).sum(1)
+    def log_odds(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """log p/(1−p) of the target tokens, p their joint probability (TRAK's output for LMs)."""
+        return log_odds_from_nll(self.loss(model, batch))
 
-    def per_example_output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """TRAK's measurement for LMs: log p/(1-p) of the target tokens (p their joint probability)."""
-        log_p = -self.per_example_loss(model, batch)
-        return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
-
-    def encode_whole(self, record: dict) -> TokenExample:
-        """The record as one example with all its target tokens (token units are computed from it)."""
-        return dataclasses.replace(self, unit="document", stats=self.stats).encode(record)[0]
-
-    def warn_truncation(self) -> None:
-        """Warn once about examples cut to the context length or left with no target tokens."""
-        s = self.stats
-        if s["truncated"]:
-            warnings.warn(
-                f"{s['truncated']} of {s['examples']} examples were longer than the context "
-                f"({self.max_length} tokens) and were truncated",
-                stacklevel=2,
-            )
-        if s["empty"]:
-            warnings.warn(f"{s['empty']} of {s['examples']} examples have no target tokens (zero gradient)", stacklevel=2)
+    def check(self, examples: list[TokenExample]) -> dict[str, int]:
+        return {
+            f"were longer than the context ({self.max_length} tokens) and were truncated": sum(e.truncated for e in examples),
+            "have no target tokens (zero gradient)": sum(not any(e.target_mask[1:]) for e in examples),
+        }
 
     def describe(self) -> dict:
         return {
@@ -319,3 +377,12 @@ def sentence_spans(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, i
         if end > pos:
             out.append((pos, end))
     return out
+
+
+def warn_encoding_problems(task: Task, counts: dict[str, int], total: int) -> None:
+    """One warning per kind of encoding problem seen in `total` examples (counts from `task.check`)."""
+    import warnings
+
+    for what, n in counts.items():
+        if n:
+            warnings.warn(f"{n} of {total} examples {what}", stacklevel=3)

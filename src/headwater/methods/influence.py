@@ -1,51 +1,57 @@
-"""Influence functions: score(z, q) = ∇L(q)ᵀ (G + λI)⁻¹ ∇L(z) (arXiv 2308.03296).
+"""Influence functions: score(z, q) = ∇f(q)ᵀ (G + λI)⁻¹ ∇L(z) (arXiv 2308.03296).
 
-Up-weighting training example z by ε moves the parameters by −ε (G+λI)⁻¹∇L(z) and the query
-loss by −ε ∇L(q)ᵀ(G+λI)⁻¹∇L(z); the library's sign (positive = helps = lowers the query loss)
-is therefore +∇L(q)ᵀ(G+λI)⁻¹∇L(z).
+Up-weighting training example z by ε moves the parameters by −ε (G+λI)⁻¹∇L(z) and the query's
+objective (the measurement turned into something to lower) by −ε ∇f(q)ᵀ(G+λI)⁻¹∇L(z), so the
+library's sign (positive = moves the measurement in its direction) is +∇f(q)ᵀ(G+λI)⁻¹∇L(z).
 
 G is KFAC or EK-FAC (`curvature.Curvature`), optionally refined by preconditioned conjugate
-gradient on the full damped Fisher of the fitting sample, or dense (`DenseCurvature`, exact
-Gauss–Newton, for tiny models and tests). Query gradients are preconditioned once; training
-examples are then scored either by streaming over the data (exact; queries optionally compressed
-to rank r) or against an index's stored projected gradients (queries projected the same way).
+gradient on the full Fisher of the training records, or dense (`DenseCurvature`, the exact
+Gauss–Newton of a small classifier). Query gradients are preconditioned once; training examples
+are then scored by streaming over the data (exact; queries optionally compressed to rank r) or
+against an index's stored projected gradients (queries projected the same way).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..collect import GradientCollector
-from ..curvature import Curvature, _batches, _loss_fn
-from ..data import as_records
+from ..config import InfluenceConfig, ProjectionConfig
+from ..curvature import Curvature, curvature_batches, fisher_loss, fit_curvature
 from ..errors import UserError
-from ..projection import ProjectionConfig, project
-from ..task import Task, collated_batches, encode_records
+from ..index import Index
+from ..measurement import Measurement, objective_fn
+from ..projection import project
+from ..task import ModuleTask, Task, collated_batches, whole_examples
+from .base import Blocks, Method, query_records, training_data
 
 Grads = dict[str, torch.Tensor]  # module name -> [q, d_out, d_in_aug]
 
 
-def full_gradients(collector: GradientCollector, batches, loss_fns=None) -> Grads:
-    """Per-example full gradients {module: [n, d_out, d_in_aug]} (small models, queries)."""
-    rows = torch.cat([collector(b, loss_fns[i] if loss_fns else None) for i, b in enumerate(batches)])
-    return split_rows(collector, rows)
-
-
-def loss_gradients(collector: GradientCollector, records, batch_size: int = 16) -> Grads:
-    """∇L of each record's example under the collector's model, {module: [n, d_out, d_in_aug]}."""
-    records, task = as_records(records), collector.task
-    return full_gradients(collector, list(collated_batches(task, encode_records(task, records), batch_size)))
-
-
 def split_rows(collector: GradientCollector, rows: torch.Tensor) -> Grads:
-    return {n: rows[:, a:b].reshape(len(rows), tm.d_out, tm.d_in_aug) for (n, (a, b)), tm in zip(collector.segments.items(), collector.modules.values())}
+    """Unprojected rows [n, dim] as per-module gradient matrices."""
+    return {
+        n: rows[:, a:b].reshape(len(rows), tm.d_out, tm.d_in_aug) for (n, (a, b)), tm in zip(collector.segments.items(), collector.modules.values())
+    }
 
 
-def _dot(x: Grads, y: Grads) -> torch.Tensor:
+def record_gradients(collector: GradientCollector, records, measurement: Measurement | None = None, batch_size: int = 8) -> Grads:
+    """Per-record full gradients {module: [n, d_out, d_in_aug]} of the training loss, or of
+    `measurement`'s objective (all of a record's targets together)."""
+    task = collector.task
+    fn = objective_fn(measurement, task) if measurement is not None else None
+    batches = collated_batches(task, whole_examples(task, records), batch_size)
+    return split_rows(collector, torch.cat([collector(b, fn) for b in batches]))
+
+
+def dot(x: Grads, y: Grads) -> torch.Tensor:
     """Per-query inner products [q] of two gradient dicts."""
     return sum((x[n] * y[n]).flatten(1).sum(1) for n in x)
 
@@ -60,15 +66,19 @@ def low_rank(h: Grads, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     return out
 
 
-def stream_scores(collector: GradientCollector, task: Task, records, h: Grads, rank: int | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """<h_q, ∇L(z)> for every training example z and query direction q, [n, q], without forming
-    ∇L(z): Σ_t δ_tᵀ h a_t per module (or, with `rank`, Σ_t (δ_tᵀU)(Vᵀa_t) with h ≈ U Vᵀ)."""
+def stream_scores(collector: GradientCollector, records, h: Grads, rank: int | None = None, batch_size: int = 8, progress: bool = False) -> Blocks:
+    """<h_q, ∇L(z)> for every training example z (one per attribution unit) and query direction q,
+    streamed as blocks, without forming ∇L(z): Σ_t δ_tᵀ h a_t per module (or, with `rank`,
+    Σ_t (δ_tᵀU)(Vᵀa_t) with h ≈ U Vᵀ)."""
+    task = collector.task
+    if task.unit == "token":
+        raise UserError("exact streaming influence has one row per document or sentence; for token rows build an index")
     factors = low_rank(h, rank) if rank else None
-    records = as_records(records)
-    examples = encode_records(task, records)
-    out = []
-    for batch in tqdm(collated_batches(task, examples, batch_size), total=-(-len(examples) // batch_size), desc="scores", disable=not progress):
-        _, calls = collector.module_grads(batch)
+    items = [(r, u, ex) for r in range(len(records)) for u, ex in enumerate(task.encode(records[r]))]
+    start = 0
+    for lo in tqdm(range(0, len(items), batch_size), desc="scores", disable=not progress):
+        chunk = items[lo : lo + batch_size]
+        _, calls = collector.module_grads(task.collate([ex for _, _, ex in chunk]))
         s = 0
         for tm, a, delta in calls:
             a_aug = tm.augment(a)
@@ -77,8 +87,8 @@ def stream_scores(collector: GradientCollector, task: Task, records, h: Grads, r
             else:
                 u, v = (f.to(delta.dtype) for f in factors[tm.name])
                 s = s + torch.einsum("btqr,btqr->bq", torch.einsum("bto,qor->btqr", delta, u), torch.einsum("bti,qir->btqr", a_aug, v))
-        out.append(s.detach())
-    return torch.cat(out).numpy()
+        yield start, np.array([(r, u) for r, u, _ in chunk], dtype=np.int64), s.detach()
+        start += len(chunk)
 
 
 @dataclass
@@ -91,125 +101,144 @@ class DenseCurvature:
 
     matrix: torch.Tensor
     shapes: dict[str, tuple[int, int]]
-    damping: float = 0.0
 
-    def inverse_hvp(self, grads: Grads, ekfac: bool = True, damping: float | None = None) -> Grads:
-        lam = self.damping if damping is None else damping
+    @property
+    def modules(self) -> dict[str, tuple[int, int]]:
+        return self.shapes
+
+    def inverse_hvp(self, grads: Grads, damping: float, mode: str = "relative", ekfac: bool = True) -> Grads:
+        lam = damping if mode == "absolute" else damping * float(self.matrix.diagonal().mean())
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1).double()
         eye = torch.eye(self.matrix.shape[0], dtype=torch.float64)
         sol = torch.linalg.solve(self.matrix + lam * eye, flat.T).T
         out, start = {}, 0
         for n, (o, i) in self.shapes.items():
-            out[n] = sol[:, start : start + o * i].reshape(-1, o, i).to(grads[n].dtype)
+            out[n] = sol[:, start : start + o * i].reshape(-1, o, i)
             start += o * i
         return out
 
 
-def dense_gauss_newton(model: torch.nn.Module, task: Task, records, modules: list[str] | None = None, num_classes: int | None = None, damping: float = 0.0) -> DenseCurvature:
+def dense_gauss_newton(model: torch.nn.Module, task: ModuleTask, records, modules: list[str] | None = None) -> DenseCurvature:
     """Exact GN of a classifier's mean cross-entropy over `records` for the tracked modules."""
+    if not isinstance(task, ModuleTask) or task.loss_fn != "cross_entropy":
+        raise UserError("the dense Gauss–Newton is for ModuleTask classifiers (loss_fn='cross_entropy')")
     collector = GradientCollector(model, task, ProjectionConfig("none"), modules)
-    batch = task.collate(encode_records(task, records))
+    batch = task.collate(whole_examples(task, records))
     with torch.no_grad():
-        probs = model(batch["x"]).double().softmax(-1)
-    C = num_classes or probs.shape[1]
+        probs = task.outputs(model, batch).double().softmax(-1)
     G = torch.zeros(collector.dim, collector.dim, dtype=torch.float64)
-    for c in range(C):
-        labelled = {**batch, "y": torch.full_like(batch["y"], c)}
-        g = collector(labelled).double()
+    for c in range(probs.shape[1]):
+        g = collector({**batch, task.target_key: torch.full_like(batch[task.target_key], c)}).double()
         G += (g * probs[:, c : c + 1]).T @ g
     shapes = {n: (tm.d_out, tm.d_in_aug) for n, tm in collector.modules.items()}
-    return DenseCurvature(G / len(batch["y"]), shapes, damping)
+    return DenseCurvature(G / len(probs), shapes)
 
 
-class InfluenceFunction:
-    """Influence of training examples on queries under a curvature approximation.
+def curvature_file(index: Index, config: InfluenceConfig) -> Path:
+    """Where an index keeps curvature fitted with these settings (one file per settings)."""
+    key = hashlib.sha256(json.dumps(config.curvature.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return index.path / f"curvature-{key}.safetensors"
 
-        inf = InfluenceFunction(model, task, curvature)              # EK-FAC
-        scores = inf.scores(train_records, queries)                  # [n_train, q], exact streaming
-        rows = inf.query_rows(queries, index)                        # for Index-stored gradients
 
-    `ekfac=False` uses KFAC eigenvalues; `cg_steps` refines (G+λI)⁻¹∇L(q) by preconditioned CG
-    on the Fisher of `cg_records` (default: the curvature's own fitting records, sampled labels
-    regenerated with the same seeds); `rank` compresses each preconditioned query gradient to
-    rank r per module before streaming.
+class InfluenceFunction(Method):
+    """EK-FAC (or KFAC) influence of training records on queries.
+
+        scores = EKFAC(model, task).fit(train_records).score(queries)          # exact streaming
+        scores = EKFAC().fit(index).score(queries, measurement=LogOdds())      # via stored rows
+
+    `fit` fits the curvature on the training records (with an index: once, saved beside it),
+    unless `curvature=` is given. `config.cg_steps` refines (G+λI)⁻¹∇f by preconditioned CG on the
+    Fisher of the training records; `config.query_rank` compresses preconditioned queries.
     """
+
+    name = "ekfac"
+    ekfac = True
+    config_class = InfluenceConfig
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        task: Task,
-        curvature: Curvature | DenseCurvature,
-        modules: list[str] | None = None,
-        ekfac: bool = True,
-        damping: float | None = None,
-        cg_steps: int = 0,
-        cg_records=None,
-        rank: int | None = None,
-        batch_size: int = 16,
+        model: torch.nn.Module | None = None,
+        task: Task | None = None,
+        config: InfluenceConfig | None = None,
+        curvature: Curvature | DenseCurvature | None = None,
     ):
         self.model, self.task, self.curvature = model, task, curvature
-        names = modules or list(curvature.modules if isinstance(curvature, Curvature) else curvature.shapes)
-        self.collector = GradientCollector(model, task, ProjectionConfig("none"), names)
-        self.ekfac, self.damping, self.cg_steps, self.cg_records = ekfac, damping, cg_steps, cg_records
-        self.rank, self.batch_size = rank, batch_size
-        if cg_steps and not isinstance(curvature, Curvature):
+        self.config = config or InfluenceConfig()
+
+    def fit(self, train, progress: bool = False) -> InfluenceFunction:
+        self.data = training_data(train)
+        index = self.data.index
+        if index is not None:
+            if index.manifest["normalizer"]:
+                raise UserError("influence scores need an index built without --optimizer-state")
+            self.model = self.model if self.model is not None else index.model()
+            self.task = self.task if self.task is not None else index.task()
+            index.collector(self.model, self.task)  # refuses a model that differs from the index's
+            names = index.module_names
+        elif self.model is None or self.task is None:
+            raise UserError(f"{type(self).__name__} without an index needs model= and task=")
+        else:
+            names = list(self.curvature.modules) if self.curvature is not None else self.config.modules
+        self.collector = GradientCollector(self.model, self.task, ProjectionConfig("none"), names)
+        if self.config.cg_steps and isinstance(self.curvature, DenseCurvature):
             raise UserError("CG refinement needs KFAC/EK-FAC factors")
-        if cg_steps and cg_records is None:
-            raise UserError("CG refinement needs the records to take Fisher-vector products on (cg_records=)")
+        if self.curvature is None:
+            self.curvature = self._fitted_curvature(index, progress)
+        return self
+
+    def _fitted_curvature(self, index: Index | None, progress: bool) -> Curvature:
+        path = curvature_file(index, self.config) if index is not None else None
+        if path is not None and path.exists():
+            return Curvature.load(path)
+        curv = fit_curvature(self.model, self.task, self.data.records, list(self.collector.modules), self.config.curvature, progress=progress)
+        if path is not None:
+            curv.save(path)
+        return curv
 
     # ------------------------------------------------------------------ the query side
 
-    def query_gradients(self, queries) -> Grads:
-        """∇L(q) per module, [q, d_out, d_in_aug]."""
-        return loss_gradients(self.collector, queries, self.batch_size)
-
-    def precondition(self, grads: Grads) -> Grads:
-        """(G + λI)⁻¹ g per query, refined by `cg_steps` of preconditioned CG when asked."""
-        x = self.curvature.inverse_hvp(grads, self.ekfac, self.damping)
-        if self.cg_steps:
+    def preconditioned_queries(self, queries, measurement: Measurement) -> Grads:
+        """(G + λI)⁻¹ ∇f(q) per query and module, refined by CG when asked."""
+        records, _ = query_records(queries)
+        grads = record_gradients(self.collector, records, measurement, self.config.batch_size)
+        x = self._inverse(grads)
+        if self.config.cg_steps:
             x = self._cg(grads, x)
         return x
 
+    def _inverse(self, grads: Grads) -> Grads:
+        return self.curvature.inverse_hvp(grads, self.config.damping, self.config.damping_mode, self.ekfac)
+
     def _damping(self, name: str) -> float:
-        return self.curvature.damping_for(name, True, self.damping)
+        return self.curvature.damping_for(name, self.config.damping, self.config.damping_mode, self.ekfac)
 
     def fisher_vector_product(self, v: Grads) -> Grads:
-        """(F + λI) v with F the Fisher of the CG records (same label samples as the factors)."""
-        config = self.curvature.config
-        batches = _batches(self.task, self.cg_records, config)
-        out = {n: torch.zeros_like(t) for n, t in v.items()}
+        """(F + λI) v with F the Fisher of the training records (the factors' label samples)."""
+        config = self.config.curvature
+        out = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in v.items()}
         n_examples = 0
-        for i, batch in enumerate(batches):
-            losses, calls = self.collector.module_grads(batch, _loss_fn(self.task, config, i))
+        for i, batch in enumerate(curvature_batches(self.task, self.fitted().records, config)):
+            losses, calls = self.collector.module_grads(batch, fisher_loss(self.task, config, i))
             n_examples += losses.shape[0]
-            per_module: dict[str, tuple[list, list]] = {}
-            for tm, a, delta in calls:
-                a_aug = tm.augment(a)
-                per_module.setdefault(tm.name, ([], []))[0].append(a_aug)
-                per_module[tm.name][1].append(delta)
-            # g_nᵀ v for every example n and query: Σ_modules Σ_calls Σ_t δᵀ V a
-            coef = sum(  # float64: CG needs more precision than the float32 activations carry
-                torch.einsum("bto,qoi,bti->bq", d.double(), v[name].double(), a.double())
-                for name, (acts, deltas) in per_module.items() for a, d in zip(acts, deltas)
-            )
-            for name, (acts, deltas) in per_module.items():
-                for a, d in zip(acts, deltas):
-                    out[name] += torch.einsum("bq,bto,bti->qoi", coef, d.double(), a.double()).to(out[name].dtype)
+            # g_nᵀ v for every example n and query: Σ_modules Σ_calls Σ_t δᵀ V a, in float64
+            coef = sum(torch.einsum("bto,qoi,bti->bq", d.double(), v[tm.name].double(), tm.augment(a).double()) for tm, a, d in calls)
+            for tm, a, d in calls:
+                out[tm.name] += torch.einsum("bq,bto,bti->qoi", coef, d.double(), tm.augment(a).double())
         return {n: out[n] / n_examples + self._damping(n) * v[n] for n in v}
 
     def _cg(self, b: Grads, x: Grads) -> Grads:
         ax = self.fisher_vector_product(x)
         r = {n: b[n] - ax[n] for n in b}
-        z = self.curvature.inverse_hvp(r, self.ekfac, self.damping)
+        z = self._inverse(r)
         p = {n: z[n].clone() for n in z}
-        rz = _dot(r, z)
-        for _ in range(self.cg_steps):
+        rz = dot(r, z)
+        for _ in range(self.config.cg_steps):
             ap = self.fisher_vector_product(p)
-            alpha = rz / _dot(p, ap).clamp_min(1e-30)
+            alpha = rz / dot(p, ap).clamp_min(1e-30)
             x = {n: x[n] + alpha.view(-1, 1, 1) * p[n] for n in x}
             r = {n: r[n] - alpha.view(-1, 1, 1) * ap[n] for n in r}
-            z = self.curvature.inverse_hvp(r, self.ekfac, self.damping)
-            rz_new = _dot(r, z)
+            z = self._inverse(r)
+            rz_new = dot(r, z)
             beta = rz_new / rz.clamp_min(1e-30)
             p = {n: z[n] + beta.view(-1, 1, 1) * p[n] for n in p}
             rz = rz_new
@@ -217,20 +246,28 @@ class InfluenceFunction:
 
     # ------------------------------------------------------------------ the training side
 
-    def scores(self, train_records, queries, progress: bool = False) -> np.ndarray:
-        """Exact influence scores [n_train examples, q], streaming over the training data."""
-        h = self.precondition(self.query_gradients(queries))
-        return stream_scores(self.collector, self.task, train_records, h, self.rank, self.batch_size, progress)
+    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+        data = self.fitted()
+        h = self.preconditioned_queries(queries, measurement)
+        index = data.index
+        if index is None:
+            yield from stream_scores(self.collector, data.records, h, self.config.query_rank, self.config.batch_size)
+            return
+        cfg = index.projection
+        rows = torch.cat([project(cfg, n, h[n].float()) for n in index.module_names], 1)
+        for block in index.store.blocks(reuse=True):
+            yield block.start, block.ids, block.rows @ rows.T
 
-    def query_rows(self, queries, index) -> torch.Tensor:
-        """Preconditioned query gradients projected into `index`'s space, [q, dim]: their dot
-        products with the stored rows are the influence scores (up to projection noise)."""
-        built = index.manifest
-        if built["normalizer"]:
-            raise UserError("influence scores need an index built without --optimizer-state")
-        names = [m["name"] for m in built["modules"]]
-        if names != list(self.collector.modules):
-            raise UserError(f"modules mismatch: the index tracks {names}, the influence function {list(self.collector.modules)}")
-        cfg = ProjectionConfig(**built["projection"])
-        h = self.precondition(self.query_gradients(queries))
-        return torch.cat([project(cfg, n, h[n].float()) for n in names], 1)
+
+class EKFAC(InfluenceFunction):
+    """Influence functions with the eigenvalue-corrected Kronecker-factored curvature."""
+
+    name = "ekfac"
+    ekfac = True
+
+
+class KFAC(InfluenceFunction):
+    """Influence functions with the Kronecker-factored curvature (eigenvalues λ_S λ_A)."""
+
+    name = "kfac"
+    ekfac = False

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from ..collect import GradientCollector
-from ..curvature import CurvatureConfig, fit_curvature
+from ..config import ProjectionConfig, SourceConfig
+from ..curvature import fit_curvature
 from ..errors import UserError
-from ..projection import ProjectionConfig
+from ..measurement import Measurement
 from ..task import Task
-from .influence import loss_gradients, stream_scores
+from .base import Blocks, Method, query_records, training_data
+from .influence import record_gradients, stream_scores
 
 
 @dataclass
@@ -66,42 +68,79 @@ def segments_from_trainer_state(path: str | Path, checkpoints: dict[int, torch.n
 
 def _f(eta_k: float):
     """F(σ) = (1 − e^{−ηKσ})/σ, with the σ → 0 limit ηK."""
+
     def fn(sigma: torch.Tensor) -> torch.Tensor:
         safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
         return torch.where(sigma > 0, -torch.expm1(-eta_k * safe) / safe, torch.full_like(sigma, eta_k))
+
     return fn
 
 
-def source_scores(
-    final_model: torch.nn.Module,
-    task: Task,
-    train_records,
-    queries,
-    segments: list[Segment],
-    curvature: CurvatureConfig | None = None,
-    momentum: float = 0.0,
-    modules: list[str] | None = None,
-    batch_size: int = 16,
-    curvature_records=None,
-    progress: bool = False,
-) -> np.ndarray:
-    """SOURCE scores [n_train, q] over `segments` (in training order) of the run ending at
-    `final_model`. EK-FAC per segment is fitted on `curvature_records` (default: the training data)."""
-    if not segments:
-        raise UserError("SOURCE needs at least one segment")
-    if not 0 <= momentum < 1:
-        raise UserError(f"momentum must be in [0, 1), got {momentum}")
-    config = curvature or CurvatureConfig()
-    q = loss_gradients(GradientCollector(final_model, task, ProjectionConfig("none"), modules), queries, batch_size)
-    q = {n: g.double() for n, g in q.items()}
-    total = 0.0
-    for seg in reversed(segments):
-        curv = fit_curvature(seg.checkpoints, task, curvature_records if curvature_records is not None else train_records, modules, config, progress=progress)
-        eta_k = seg.lr * seg.steps / (1 - momentum)
-        r = {n: curv.modules[n].apply(g, _f(eta_k)) for n, g in q.items()}
-        for ckpt in seg.checkpoints:  # ḡ_ℓ(z) = mean over the segment's checkpoints
-            collector = GradientCollector(ckpt, task, ProjectionConfig("none"), list(q))
-            total = total + stream_scores(collector, task, train_records, r, batch_size=batch_size, progress=progress) / len(seg.checkpoints)
-        q = {n: curv.modules[n].apply(g, lambda e: torch.exp(-eta_k * e)) for n, g in q.items()}
-    return np.asarray(total)
+class SOURCE(Method):
+    """SOURCE scores over the segments of a training run (in training order).
 
+        segments = [Segment([ckpt1], lr=1e-3, steps=300), Segment([ckpt2], lr=5e-4, steps=300)]
+        scores = SOURCE(segments, task).fit(train_records).score(queries)
+
+    The final model (where queries are measured) defaults to the last segment's last checkpoint.
+    `fit` fits each segment's EK-FAC (pooled over its checkpoints) on the training records; with
+    an index, its records and task are used.
+    """
+
+    name = "source"
+    config_class = SourceConfig
+
+    def __init__(
+        self,
+        segments: list[Segment] | None = None,
+        task: Task | None = None,
+        config: SourceConfig | None = None,
+        final_model: torch.nn.Module | None = None,
+    ):
+        self.segments, self.task = segments, task
+        self.config = config or SourceConfig()
+        self.final_model = final_model
+
+    def fit(self, train, progress: bool = False) -> SOURCE:
+        self.data = training_data(train)
+        if self.data.index is not None and self.task is None:
+            self.task = self.data.index.task()
+        if not self.segments or self.task is None:
+            raise UserError("SOURCE needs the run's segments (checkpoints with learning rates and steps) and task=")
+        self.final_model = self.final_model if self.final_model is not None else self.segments[-1].checkpoints[-1]
+        cfg = self.config
+        self.curvatures = [
+            fit_curvature(seg.checkpoints, self.task, self.data.records, cfg.modules, cfg.curvature, progress=progress) for seg in self.segments
+        ]
+        return self
+
+    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+        data, cfg = self.fitted(), self.config
+        records, _ = query_records(queries)
+        names = list(self.curvatures[0].modules)
+        q = record_gradients(GradientCollector(self.final_model, self.task, ProjectionConfig("none"), names), records, measurement, cfg.batch_size)
+        q = {n: g.double() for n, g in q.items()}
+        total, ids = 0.0, None
+        for seg, curv in zip(reversed(self.segments), reversed(self.curvatures)):
+            eta_k = seg.lr * seg.steps / (1 - cfg.momentum)
+            r = {n: curv.modules[n].apply(g, _f(eta_k)) for n, g in q.items()}
+            for ckpt in seg.checkpoints:  # ḡ_ℓ(z) = mean over the segment's checkpoints
+                collector = GradientCollector(ckpt, self.task, ProjectionConfig("none"), names)
+                blocks = list(stream_scores(collector, data.records, r, batch_size=cfg.batch_size))
+                ids = np.concatenate([b[1] for b in blocks])
+                total = total + torch.cat([b[2] for b in blocks]).double() / len(seg.checkpoints)
+            q = {n: curv.modules[n].apply(g, lambda e: torch.exp(-eta_k * e)) for n, g in q.items()}
+        yield 0, ids, total
+
+
+def segments_from_config(checkpoints: list[torch.nn.Module], config: SourceConfig, steps_of: list[int] | None = None) -> list[Segment]:
+    """One segment per checkpoint, from `trainer_state` (with each checkpoint's global step in
+    `steps_of`) or from the explicit `checkpoint_lr` and `checkpoint_steps`."""
+    if config.trainer_state:
+        if steps_of is None:
+            raise UserError("with --trainer-state, each checkpoint's global step is needed (name the folders checkpoint-<step>)")
+        return segments_from_trainer_state(config.trainer_state, dict(zip(steps_of, checkpoints)))
+    lrs, steps = config.checkpoint_lr, config.checkpoint_steps
+    if not lrs or not steps or len(lrs) != len(checkpoints) or len(steps) != len(checkpoints):
+        raise UserError("SOURCE needs --trainer-state, or one --checkpoint-lr and one --checkpoint-steps per checkpoint")
+    return [Segment([m], lr, k) for m, lr, k in zip(checkpoints, lrs, steps)]

@@ -1,48 +1,60 @@
-"""TracIn over checkpoints: score(z, q) = Σ_c η_c g_c(z)·g_c(q), one index per checkpoint.
+"""TracIn over checkpoints (arXiv 2002.08895): score(z, q) = Σ_c η_c g_c(z)·g_c(q).
 
-Each checkpoint's index must hold the same records in the same row layout (build them with the
-same data and settings); the indexes are streamed in lockstep, block by block.
+A weighted sum of gradient dot products, one per checkpoint: fitted on one index per checkpoint
+(built with the same data and settings, streamed in lockstep) or on records in memory.
+
+    TracIn([ckpt1, ckpt2], task, TracInConfig(checkpoint_lr=[1e-3, 5e-4])).fit(records).score(queries)
+    TracIn(config=TracInConfig(checkpoint_lr=[1e-3, 5e-4])).fit([index1, index2]).score(queries)
 """
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
-import pandas as pd
 import torch
 
-from ..data import load_records, record_ids
+from ..config import TracInConfig
 from ..errors import UserError
-from ..query import rank
+from ..measurement import Measurement
+from ..task import Task
+from .base import Blocks, Method, training_data
+from .gradient import Dot
 
 
-def tracin_blocks(indexes, query_grads: list[torch.Tensor], lrs: list[float], block_rows: int | None = None, verify: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
-    """(first row, ids [b, 2], Σ_c η_c rows_c @ q_cᵀ [b, q]) over aligned indexes."""
-    streams = [idx.store.blocks(block_rows, verify) for idx in indexes]
-    for blocks in zip(*streams, strict=True):
-        first = blocks[0]
-        if any(b.start != first.start or not np.array_equal(b.ids, first.ids) for b in blocks[1:]):
-            raise UserError("the checkpoint indexes do not hold the same rows in the same order; build them with the same data and settings")
-        yield first.start, first.ids, sum(lr * (b.rows @ q.T) for lr, b, q in zip(lrs, blocks, query_grads))
+class TracIn(Method):
+    """Σ over checkpoints of the learning-rate-weighted gradient dot product."""
 
+    name = "tracin"
+    config_class = TracInConfig
 
-def tracin(indexes, queries, lrs: list[float] | None = None, models=None, tasks=None, top_k: int = 10, bottom_k: int = 0, pool: str | None = "max", verify: bool = True) -> pd.DataFrame:
-    """Top training records per query by TracIn over the checkpoints' indexes.
+    def __init__(self, checkpoints: list[torch.nn.Module] | None = None, task: Task | None = None, config: TracInConfig | None = None):
+        self.checkpoints, self.task = checkpoints, task
+        self.config = config or TracInConfig()
 
-    `lrs[c]` is the learning rate in effect at checkpoint c (default 1 for each); `models`/`tasks`
-    default to loading each index's own model.
-    """
-    lrs = list(lrs) if lrs else [1.0] * len(indexes)
-    if len(lrs) != len(indexes):
-        raise UserError(f"TracIn needs one learning rate per index: got {len(lrs)} for {len(indexes)} indexes")
-    fps = {idx.manifest["data"]["fingerprint"] for idx in indexes}
-    if len(fps) > 1:
-        raise UserError("the checkpoint indexes were built from different training data")
-    records = load_records(queries)
-    models = models or [None] * len(indexes)
-    tasks = tasks or [None] * len(indexes)
-    grads = [idx.gradients(records, m, t) for idx, m, t in zip(indexes, models, tasks)]
-    first = indexes[0]
-    ranking = rank(tracin_blocks(indexes, grads, lrs, verify=verify), top_k, bottom_k, pool if first.pooled else None, first.n_records)
-    return first.frame(ranking, record_ids(records))
+    def fit(self, train, progress: bool = False) -> TracIn:
+        self.data = training_data(train)
+        if self.data.indexes:
+            models = self.checkpoints or [None] * len(self.data.indexes)
+            if len(models) != len(self.data.indexes):
+                raise UserError(f"TracIn got {len(models)} models for {len(self.data.indexes)} checkpoint indexes")
+            parts = [(m, idx) for m, idx in zip(models, self.data.indexes)]
+        else:
+            if not self.checkpoints or self.task is None:
+                raise UserError("TracIn without indexes needs the checkpoints (models) and task=")
+            parts = [(m, self.data.records) for m in self.checkpoints]
+        lrs = self.config.checkpoint_lr or [1.0] * len(parts)
+        if len(lrs) != len(parts):
+            raise UserError(f"TracIn needs one learning rate per checkpoint: got {len(lrs)} for {len(parts)} checkpoints")
+        self.lrs = lrs
+        gradient = dict(self.config.to_dict())
+        gradient.pop("checkpoint_lr")
+        self.dots = [Dot(m, self.task, Dot.config_class.from_dict(gradient)).fit(t, progress) for m, t in parts]
+        return self
+
+    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+        self.fitted()
+        streams = [dot.score_blocks(queries, measurement) for dot in self.dots]
+        for blocks in zip(*streams, strict=True):
+            start, ids, _ = blocks[0]
+            if any(b[0] != start or not np.array_equal(b[1], ids) for b in blocks[1:]):
+                raise UserError("the checkpoint indexes do not hold the same rows in the same order; build them with the same data and settings")
+            yield start, ids, sum(lr * b[2] for lr, b in zip(self.lrs, blocks))

@@ -1,11 +1,11 @@
-"""`headwater demo`: fact tracing on a synthetic corpus, end to end, on a CPU, with no downloads.
+"""`headwater demo facts`: fact tracing on a synthetic corpus, end to end, on a CPU, no downloads.
 
 1. Generate fictional entities with attributes. Each fact is stated in a few documents with
    different templates, surrounded by filler sentences; other documents are distractors, and
    question/answer documents teach the question format for half of the facts.
-2. Train a tiny GPT-2 on it (cached in the work directory after the first run).
-3. Build indexes (document rows and sentence rows) and attribute held-out questions about the
-   other half of the facts.
+2. Train a tiny GPT-2 on it with `Replay` (cached in the work directory after the first run).
+3. Build indexes (document, sentence and token rows; plain and Adam-normalised) and attribute
+   held-out questions about the other half of the facts.
 4. Report Recall@10 and MRR of the documents known to state each fact, beside BM25 and random.
 """
 
@@ -20,12 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .build import BuildConfig, build_index, load_model
-from .evaluate import bm25_scores, fact_tracing_metrics
-from .task import LanguageModelTask, encode_records
-from .toy import tiny_gpt2, word_tokenizer
+from ..build import build_index
+from ..config import BuildConfig, ProjectionConfig, TrackStarConfig, TrainConfig
+from ..methods import BM25, Cosine, TrackStar
+from ..metrics import ranking_metrics
+from ..models import load_model
+from ..scores import Scores
+from ..task import LanguageModelTask
+from ..toy import tiny_gpt2, word_tokenizer
+from ..training import Replay
 
 ATTRIBUTES = {
     "capital": (
@@ -40,10 +44,7 @@ ATTRIBUTES = {
         ["The national animal of {e} is the {v} .", "{e} chose the {v} as its national animal .", "The {v} is the animal that stands for {e} ."],
         "Which animal stands for {e} ?",
     ),
-    "founder": (
-        ["{e} was founded by {v} .", "{v} founded {e} long ago .", "The founder of {e} was {v} ."],
-        "Who founded {e} ?",
-    ),
+    "founder": (["{e} was founded by {v} .", "{v} founded {e} long ago .", "The founder of {e} was {v} ."], "Who founded {e} ?"),
 }
 COLOURS = "red blue green yellow purple orange white black silver golden crimson teal".split()
 ANIMALS = "fox owl bear wolf heron otter lynx crane stag hare falcon badger".split()
@@ -79,6 +80,7 @@ class DemoConfig:
     n_head: int = 4
     epochs: int = 30
     lr: float = 3e-3
+    schedule: str = "linear"
     train_batch: int = 16
 
     def key(self) -> str:
@@ -126,34 +128,15 @@ def make_corpus(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     where = {old: new for new, old in enumerate(order)}
     docs = [{"id": f"doc{new:04d}", **docs[old]} for new, old in enumerate(order)]
     questions = [
-        {"id": f"q{i:03d}", "prompt": f"Q : {f['question']} A :", "completion": f" {f['value']}",
-         "relevant": [docs[where[d]]["id"] for d in f["docs"]]}
+        {
+            "id": f"q{i:03d}",
+            "prompt": f"Q : {f['question']} A :",
+            "completion": f" {f['value']}",
+            "relevant": [docs[where[d]]["id"] for d in f["docs"]],
+        }
         for i, f in enumerate(facts[half:])
     ]
     return docs, questions
-
-
-def train_lm(model, task: LanguageModelTask, records: list[dict], epochs: int, lr: float, batch_size: int, seed: int) -> torch.optim.Optimizer:
-    """Plain AdamW training on the records' summed token loss (mean per token); returns the optimizer."""
-    g = torch.Generator().manual_seed(seed)
-    examples = encode_records(task, records)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(total=steps, desc="train demo model", unit="step")
-    for _ in range(epochs):
-        for i in torch.randperm(len(examples), generator=g).split(batch_size):
-            batch = task.collate([examples[j] for j in i])
-            loss = task.per_example_loss(model, batch).sum() / batch["target_mask"][:, 1:].sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    return opt
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -174,10 +157,15 @@ def prepare(workdir: Path, cfg: DemoConfig, retrain: bool = False) -> tuple[Path
     tokenizer = word_tokenizer(texts, max_length=128)
     torch.manual_seed(cfg.seed)
     model = tiny_gpt2(len(tokenizer), cfg.n_layer, cfg.n_embd, cfg.n_head, n_positions=128)
-    opt = train_lm(model, LanguageModelTask(tokenizer), docs, cfg.epochs, cfg.lr, cfg.train_batch, cfg.seed)
+    run = TrainConfig(
+        optimizer="adamw", lr=cfg.lr, schedule=cfg.schedule, warmup=0.1, epochs=cfg.epochs, train_batch_size=cfg.train_batch, data_seed=cfg.seed
+    )
+    replay = Replay(model, LanguageModelTask(tokenizer), docs, run)
+    final = replay.train(progress=True, desc="train demo model")
+    replay.load(final).eval()
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    torch.save(opt.state_dict(), model_dir / "optimizer.pt")
+    torch.save(replay.optimizer_state(final), model_dir / "optimizer.pt")
     return model_dir, docs, questions
 
 
@@ -194,18 +182,18 @@ def answer_accuracy(model_dir: Path, questions: list[dict]) -> float:
 
 
 VARIANTS = [
-    # (name, unit, method, optimizer-normalised, scorer options)
-    ("cosine, document rows", "document", "cosine", False, {}),
-    ("TrackStar, document rows", "document", "trackstar", True, {}),
-    ("cosine, sentence rows (max)", "sentence", "cosine", False, {}),
-    ("TrackStar, sentence rows (max)", "sentence", "trackstar", True, {}),
-    ("cosine, token rows (max)", "token", "cosine", False, {}),
-    ("TrackStar, token rows (max), no query mixing", "token", "trackstar", True, {"mix": 0.0}),
-    ("TrackStar, token rows (max)", "token", "trackstar", True, {}),
+    # (name, unit, optimizer-normalised, method)
+    ("cosine, document rows", "document", False, lambda: Cosine()),
+    ("TrackStar, document rows", "document", True, lambda: TrackStar()),
+    ("cosine, sentence rows (max)", "sentence", False, lambda: Cosine()),
+    ("TrackStar, sentence rows (max)", "sentence", True, lambda: TrackStar()),
+    ("cosine, token rows (max)", "token", False, lambda: Cosine()),
+    ("TrackStar, token rows (max), no query mixing", "token", True, lambda: TrackStar(config=TrackStarConfig(mix="0"))),
+    ("TrackStar, token rows (max)", "token", True, lambda: TrackStar()),
 ]
 
 
-def run_demo(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int = 16, retrain: bool = False, top_k: int = 10) -> dict:
+def run(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int = 16, retrain: bool = False, top_k: int = 10) -> dict:
     """Run the whole demo; prints and writes `results.md` and `results.json` to `workdir`."""
     import datasets
     import transformers
@@ -217,7 +205,8 @@ def run_demo(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size
     cfg = DemoConfig(seed=seed)
     model_dir, docs, questions = prepare(workdir, cfg, retrain)
     doc_ids = [d["id"] for d in docs]
-    relevant = [q["relevant"] for q in questions]
+    relevant = [[doc_ids.index(r) for r in q["relevant"]] for q in questions]
+    questions_file = str(workdir / "questions.jsonl")
     acc = answer_accuracy(model_dir, questions)
     rankings: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
@@ -225,26 +214,29 @@ def run_demo(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size
         for normalised in (False, True):
             t = time.time()
             config = BuildConfig(
-                model=str(model_dir), data=str(workdir / "train.jsonl"), projection_dim=projection_dim, seed=seed,
-                batch_size=batch_size, unit=unit, dtype="float32",
+                model=str(model_dir),
+                data=str(workdir / "train.jsonl"),
+                projection=ProjectionConfig(dim=projection_dim, seed=seed),
+                batch_size=batch_size,
+                unit=unit,
+                storage_dtype="float32",
                 optimizer_state=str(model_dir / "optimizer.pt") if normalised else None,
             )
             name = f"index-{unit}{'-adamnorm' if normalised else ''}"
             index = build_index(workdir / name, config=config, resume=True)
             build_s = time.time() - t
-            for vname, vunit, method, vnorm, options in VARIANTS:
+            for vname, vunit, vnorm, method in VARIANTS:
                 if (vunit, vnorm) == (unit, normalised):
                     t = time.time()
-                    frame = index.query(str(workdir / "questions.jsonl"), method=method, top_k=len(docs), **options)
-                    rankings[vname] = _order(frame, questions, doc_ids)
+                    rankings[vname] = _order(method().fit(index).score(questions_file))
                     seconds[vname] = build_s + time.time() - t
     t = time.time()
-    rankings["BM25"] = np.argsort(-bm25_scores([d["text"] for d in docs], [q["prompt"] + q["completion"] for q in questions]), axis=1, kind="stable")
+    rankings["BM25"] = _order(BM25().fit(docs).score(questions_file))
     seconds["BM25"] = time.time() - t
     rng = np.random.default_rng(seed)
     rankings["random"] = np.stack([rng.permutation(len(docs)) for _ in questions])
     seconds["random"] = 0.0
-    metrics = {name: fact_tracing_metrics(order, [[doc_ids.index(r) for r in rel] for rel in relevant], k=top_k) for name, order in rankings.items()}
+    metrics = {name: ranking_metrics(order, relevant, k=top_k) for name, order in rankings.items()}
     report = _report(metrics, seconds, rankings, docs, questions, acc, top_k, time.time() - t0)
     (workdir / "results.md").write_text(report)
     (workdir / "results.json").write_text(json.dumps({"answer_accuracy": acc, "metrics": metrics, "seconds": seconds}, indent=2))
@@ -253,11 +245,9 @@ def run_demo(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size
     return metrics
 
 
-def _order(frame, questions, doc_ids) -> np.ndarray:
-    """Rank matrix [q, docs] of document positions from a query result frame."""
-    pos = {d: i for i, d in enumerate(doc_ids)}
-    top = frame[frame["side"] == "top"].sort_values(["query_id", "rank"])
-    return np.stack([[pos[t] for t in top[top["query_id"] == q["id"]]["train_id"]] for q in questions])
+def _order(scores: Scores) -> np.ndarray:
+    """Record positions per query, best first, [q, docs]."""
+    return np.argsort(-scores.values.T, axis=1, kind="stable")
 
 
 def _report(metrics, seconds, rankings, docs, questions, acc, k, total_s) -> str:

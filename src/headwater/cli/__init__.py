@@ -1,0 +1,35 @@
+"""The `headwater` command line, one module per command group:
+
+- `index.py`: build, curvature, query (top-k over an index);
+- `attribute.py`: attribute (any method → a Scores file);
+- `evaluate.py`: evaluate lds | leave-k-out | tail-patch;
+- `demo.py`: demo <name>.
+
+Flags are generated from the config dataclasses (`options.py`). User errors (bad files,
+mismatched indexes, bad flags) exit with status 2 and one line on stderr; anything else is a bug
+and keeps its traceback.
+"""
+
+import sys
+
+import typer
+
+from . import attribute, demo, evaluate, index  # noqa: F401  (each registers its commands)
+from .app import app
+
+
+def main() -> None:
+    """Run the CLI; a usage error (an unknown flag, a bad value or choice) is one line, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("headwater: aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's usage errors (typer may vendor click)
+            message = " ".join(exc.format_message().split())
+            if message:  # (none when a bare command printed its help)
+                typer.echo(f"headwater: error: {message}", err=True)
+            sys.exit(2)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

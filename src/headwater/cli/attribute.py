@@ -1,0 +1,126 @@
+"""`headwater attribute`: any method, on training records or indexes, written as a Scores file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from ..config import (
+    AttributeConfig,
+    BM25Config,
+    GradientConfig,
+    InfluenceConfig,
+    MagicConfig,
+    SourceConfig,
+    TracInConfig,
+    TrackStarConfig,
+    TRAKConfig,
+)
+from ..errors import UserError
+from .app import app
+from .index import open_index
+from .options import command
+
+CONFIGS = (AttributeConfig, GradientConfig, TrackStarConfig, TracInConfig, InfluenceConfig, TRAKConfig, SourceConfig, MagicConfig, BM25Config)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a Hugging Face `checkpoint-<step>` directory."""
+    m = re.search(r"checkpoint-(\d+)$", str(Path(path).resolve()))
+    if not m:
+        raise UserError(f"{path} is not named checkpoint-<step>; give --checkpoint-lr and --checkpoint-steps instead")
+    return int(m.group(1))
+
+
+def config_path(out: Path) -> Path:
+    """Where a command writing `out` saves its resolved configuration."""
+    return out.with_name(out.name.split(".")[0] + ".config.json")
+
+
+@command(app, *CONFIGS)
+def attribute(
+    out: Path = typer.Option(..., "--out", help="Where to write the scores (.safetensors: values, ids, method, measurement, config)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    configs: dict = None,
+):
+    """Attribute the queries to the training records with any method; writes a Scores file and
+    its replayable configuration (`--config OUT.config.json`)."""
+    import json
+
+    from ..data import load_records
+    from ..measurement import measurement_named
+    from ..methods import METHODS
+
+    a = configs[AttributeConfig]
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must be a .safetensors file, got {out}")
+    if not a.queries:
+        raise UserError("give the queries to attribute (--queries)")
+    cls = METHODS[a.method]
+    method_config = configs[cls.config_class]
+    train, model, task = _training_side(a)
+    method = _method(a, cls, method_config, model, task)
+    measurement = None if a.measurement == "default" else measurement_named(a.measurement)
+    load_records(a.queries)  # a bad query file fails before any gradient is computed
+    scores = method.fit(train, progress=progress).score(a.queries, measurement, dtype=a.scores_dtype)
+    scores.save(out)
+    saved = {AttributeConfig.__name__: a.to_dict(), cls.config_class.__name__: method_config.to_dict()}
+    config_path(out).write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {scores} to {out}")
+    if a.top_k:
+        csv = out.with_suffix(".csv")
+        scores.top_k(a.top_k, records=method.fitted().records).to_csv(csv, index=False)
+        typer.echo(f"wrote the top {a.top_k} records per query to {csv}")
+
+
+def _training_side(a: AttributeConfig):
+    """(what `fit` takes, the model, its task) from --index or --model/--data."""
+    from ..data import load_records
+    from ..models import load_model
+    from ..task import LanguageModelTask
+
+    if a.index:
+        indexes = [open_index(Path(p), a.model, a.device if a.model else None) for p in a.index]
+        if len(indexes) > 1 and a.method != "tracin":
+            raise UserError(f"several indexes are for --method tracin, not {a.method}")
+        return (indexes if a.method == "tracin" else indexes[0]), None, None
+    if not a.data:
+        raise UserError("give the training records (--data) or an index (--index)")
+    records = load_records(a.data)
+    if a.method == "bm25":
+        return records, None, None
+    # the model attributed; TracIn and MAGIC can do without one (their task comes from their models)
+    path = a.model or (a.checkpoint[-1] if a.method == "tracin" and a.checkpoint else None) or (a.init_model if a.method == "magic" else None)
+    if not path:
+        raise UserError(
+            "give the model to attribute (--model)" if a.method != "magic" else "MAGIC replays the training run from its initial model (--init-model)"
+        )
+    model, tokenizer = load_model(path, a.device)
+    return records, model, LanguageModelTask(tokenizer)
+
+
+def _method(a: AttributeConfig, cls, config, model, task):
+    """The method object, with the extra models TracIn, TRAK, SOURCE and MAGIC need."""
+    from ..models import load_model
+    from ..task import LanguageModelTask
+
+    load = lambda p: load_model(p, a.device)[0]
+    if a.method == "tracin":
+        return cls([load(c) for c in a.checkpoint] if a.checkpoint else None, task, config)
+    if a.method == "trak":
+        return cls(([model] if model is not None else []) + [load(p) for p in a.ensemble or []] or None, task, config)
+    if a.method == "source":
+        from ..methods.source import segments_from_config
+
+        if not a.checkpoint:
+            raise UserError("SOURCE needs the run's checkpoints (--checkpoint, repeatable)")
+        steps = [checkpoint_step(c) for c in a.checkpoint] if config.trainer_state else None
+        return cls(segments_from_config([load(c) for c in a.checkpoint], config, steps), task, config, final_model=model)
+    if a.method == "magic":
+        if not a.init_model:
+            raise UserError("MAGIC replays the training run from its initial model (--init-model)")
+        init, tokenizer = load_model(a.init_model, a.device)
+        return cls(init, task if task is not None else LanguageModelTask(tokenizer), config)
+    return cls(model, task, config)

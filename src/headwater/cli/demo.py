@@ -1,0 +1,30 @@
+"""`headwater demo <name>`: the built-in end-to-end examples."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import typer
+
+from ..demos import DEMOS
+from ..errors import UserError
+from .app import app
+from .options import fail
+
+
+@app.command()
+def demo(
+    name: str = typer.Argument("facts", help="Which demo: " + "; ".join(f"{k}: {v[1]}" for k, v in DEMOS.items())),
+    workdir: Path = typer.Option(None, "--workdir", help="Where data, models, indexes and results go (default: headwater-demo/<name>)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the demo's data, training and projections."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the demo's models again even if cached."),
+):
+    """Run a built-in end-to-end example (no downloads)."""
+    if name not in DEMOS:
+        fail(f"unknown demo {name!r}; choose one of {', '.join(DEMOS)}")
+    module = importlib.import_module(DEMOS[name][0])
+    try:
+        module.run(workdir or Path("headwater-demo") / name, seed=seed, retrain=retrain)
+    except UserError as exc:
+        fail(str(exc))

@@ -1,0 +1,267 @@
+"""The one training loop: a deterministic, replayable run with a weight on every example's loss.
+
+`Replay(model, task, records, TrainConfig(...))` runs the recipe functionally on the model's
+trainable parameters: a fixed data order from `data_seed`, the optimizer written out (SGD with
+heavy-ball momentum and coupled decay as torch.optim.SGD; AdamW with bias correction and
+decoupled decay as torch.optim.AdamW), the learning-rate schedule of the Hugging Face Trainer
+(linear warm-up from 0, then constant, linear or cosine decay to 0), optional global-norm
+clipping. The same settings give bit-identical runs, so MAGIC can differentiate through one,
+retraining can replay it on subsets, and the demos train with it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .errors import UserError
+from .task import Task, whole_examples
+
+State = dict[str, torch.Tensor]  # "p.<name>" parameters, "m.<name>" / "v.<name>" optimizer moments
+
+
+def lr_at(config: TrainConfig, t: int, total: int) -> float:
+    """The learning rate of step t (0-based) of a `total`-step run."""
+    if config.lr_per_step is not None:
+        return float(config.lr_per_step[t])
+    warm = int(round(config.warmup * total))
+    if t < warm:
+        return config.lr * t / max(1, warm)
+    if config.schedule == "constant":
+        return config.lr
+    progress = (t - warm) / max(1, total - warm)
+    if config.schedule == "linear":
+        return config.lr * max(0.0, 1.0 - progress)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Bound(torch.nn.Module):
+    """Calls `model` with the given parameter (and buffer) tensors, so tasks can call it as usual."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.__dict__["inner"], self.__dict__["params"] = model, params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.inner, self.params, args, kwargs)
+
+    def named_modules(self, *args, **kwargs):  # measurements that hook a layer find the real one
+        return self.inner.named_modules(*args, **kwargs)
+
+
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """√v with gradient 0 (not inf) where v = 0, e.g. parameters no example has touched yet."""
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
+
+
+def twice_differentiable_attention(model: torch.nn.Module) -> None:
+    """Fused attention kernels (SDPA/flash on CPU) have no double backward, which a reverse pass
+    through training needs; eager attention computes the same function and has one."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in (None, "eager"):
+        warnings.warn(f"switching the model's attention from {impl!r} to 'eager' (a double backward is needed)", stacklevel=3)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:
+            config._attn_implementation = "eager"
+
+
+class Replay:
+    """Runs `config` on `model`'s trainable parameters over `records`, with per-example weights."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, records, config: TrainConfig):
+        self.model, self.task, self.config = model, task, config
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise UserError("the model has no trainable parameters")
+        self.examples = whole_examples(task, records)
+        self.schedule = self.batches(len(self.examples))
+        if config.lr_per_step is not None and len(config.lr_per_step) < len(self.schedule):
+            raise UserError(f"lr_per_step has {len(config.lr_per_step)} values for a run of {len(self.schedule)} steps")
+        self.buffers = dict(model.named_buffers())
+
+    def batches(self, n: int) -> list[list[int]]:
+        """The fixed order of example indices, one list per step."""
+        g = torch.Generator().manual_seed(self.config.data_seed)
+        out, size = [], self.config.train_batch_size
+        for _ in range(self.config.epochs):
+            order = torch.randperm(n, generator=g).tolist()
+            for i in range(0, n, size):
+                chunk = order[i : i + size]
+                if len(chunk) == size or not self.config.drop_last:
+                    out.append(chunk)
+        return out
+
+    @property
+    def steps(self) -> int:
+        return len(self.schedule)
+
+    def lr(self, t: int) -> float:
+        return lr_at(self.config, t, self.steps)
+
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def ones(self) -> torch.Tensor:
+        return torch.ones(len(self.examples), dtype=self.dtype())
+
+    def initial_state(self) -> State:
+        params = dict(self.model.named_parameters())
+        s = {f"p.{n}": params[n].detach().clone() for n in self.names}
+        if self.config.optimizer == "adamw" or self.config.momentum:
+            s.update({f"m.{n}": torch.zeros_like(params[n]) for n in self.names})
+        if self.config.optimizer == "adamw":
+            s.update({f"v.{n}": torch.zeros_like(params[n]) for n in self.names})
+        return s
+
+    def bind(self, s: State) -> Bound:
+        """The model evaluated at state `s` (differentiable in the state)."""
+        return Bound(self.model, {**{n: s[f"p.{n}"] for n in self.names}, **self.buffers})
+
+    def step(self, s: State, t: int, w: torch.Tensor, create_graph: bool = False) -> State:
+        """One optimizer step t with example weights w [batch] (differentiable when create_graph)."""
+        cfg, lr = self.config, self.lr(t)
+        idx = self.schedule[t]
+        batch = self.task.collate([self.examples[i] for i in idx])
+        params = {n: s[f"p.{n}"] for n in self.names}
+        if not create_graph:  # a plain step: fresh leaves, and detached results below
+            params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            losses = self.task.loss(Bound(self.model, {**params, **self.buffers}), batch)
+            loss = (w * losses).sum() / len(idx)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        if cfg.clip_norm is not None:
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            scale = torch.clamp(cfg.clip_norm / (norm + 1e-6), max=1.0)
+            grads = [g * scale for g in grads]
+        out: State = {}
+        for n, g in zip(self.names, grads):
+            p = params[n]
+            if cfg.optimizer == "sgd":
+                if cfg.weight_decay:
+                    g = g + cfg.weight_decay * p
+                if cfg.momentum:
+                    g = out[f"m.{n}"] = cfg.momentum * s[f"m.{n}"] + g
+                out[f"p.{n}"] = p - lr * g
+            else:
+                b1, b2 = cfg.beta1, cfg.beta2
+                m = out[f"m.{n}"] = b1 * s[f"m.{n}"] + (1 - b1) * g
+                v = out[f"v.{n}"] = b2 * s[f"v.{n}"] + (1 - b2) * g * g
+                m_hat, v_hat = m / (1 - b1 ** (t + 1)), v / (1 - b2 ** (t + 1))
+                out[f"p.{n}"] = p * (1 - lr * cfg.weight_decay) - lr * m_hat / (_safe_sqrt(v_hat) + cfg.adam_eps)
+        return out if create_graph else {k: v.detach() for k, v in out.items()}
+
+    def weights_for(self, w: torch.Tensor, t: int) -> torch.Tensor:
+        return w[self.schedule[t]]
+
+    def train(self, weights: torch.Tensor | None = None, progress: bool = False, desc: str = "train") -> State:
+        """The final state of the run with example weights (default all ones)."""
+        w = self.ones() if weights is None else weights
+        s = self.initial_state()
+        for t in tqdm(range(self.steps), desc=desc, disable=not progress):
+            s = self.step(s, t, self.weights_for(w, t))
+        return s
+
+    def trajectory(self, steps: list[int], weights: torch.Tensor | None = None) -> dict[int, State]:
+        """States after each of `steps` optimizer steps (0 = the initial state), for TracIn/SOURCE."""
+        w = self.ones() if weights is None else weights
+        s, out = self.initial_state(), {}
+        for t in range(max(steps) + 1):
+            if t in steps:
+                out[t] = s
+            if t < self.steps:
+                s = self.step(s, t, self.weights_for(w, t))
+        return out
+
+    def optimizer_state(self, s: State) -> dict:
+        """The run's optimizer state at `s` in `torch.optim`'s state_dict layout (parameter
+        indexes in model order, param_names given), e.g. for `--optimizer-state`."""
+        cfg, state = self.config, {}
+        for i, n in enumerate(self.names):
+            entry = {"step": torch.tensor(float(self.steps))}
+            if f"m.{n}" in s:
+                entry["momentum_buffer" if cfg.optimizer == "sgd" else "exp_avg"] = s[f"m.{n}"].clone()
+            if f"v.{n}" in s:
+                entry["exp_avg_sq"] = s[f"v.{n}"].clone()
+            state[i] = entry
+        group = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "params": list(range(len(self.names))), "param_names": list(self.names)}
+        group.update({"betas": (cfg.beta1, cfg.beta2), "eps": cfg.adam_eps} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum})
+        return {"state": state, "param_groups": [group]}
+
+    def load(self, s: State) -> torch.nn.Module:
+        """Copy the parameters of state `s` into the model (returns it)."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if f"p.{n}" in s:
+                    p.copy_(s[f"p.{n}"])
+        return self.model
+
+    def metagradient(
+        self, measure: Callable[[torch.nn.Module], torch.Tensor], checkpoint_every: int | None = None, progress: bool = False
+    ) -> tuple[np.ndarray, float]:
+        """(∂f/∂w at w = 1 [n_examples], f) for a scalar f = `measure(model)` of the final model.
+
+        The reverse pass carries the adjoint of the state backwards one step at a time (a
+        double-backward through the step), recomputing states from checkpoints kept every
+        `checkpoint_every` steps (default √T): memory √T states, cost one extra forward run.
+        """
+        twice_differentiable_attention(self.model)
+        T = self.steps
+        k = checkpoint_every or max(1, math.isqrt(T))
+        ones = self.ones()
+        checkpoints = {}
+        s = self.initial_state()
+        for t in range(T):
+            if t % k == 0:
+                checkpoints[t] = s
+            s = self.step(s, t, self.weights_for(ones, t))
+        final = {key: v.detach().requires_grad_(True) for key, v in s.items()}
+        with torch.enable_grad():
+            f = measure(self.bind(final))
+            lam = dict(zip(final, torch.autograd.grad(f, list(final.values()), allow_unused=True)))
+        lam = {key: torch.zeros_like(final[key]) if g is None else g for key, g in lam.items()}
+        beta = torch.zeros(len(self.examples), dtype=torch.float64)
+        bar = tqdm(total=T, desc="MAGIC reverse", disable=not progress)
+        for start in sorted(checkpoints, reverse=True):
+            stop = min(T, start + k)
+            states = [checkpoints[start]]
+            for t in range(start, stop - 1):  # replay the segment
+                states.append(self.step(states[-1], t, self.weights_for(ones, t)))
+            for t in range(stop - 1, start - 1, -1):
+                s_t = {key: v.detach().requires_grad_(True) for key, v in states[t - start].items()}
+                w_t = self.weights_for(ones, t).clone().requires_grad_(True)
+                with torch.enable_grad():
+                    s_next = self.step(s_t, t, w_t, create_graph=True)
+                    keys = [key for key in s_next if key in lam]
+                    grads = torch.autograd.grad(
+                        [s_next[key] for key in keys], list(s_t.values()) + [w_t], [lam[key] for key in keys], allow_unused=True
+                    )
+                beta[self.schedule[t]] += grads[-1].detach().double()
+                lam = {key: torch.zeros_like(s_t[key]) if g is None else g.detach() for key, g in zip(s_t, grads[:-1])}
+                bar.update(1)
+        bar.close()
+        return beta.numpy(), float(f.detach())
+
+    def metasmoothness(self, measure, direction: torch.Tensor | None = None, eps: float = 1e-3, seed: int = 0) -> dict:
+        """Compare βᵀd with a central finite difference of f along d (default: a random direction).
+
+        A small relative error means training is smooth enough in w for the metagradient to
+        predict what reweighting (and, to first order, removal) does.
+        """
+        n = len(self.examples)
+        if direction is None:
+            direction = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=self.dtype())
+        beta, _ = self.metagradient(measure)
+        predicted = float(np.dot(beta, direction.double().numpy()))
+        f = lambda w: float(measure(self.bind(self.train(w))))
+        fd = (f(self.ones() + eps * direction) - f(self.ones() - eps * direction)) / (2 * eps)
+        return {"predicted": predicted, "finite_difference": fd, "relative_error": abs(predicted - fd) / max(abs(fd), 1e-30)}

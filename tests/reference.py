@@ -1,0 +1,93 @@
+"""Independent references shared by the tests: autograd one example at a time, dense matrices,
+tiny models and data. Tests import these helpers from here, never from each other.
+
+Comparisons against autograd run in float64 where the reference allows it: batched and
+one-at-a-time passes use different kernels, whose float32 round-off (~1e-7 relative, CPU
+dependent) says nothing about the method."""
+
+import torch
+import torch.nn.functional as F
+
+from headwater.collect import tracked_modules
+from headwater.config import TrainConfig
+from headwater.projection import project
+from headwater.task import TokenExample
+
+F64 = 1e-10  # relative tolerance of float64 comparisons (round-off ~1e-16 through a few layers)
+STORED_F32 = 2**-23  # float64 rows stored as float32: each entry rounded by at most 2^-24 relative
+
+
+def assert_rel_close(got, want, tol=F64):
+    """Every row of `got` within relative distance `tol` of `want`'s."""
+    err = (got.double() - want.double()).norm(dim=1) / want.double().norm(dim=1).clamp_min(1e-30)
+    assert err.max().item() < tol, err
+
+
+def module_gradient(tm) -> torch.Tensor:
+    """A tracked module's current .grad as [d_out, d_in(+1)], bias as the last column."""
+    w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
+    return torch.cat([w, tm.module.bias.grad[:, None]], 1) if tm.has_bias else w.clone()
+
+
+def per_example_grads(model, task, examples, modules=None, loss=None):
+    """{module name: [B, d_out, d_in(+1)]} autograd gradients of each example alone."""
+    tracked = tracked_modules(model, modules)
+    loss = loss or task.loss
+    out = {name: [] for name in tracked}
+    for ex in examples:
+        model.zero_grad()
+        loss(model, task.collate([ex])).sum().backward()
+        for name, tm in tracked.items():
+            out[name].append(module_gradient(tm))
+    model.zero_grad()
+    return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def reference_rows(model, task, examples, cfg, modules=None, scales=None, loss=None):
+    """Autograd on each example alone, then the same projection applied to the full gradient."""
+    grads = per_example_grads(model, task, examples, modules, loss)
+    segs = []
+    for name, g in grads.items():
+        if scales is not None:
+            g = g * scales[name].full.to(g)
+        segs.append(project(cfg, name, g))
+    return torch.cat(segs, 1)
+
+
+def prefix_examples(example: TokenExample) -> list[TokenExample]:
+    """Each target token of `example` as its own example: the prefix ending at it, loss on it alone."""
+    out = []
+    for t, m in enumerate(example.target_mask):
+        if m and t > 0:
+            out.append(TokenExample(example.input_ids[: t + 1], [False] * t + [True]))
+    return out
+
+
+def mlp(d_in=6, hidden=16, classes=3, seed=1, bias=True, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden, bias=bias), torch.nn.Tanh(), torch.nn.Linear(hidden, classes, bias=False)).to(dtype)
+
+
+def mlp_records(n=6, d_in=6, classes=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(d_in, generator=g, dtype=dtype), "y": i % classes} for i in range(n)]
+
+
+def ce(model, batch):
+    """A user-written per-example loss (cross-entropy on `x`, `y`)."""
+    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+RUNS = {  # replayable training runs of 8 steps over 24 records (sgd: explicit per-step rates)
+    "sgd": TrainConfig(
+        "sgd",
+        lr_per_step=[0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05],
+        epochs=2,
+        train_batch_size=6,
+        momentum=0.9,
+        weight_decay=1e-2,
+        clip_norm=2.0,
+        data_seed=1,
+    ),
+    "adamw": TrainConfig("adamw", lr=0.03, schedule="linear", epochs=2, train_batch_size=6, beta2=0.99, weight_decay=0.05, data_seed=2),
+}
