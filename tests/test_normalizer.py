@@ -230,3 +230,56 @@ def test_adam_uses_the_optimizers_own_eps(tmp_path):
     want = normalised_reference(model, opt, tracked, grads, big_eps)
     want = torch.cat([want[n].reshape(len(records), -1) for n in tracked], 1)
     assert_rel_close(got, want, TOL)
+
+
+# ------------------------------------------------------------------------------ state files users hand us
+
+
+def _scales_equal(a, b):
+    return all(torch.equal(a[n].row, b[n].row) and torch.equal(a[n].col, b[n].col) and torch.equal(a[n].full, b[n].full) for n in a)
+
+
+def test_states_with_numpy_scalars_checkpoint_folders_and_name_keys_load_the_same(tmp_path):
+    """Ordinary training loops save numpy scalars in the state (rejected by plain weights_only
+    loading); the HF Trainer saves optimizer.pt in a checkpoint folder; FSDP's full state dict keys
+    parameters by name; flattened dicts spell state.<name>.<key>. All give the same scales."""
+    import numpy as np
+
+    model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, task, records, opt, steps=3)
+    sd = opt.state_dict()
+    tracked = tracked_modules(model)
+    want = module_scales(model, tracked, sd)
+    names = [n for n, _ in model.named_parameters()]
+
+    numpy_steps = {
+        "state": {i: {**s, "step": np.float64(float(s["step"]))} for i, s in sd["state"].items()},
+        "param_groups": [{**g, "lr": np.float64(g["lr"])} for g in sd["param_groups"]],
+    }
+    (tmp_path / "checkpoint-30").mkdir()
+    torch.save(numpy_steps, tmp_path / "checkpoint-30" / "optimizer.pt")
+    by_name = {"state": {names[i]: s for i, s in sd["state"].items()}, "param_groups": [{**sd["param_groups"][0], "params": names}]}
+    torch.save(by_name, tmp_path / "fsdp.pt")
+    flat = {f"state.{names[i]}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    torch.save(flat, tmp_path / "flat.pt")
+    for source in ("checkpoint-30", "fsdp.pt", "flat.pt"):
+        assert _scales_equal(module_scales(model, tracked, load_optimizer_state(tmp_path / source)), want), source
+
+
+class NotData:  # a class an attacker's pickle could name
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_a_pickle_naming_an_arbitrary_class_is_refused_in_one_line(tmp_path):
+    torch.save({"state": {0: {"exp_avg_sq": torch.ones(2), "evil": NotData()}}, "param_groups": [{"params": [0]}]}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="refusing to unpickle") as err:
+        load_optimizer_state(tmp_path / "bad.pt")
+    assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no optimizer state"):
+        load_optimizer_state(tmp_path / "empty")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2, "state": {}}}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(UserError, match="DeepSpeed ZeRO"):
+        load_optimizer_state(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")

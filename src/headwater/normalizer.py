@@ -10,6 +10,7 @@ Adafactor weights (and for any rank-one second moment) and a least-squares fit o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,28 +29,90 @@ class ModuleScale:
     col: torch.Tensor
 
 
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer.safetensors")
+
+
+def numpy_safe_globals() -> list:
+    """The numpy types ordinary optimizer states hold (a step saved as a numpy float64, a 0-d
+    array): data, nothing that can run code, so `weights_only` unpickling may build them (the
+    Hugging Face Trainer allows the same for its own rng state)."""
+    import numpy as np
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 / numpy 1
+    dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint32, np.uint8, np.bool_)]
+    return [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 def load_optimizer_state(path: str | Path) -> dict:
-    """Read an optimizer `state_dict` saved with `torch.save` (loaded with weights_only) or safetensors."""
+    """An optimizer `state_dict` from `path`: a `torch.save`d file (unpickled with `weights_only`,
+    numpy scalars allowed, nothing else), a safetensors file, or a Hugging Face / accelerate
+    checkpoint folder holding one of `OPTIMIZER_FILES`. States keyed by parameter names (FSDP's
+    full state dict, flattened `state.<name>.<key>` dicts) are accepted; partitioned DeepSpeed
+    ZeRO shards and sharded distributed checkpoints are refused with what to do instead."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"optimizer state {path} does not exist")
+    if path.is_dir():
+        path = _file_in_checkpoint(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        flat = load_file(str(path))
-        state: dict = {}
-        for key, value in flat.items():  # keys "state.<index>.<name>"
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-        return {"state": state, "param_groups": [{"params": sorted(state)}]}
+        return _unflatten(load_file(str(path)), path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"could not read optimizer state {path}: {exc}") from exc
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or others by version
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"got <class '([\w.]+)'>", str(exc))
+        if found:
+            raise UserError(
+                f"{path}: refusing to unpickle {found.group(1)} (only tensors, numbers and numpy scalars are loaded from "
+                "optimizer states, never arbitrary classes); save the state_dict's tensors, e.g. as safetensors"
+            ) from None
+        raise UserError(f"could not read optimizer state {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} holds a {type(sd).__name__}, not an optimizer state_dict")
+    if "optimizer_state_dict" in sd and "zero_stage" in sd.get("optimizer_state_dict", {}):
+        raise UserError(
+            f"{path} is a DeepSpeed ZeRO shard (flat partitions of many parameters): convert the checkpoint with "
+            "DeepSpeed's ds_to_universal.py or load it into the model's optimizer and torch.save its state_dict()"
+        )
+    if "state" not in sd and any(k.startswith("state.") for k in sd):
+        return _unflatten(sd, path)
+    return sd
+
+
+def _file_in_checkpoint(folder: Path) -> Path:
+    for name in OPTIMIZER_FILES:
+        if (folder / name).exists():
+            return folder / name
+    if (folder / ".metadata").exists():
+        raise UserError(
+            f"{folder} is a sharded torch.distributed checkpoint: consolidate it (get_optimizer_state_dict with "
+            "full_state_dict=True) and torch.save the result"
+        )
+    raise UserError(f"{folder} holds no optimizer state (looked for {', '.join(OPTIMIZER_FILES)})")
+
+
+def _unflatten(flat: dict, path: Path) -> dict:
+    """{"state.<index or name>.<key>": tensor} (safetensors, flattened DCP) as a state_dict."""
+    state: dict = {}
+    for key, value in flat.items():
+        if not key.startswith("state."):
+            continue
+        param, _, name = key[len("state.") :].rpartition(".")
+        if not param:
+            raise UserError(f"{path}: key {key!r} is not state.<parameter>.<name>")
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
+    if not state:
+        raise UserError(f"{path} has no state.<parameter>.<name> entries: not an optimizer state")
+    return {"state": state, "param_groups": [{"params": list(state)}]}
 
 
 def _param_states(model: torch.nn.Module, sd: dict) -> dict[str, tuple[dict, dict]]:
-    """Map parameter name → (its state, its param group), checking shapes against the model."""
+    """Map parameter name → (its state, its param group), checking names against the model.
+
+    Parameters are identified by `param_names` in the groups, by name keys (FSDP full state
+    dicts), or else by position in the model's trainable parameters (torch.optim's layout)."""
     if "state" not in sd or "param_groups" not in sd:
         raise UserError("optimizer state has no 'state'/'param_groups': not an optimizer state_dict")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -61,6 +124,8 @@ def _param_states(model: torch.nn.Module, sd: dict) -> dict[str, tuple[dict, dic
         for j, idx in enumerate(group["params"]):
             if names is not None:
                 name = names[j]
+            elif isinstance(idx, str):
+                name = idx.removeprefix("_orig_mod.")
             elif position < len(named):
                 name = named[position][0]
             else:
