@@ -104,9 +104,9 @@ def test_trak_ensemble_with_top_k_and_replay(ws):
     assert got.measurement["name"] == "log-odds" and got.config["projection"]["dim"] == 64
     top = pd.read_csv(ws / "trak.csv")
     assert len(top) == 2 * len(QUERIES) and set(top["query_id"]) == {0, 1}
-    saved = json.loads((ws / "trak.config.json").read_text())
+    saved = json.loads((ws / "trak.safetensors.config.json").read_text())
     assert saved["AttributeConfig"]["ensemble"] == ["other"] and saved["TRAKConfig"]["projection"]["dim"] == 64
-    run(ws, "attribute", "--config", "trak.config.json", "--out", "again.safetensors", "--no-progress")  # replays it
+    run(ws, "attribute", "--config", "trak.safetensors.config.json", "--out", "again.safetensors", "--no-progress")  # replays it
     np.testing.assert_array_equal(hw.Scores.load(ws / "again.safetensors").values, got.values)
 
 

@@ -209,6 +209,8 @@ def test_query_output_matches_python_api(ws, first, second, in_ws, fmt, method, 
 
     for col in ("query_id", "side", "rank", "train_id", "record", "unit", "text"):
         assert got[col].tolist() == want[col].tolist(), col
+    saved = json.loads((ws / f"top.{fmt}.config.json").read_text())  # the resolved settings, replayable with --config
+    assert saved["QueryConfig"]["top_k"] == 5 and saved["QueryConfig"]["method"] == method
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5, atol=1e-6)
 
 

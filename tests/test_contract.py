@@ -72,6 +72,25 @@ def test_every_method_on_a_module_task_returns_scores_of_one_orientation(name):
     assert np.mean(ranks) < N / 4, ranks
 
 
+@pytest.mark.parametrize(
+    "name,by", [("dot", "module"), ("cosine", "module"), ("trackstar", "module"), ("ekfac", "module"), ("tracin", "checkpoint"), ("tracin", "module")]
+)
+def test_breakdowns_are_kept_apart_and_sum_to_the_scores(name, by):
+    train, queries = data()
+    m = method(name).fit(train)
+    parts, total = m.score(queries, by=by, dtype=np.float64), m.score(queries, dtype=np.float64)
+    assert parts.axis == by and parts.values.shape == (len(parts.labels), N, Q) and len(parts.labels) > 1
+    assert parts.labels == (["0", "2"] if by == "module" else ["checkpoint 0", "checkpoint 1"])
+    np.testing.assert_allclose(parts.total().values, total.values, rtol=1e-9, atol=1e-12)
+    assert np.abs(parts.values).min(axis=(1, 2)).max() >= 0 and (np.abs(parts.values).max(axis=(1, 2)) > 0).all()
+
+
+def test_a_breakdown_a_method_cannot_keep_is_refused():
+    train, queries = data()
+    with pytest.raises(hw.UserError, match="can keep apart nothing"):
+        method("bm25").fit(train).score(queries, by="module")
+
+
 def test_scores_round_trip_and_breakdowns(tmp_path):
     values = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4)
     s = hw.Scores(

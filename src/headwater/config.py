@@ -397,4 +397,25 @@ class AttributeConfig(Config):
     init_model: str | None = option(None, H_INIT_MODEL)
     device: str = option("cpu", H_DEVICE)
     scores_dtype: str = option("float32", "Precision of the written scores: float32 or float64.", choices=("float32", "float64"))
+    by: str | None = option(
+        None,
+        "Keep the scores apart per tracked module or per checkpoint (a leading axis in the scores file) instead of summing them.",
+        choices=("module", "checkpoint"),
+    )
     top_k: int = option(0, H_TOP_K)
+
+
+QUERY_METHODS = ("dot", "cosine", "trackstar", "tracin", "ekfac", "kfac", "trak", "bm25")
+
+
+@dataclass
+class QueryConfig(Config):
+    """What `headwater query` ranks: the top training records of an index for the queries."""
+
+    queries: str | None = option(None, H_QUERIES)
+    method: str = option("cosine", H_METHOD, choices=QUERY_METHODS)
+    measurement: str = option("default", H_MEASUREMENT, choices=MEASUREMENTS)
+    top_k: int = option(10, H_TOP_K)
+    bottom_k: int = option(0, "Also keep the most opposing records per query.")
+    rows: bool = option(False, "Rank the stored rows (sentences, tokens) themselves instead of pooling them per record.")
+    aggregate: bool = option(False, "Attribute the whole query set at once (the mean over queries).")

@@ -11,7 +11,7 @@ down-weights directions every training document shares (boilerplate, common toke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,16 +54,20 @@ def numerical_rank(eig: torch.Tensor) -> int:
 
 @dataclass
 class BlockPreconditioner:
-    """Per-block matrices M_b [d_b, d_b]; `apply(G)` returns G with each block multiplied by M_b."""
+    """Per-block matrices M_b [d_b, d_b] (float64); `apply(G)` returns G with each block times M_b."""
 
     blocks: list[tuple[int, int]]
     matrices: list[torch.Tensor]
     mix: list[float]
+    cast: dict = field(default_factory=dict, repr=False)  # the matrices in each (dtype, device) rows came in
 
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        key = (rows.dtype, rows.device)
+        if key not in self.cast:
+            self.cast[key] = [m.to(rows) for m in self.matrices]
         out = torch.empty_like(rows)
-        for (a, b), m in zip(self.blocks, self.matrices):
-            out[:, a:b] = rows[:, a:b] @ m.to(rows)
+        for (a, b), m in zip(self.blocks, self.cast[key]):
+            out[:, a:b] = rows[:, a:b] @ m
         return out
 
 
@@ -113,6 +117,6 @@ def trackstar_preconditioner(
         else:
             lam = float(mix)
         r = rt if lam == 0 else lam * r_eval[i] + (1 - lam) * rt
-        matrices.append(damped_inverse_sqrt(r, damping).float())
+        matrices.append(damped_inverse_sqrt(r, damping))
         lams.append(lam)
     return BlockPreconditioner(blocks, matrices, lams)

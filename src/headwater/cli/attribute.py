@@ -21,7 +21,7 @@ from ..config import (
 from ..errors import UserError
 from .app import app
 from .index import open_index
-from .options import command
+from .options import command, save_configs
 
 CONFIGS = (AttributeConfig, GradientConfig, TrackStarConfig, TracInConfig, InfluenceConfig, TRAKConfig, SourceConfig, MagicConfig, BM25Config)
 
@@ -34,11 +34,6 @@ def checkpoint_step(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def config_path(out: Path) -> Path:
-    """Where a command writing `out` saves its resolved configuration."""
-    return out.with_name(out.name.split(".")[0] + ".config.json")
-
-
 @command(app, *CONFIGS)
 def attribute(
     out: Path = typer.Option(..., "--out", help="Where to write the scores (.safetensors: values, ids, method, measurement, config)."),
@@ -47,8 +42,6 @@ def attribute(
 ):
     """Attribute the queries to the training records with any method; writes a Scores file and
     its replayable configuration (`--config OUT.config.json`)."""
-    import json
-
     from ..data import load_records
     from ..measurement import measurement_named
     from ..methods import METHODS
@@ -64,14 +57,13 @@ def attribute(
     method = _method(a, cls, method_config, model, task)
     measurement = None if a.measurement == "default" else measurement_named(a.measurement)
     load_records(a.queries)  # a bad query file fails before any gradient is computed
-    scores = method.fit(train, progress=progress).score(a.queries, measurement, dtype=a.scores_dtype)
+    scores = method.fit(train, progress=progress).score(a.queries, measurement, dtype=a.scores_dtype, by=a.by)
     scores.save(out)
-    saved = {AttributeConfig.__name__: a.to_dict(), cls.config_class.__name__: method_config.to_dict()}
-    config_path(out).write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    save_configs(out, a, method_config)
     typer.echo(f"wrote {scores} to {out}")
     if a.top_k:
         csv = out.with_suffix(".csv")
-        scores.top_k(a.top_k, records=method.fitted().records).to_csv(csv, index=False)
+        scores.total().top_k(a.top_k, records=method.fitted().records).to_csv(csv, index=False)
         typer.echo(f"wrote the top {a.top_k} records per query to {csv}")
 
 

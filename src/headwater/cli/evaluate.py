@@ -13,7 +13,7 @@ import typer
 from ..config import H_DATA, H_K, H_MODEL, H_QUERIES, LDSConfig, RetrainConfig, TrainConfig
 from ..errors import UserError
 from .app import evaluate_app
-from .options import command
+from .options import command, save_configs
 
 BASELINE_SEED = typer.Option(0, "--baseline-seed", help="Seed of the random records the top records are compared against.")
 
@@ -89,6 +89,7 @@ def evaluate_lds(
         typer.echo(f"seed ceiling: {result['seed_ceiling']:.4f}")
     if out:
         out.write_text(json.dumps(result, indent=2))
+        save_configs(out, retrain, run, cfg)
 
 
 @command(evaluate_app, RetrainConfig, TrainConfig, name="leave-k-out")

@@ -6,32 +6,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
 
 import typer
 
 from ..config import (
     H_DEVICE,
-    H_MEASUREMENT,
-    H_METHOD,
     H_MODEL,
-    H_QUERIES,
-    H_TOP_K,
-    MEASUREMENTS,
     BM25Config,
     BuildConfig,
     CurvatureConfig,
     GradientConfig,
     InfluenceConfig,
+    QueryConfig,
     TracInConfig,
     TrackStarConfig,
     TRAKConfig,
 )
 from ..errors import UserError
 from .app import app
-from .options import command
+from .options import command, save_configs
 
-QUERY_METHODS = ("dot", "cosine", "trackstar", "tracin", "ekfac", "kfac", "trak", "bm25")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 
 
@@ -105,17 +99,10 @@ def curvature(
 METHOD_CONFIGS = (GradientConfig, TrackStarConfig, TracInConfig, InfluenceConfig, TRAKConfig, BM25Config)
 
 
-@command(app, *METHOD_CONFIGS)
+@command(app, QueryConfig, *METHOD_CONFIGS)
 def query(
     index: list[Path] = typer.Argument(..., help="Index directory (several, with --checkpoint-lr each, for TracIn over checkpoints)."),
-    queries: str = typer.Option(..., "--queries", help=H_QUERIES),
-    method: Literal[QUERY_METHODS] = typer.Option("cosine", "--method", help=H_METHOD),
-    measurement: Literal[MEASUREMENTS] = typer.Option("default", "--measurement", help=H_MEASUREMENT),
-    top_k: int = typer.Option(10, "--top-k", help=H_TOP_K),
-    bottom_k: int = typer.Option(0, "--bottom-k", help="Also keep the most opposing records."),
-    rows: bool = typer.Option(False, "--rows", help="Rank the stored rows (sentences, tokens) themselves instead of pooling them per record."),
-    aggregate: bool = typer.Option(False, "--aggregate", help="Attribute the whole query set at once (the mean over queries)."),
-    out: Path | None = typer.Option(None, "--out", help="Write results to .csv, .jsonl or .parquet."),
+    out: Path | None = typer.Option(None, "--out", help="Write results to .csv, .jsonl or .parquet (and the resolved settings beside them)."),
     model: str | None = MODEL_OVERRIDE,
     device: str | None = DEVICE_OVERRIDE,
     configs: dict = None,
@@ -128,23 +115,28 @@ def query(
     from ..query import query as run_query
     from ..ranking import write_results
 
+    q = configs[QueryConfig]
+    if not q.queries:
+        raise UserError("give the queries to rank training records for (--queries)")
     if (model or device) and len(index) > 1:
         raise UserError("--model/--device apply to one index; with several (TracIn) each index loads its own model")
-    if len(index) > 1 and method != "tracin":
-        raise UserError(f"several indexes are for --method tracin, not {method}")
+    if len(index) > 1 and q.method != "tracin":
+        raise UserError(f"several indexes are for --method tracin, not {q.method}")
     indexes = [open_index(p, model, device) for p in index]
-    cls = METHODS[method]
-    m = cls(None, None, configs[cls.config_class])
-    chosen = None if measurement == "default" else measurement_named(measurement)
-    train = indexes if method == "tracin" else indexes[0]
-    if aggregate:
-        frame = m.fit(train).score(queries, chosen).mean_query().top_k(top_k, bottom_k, records=m.fitted().records)
+    cls = METHODS[q.method]
+    method_config = configs[cls.config_class]
+    m = cls(None, None, method_config)
+    chosen = None if q.measurement == "default" else measurement_named(q.measurement)
+    train = indexes if q.method == "tracin" else indexes[0]
+    if q.aggregate:
+        frame = m.fit(train).score(q.queries, chosen).mean_query().top_k(q.top_k, q.bottom_k, records=m.fitted().records)
     else:
-        pool = None if rows else configs[cls.config_class].to_dict().get("pool", "max")
-        frame = run_query(train, queries, m, top_k, bottom_k, pool, chosen)
+        pool = None if q.rows else method_config.to_dict().get("pool", "max")
+        frame = run_query(train, q.queries, m, q.top_k, q.bottom_k, pool, chosen)
     if out:
         write_results(frame, out)
+        save_configs(out, q, method_config)
         typer.echo(f"wrote {len(frame)} rows to {out}")
         return
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
-        typer.echo(frame.drop(columns=["record", "unit"] if not rows else ["record"]).to_string(index=False))
+        typer.echo(frame.drop(columns=["record", "unit"] if not q.rows else ["record"]).to_string(index=False))

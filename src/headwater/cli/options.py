@@ -149,3 +149,15 @@ def command(app: typer.Typer, *classes: type[Config], name: str | None = None):
         return fn
 
     return decorate
+
+
+def config_path(out: Path) -> Path:
+    """Where a command that writes `out` saves its resolved settings: `OUT.config.json` beside it."""
+    return out.with_name(out.name + ".config.json")
+
+
+def save_configs(out: Path, *configs: Config) -> Path:
+    """Save the resolved configs beside `out`, keyed by class name (what `--config` replays)."""
+    path = config_path(out)
+    path.write_text(json.dumps({type(c).__name__: c.to_dict() for c in configs}, indent=2, sort_keys=True) + "\n")
+    return path

@@ -71,6 +71,7 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[Config]]
+    breakdowns: ClassVar[tuple[str, ...]] = ()  # what `score(by=...)` can keep apart
     config: Config
     data: TrainingData | None = None
 
@@ -79,8 +80,13 @@ class Method(ABC):
         """Prepare everything that does not depend on the queries; returns self."""
 
     @abstractmethod
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
-        """Stream (first row, ids [b, 2] = (record, unit), scores [b, q]) over the training rows."""
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
+        """Stream (first row, ids [b, 2] = (record, unit), scores [b, q]) over the training rows;
+        with `by`, scores [k, b, q]: one slice per module or checkpoint, summing to the total."""
+
+    def labels(self, by: str) -> list:
+        """The names along a breakdown axis (module names, checkpoints)."""
+        raise UserError(f"{type(self).__name__} keeps no breakdown by {by!r}")
 
     def fitted(self) -> TrainingData:
         if self.data is None:
@@ -90,13 +96,16 @@ class Method(ABC):
     def default_measurement(self) -> Measurement:
         return Loss()
 
-    def score(self, queries, measurement: Measurement | None = None, dtype=np.float32) -> Scores:
-        """Scores [n_train records, q] of every training record for every query."""
+    def score(self, queries, measurement: Measurement | None = None, dtype=np.float32, by: str | None = None) -> Scores:
+        """Scores [n_train records, q] of every training record for every query; with `by`
+        ("module", "checkpoint": see `breakdowns`), [k, records, q] kept apart along that axis."""
         data = self.fitted()
+        if by is not None and by not in self.breakdowns:
+            raise UserError(f"{self.name} can keep apart {', '.join(self.breakdowns) or 'nothing'}, not {by!r}")
         measurement = measurement or self.default_measurement()
         _, qids = query_records(queries)
-        blocks = list(self.score_blocks(queries, measurement))
-        rows = torch.cat([b for _, _, b in blocks]) if blocks else torch.zeros(0, len(qids))
+        blocks = list(self.score_blocks(queries, measurement, by))
+        rows = torch.cat([b for _, _, b in blocks], dim=-2) if blocks else torch.zeros(0, len(qids))
         row_records = np.concatenate([ids[:, 0] for _, ids, _ in blocks]) if blocks else np.zeros(0, np.int64)
         pool = getattr(self.config, "pool", "max")
         scores = Scores.from_rows(
@@ -109,6 +118,8 @@ class Method(ABC):
             method=self.name,
             measurement=measurement.describe(),
             config=self.config.to_dict(),
+            axis=by,
+            labels=self.labels(by) if by else None,
         )
         return scores.astype(dtype)
 

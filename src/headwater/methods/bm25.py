@@ -45,7 +45,7 @@ class BM25(Method):
         self.documents = [record_text(self.data.records[i], None) for i in range(len(self.data))]
         return self
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         self.fitted()
         if not isinstance(measurement, Loss):
             raise UserError("BM25 ranks by shared words; it takes no measurement")

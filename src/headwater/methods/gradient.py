@@ -20,7 +20,7 @@ from ..config import GradientConfig, TrackStarConfig
 from ..errors import UserError
 from ..measurement import Measurement, objective_fn
 from ..precondition import BlockPreconditioner, autocorrelation, trackstar_preconditioner
-from ..task import Task, collated_batches, whole_examples
+from ..task import Task, at_least_float32, collated_batches, whole_examples
 from .base import Blocks, Method, query_records, training_data
 
 EPS = 1e-12
@@ -32,6 +32,7 @@ class Dot(Method):
     name = "dot"
     normalize = False
     config_class = GradientConfig
+    breakdowns = ("module",)
 
     def __init__(self, model: torch.nn.Module | None = None, task: Task | None = None, config: GradientConfig | None = None):
         self.model, self.task = model, task
@@ -70,19 +71,28 @@ class Dot(Method):
         """Map training or query rows [n, dim] into the space where scores are dot products."""
         return F.normalize(rows, dim=1, eps=EPS) if self.normalize else rows
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
-        return self.score_rows(self.query_rows(queries, measurement))
+    def labels(self, by: str) -> list:
+        return [name for name, _, _ in self.store.segments]
 
-    def score_rows(self, q_rows: torch.Tensor) -> Blocks:
-        """Stream the training rows' scores against query rows [q, dim] already in their space."""
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
+        return self.score_rows(self.query_rows(queries, measurement), by)
+
+    def score_rows(self, q_rows: torch.Tensor, by: str | None = None) -> Blocks:
+        """Stream the training rows' scores against query rows [q, dim] already in their space
+        (`by="module"`: one slice per tracked module, [k, b, q], summing to the scores)."""
         self.fitted()
-        q_rows = q_rows.float()
+        q_rows = at_least_float32(q_rows)  # a float64 model's queries are scored in float64
         if q_rows.shape[1] != self.store.dim:
             raise UserError(f"query gradients have {q_rows.shape[1]} dims, the training rows {self.store.dim}")
         self.fit_queries(q_rows)
         q = self.transform(q_rows)
         for block in self.store.blocks(reuse=True):
-            yield block.start, block.ids, self.block_scores(block.rows.to(q.dtype), q)
+            rows = block.rows.to(q.dtype)
+            if by is None:
+                yield block.start, block.ids, self.block_scores(rows, q)
+            else:
+                t = self.transform(rows)
+                yield block.start, block.ids, torch.stack([t[:, a:b] @ q[:, a:b].T for _, a, b in self.store.segments])
 
     def block_scores(self, rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return self.transform(rows) @ q.T

@@ -66,10 +66,12 @@ def low_rank(h: Grads, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     return out
 
 
-def stream_scores(collector: GradientCollector, records, h: Grads, rank: int | None = None, batch_size: int = 8, progress: bool = False) -> Blocks:
+def stream_scores(
+    collector: GradientCollector, records, h: Grads, rank: int | None = None, batch_size: int = 8, progress: bool = False, by_module: bool = False
+) -> Blocks:
     """<h_q, ∇L(z)> for every training example z (one per attribution unit) and query direction q,
     streamed as blocks, without forming ∇L(z): Σ_t δ_tᵀ h a_t per module (or, with `rank`,
-    Σ_t (δ_tᵀU)(Vᵀa_t) with h ≈ U Vᵀ)."""
+    Σ_t (δ_tᵀU)(Vᵀa_t) with h ≈ U Vᵀ). `by_module` keeps the modules' terms apart, [k, b, q]."""
     task = collector.task
     if task.unit == "token":
         raise UserError("exact streaming influence has one row per document or sentence; for token rows build an index")
@@ -79,15 +81,18 @@ def stream_scores(collector: GradientCollector, records, h: Grads, rank: int | N
     for lo in tqdm(range(0, len(items), batch_size), desc="scores", disable=not progress):
         chunk = items[lo : lo + batch_size]
         _, calls = collector.module_grads(task.collate([ex for _, _, ex in chunk]))
-        s = 0
+        terms = dict.fromkeys(h, 0)
         for tm, a, delta in calls:
             a_aug = tm.augment(a)
             if factors is None:
-                s = s + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].to(delta.dtype), a_aug)
+                terms[tm.name] = terms[tm.name] + torch.einsum("bto,qoi,bti->bq", delta, h[tm.name].to(delta.dtype), a_aug)
             else:
                 u, v = (f.to(delta.dtype) for f in factors[tm.name])
-                s = s + torch.einsum("btqr,btqr->bq", torch.einsum("bto,qor->btqr", delta, u), torch.einsum("bti,qir->btqr", a_aug, v))
-        yield start, np.array([(r, u) for r, u, _ in chunk], dtype=np.int64), s.detach()
+                term = torch.einsum("btqr,btqr->bq", torch.einsum("bto,qor->btqr", delta, u), torch.einsum("bti,qir->btqr", a_aug, v))
+                terms[tm.name] = terms[tm.name] + term
+        ids = np.array([(r, u) for r, u, _ in chunk], dtype=np.int64)
+        parts = [t.detach() if torch.is_tensor(t) else torch.zeros(len(chunk), next(iter(h.values())).shape[0]) for t in terms.values()]
+        yield start, ids, torch.stack(parts) if by_module else sum(parts)
         start += len(chunk)
 
 
@@ -154,6 +159,7 @@ class InfluenceFunction(Method):
     name = "ekfac"
     ekfac = True
     config_class = InfluenceConfig
+    breakdowns = ("module",)
 
     def __init__(
         self,
@@ -246,17 +252,23 @@ class InfluenceFunction(Method):
 
     # ------------------------------------------------------------------ the training side
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+    def labels(self, by: str) -> list:
+        return list(self.collector.modules)
+
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         data = self.fitted()
         h = self.preconditioned_queries(queries, measurement)
         index = data.index
         if index is None:
-            yield from stream_scores(self.collector, data.records, h, self.config.query_rank, self.config.batch_size)
+            yield from stream_scores(self.collector, data.records, h, self.config.query_rank, self.config.batch_size, by_module=by == "module")
             return
         cfg = index.projection
         rows = torch.cat([project(cfg, n, h[n].float()) for n in index.module_names], 1)
         for block in index.store.blocks(reuse=True):
-            yield block.start, block.ids, block.rows @ rows.T
+            if by is None:
+                yield block.start, block.ids, block.rows @ rows.T
+            else:
+                yield block.start, block.ids, torch.stack([block.rows[:, a:b] @ rows[:, a:b].T for _, a, b in index.store.segments])
 
 
 class EKFAC(InfluenceFunction):

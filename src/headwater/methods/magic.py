@@ -50,7 +50,7 @@ class MAGIC(Method):
         self.progress = progress
         return self
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         self.fitted()
         records, _ = query_records(queries)
         examples = whole_examples(self.task, records)

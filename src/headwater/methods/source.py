@@ -114,7 +114,7 @@ class SOURCE(Method):
         ]
         return self
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         data, cfg = self.fitted(), self.config
         records, _ = query_records(queries)
         names = list(self.curvatures[0].modules)

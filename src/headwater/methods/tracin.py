@@ -25,6 +25,7 @@ class TracIn(Method):
 
     name = "tracin"
     config_class = TracInConfig
+    breakdowns = ("checkpoint", "module")
 
     def __init__(self, checkpoints: list[torch.nn.Module] | None = None, task: Task | None = None, config: TracInConfig | None = None):
         self.checkpoints, self.task = checkpoints, task
@@ -50,11 +51,17 @@ class TracIn(Method):
         self.dots = [Dot(m, self.task, Dot.config_class.from_dict(gradient)).fit(t, progress) for m, t in parts]
         return self
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+    def labels(self, by: str) -> list:
+        if by == "module":
+            return self.dots[0].labels(by)
+        return [str(idx.path) for idx in self.data.indexes] if self.data.indexes else [f"checkpoint {c}" for c in range(len(self.dots))]
+
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         self.fitted()
-        streams = [dot.score_blocks(queries, measurement) for dot in self.dots]
+        streams = [dot.score_blocks(queries, measurement, "module" if by == "module" else None) for dot in self.dots]
         for blocks in zip(*streams, strict=True):
             start, ids, _ = blocks[0]
             if any(b[0] != start or not np.array_equal(b[1], ids) for b in blocks[1:]):
                 raise UserError("the checkpoint indexes do not hold the same rows in the same order; build them with the same data and settings")
-            yield start, ids, sum(lr * b[2] for lr, b in zip(self.lrs, blocks))
+            parts = [lr * b[2] for lr, b in zip(self.lrs, blocks)]
+            yield start, ids, torch.stack(parts) if by == "checkpoint" else sum(parts)

@@ -98,7 +98,7 @@ class TRAK(Method):
             f = torch.cat([self.task.log_odds(model, b) for b in batches]).double()
         return torch.sigmoid(-f)
 
-    def score_blocks(self, queries, measurement: Measurement) -> Blocks:
+    def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         self.fitted()
         records, _ = query_records(queries)
         total = 0.0
