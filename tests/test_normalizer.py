@@ -283,3 +283,21 @@ def test_a_pickle_naming_an_arbitrary_class_is_refused_in_one_line(tmp_path):
     torch.save({"optimizer_state_dict": {"zero_stage": 2, "state": {}}}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(UserError, match="DeepSpeed ZeRO"):
         load_optimizer_state(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+
+def test_several_groups_need_names_or_the_trainers_rule(tmp_path):
+    """torch numbers a state's parameters group after group: with two groups, positions are not
+    model order. Names recorded by torch (named_parameters) map them; an unnamed split that is
+    not the Trainer's decay / no-decay rule is refused rather than guessed."""
+    from headwater.normalizer import param_states
+
+    model = mlp(classes=8)
+    w0, b0, w2 = model[0].weight, model[0].bias, model[2].weight
+    named = torch.optim.Adam([{"params": [("2.weight", w2), ("0.bias", b0)]}, {"params": [("0.weight", w0)]}], lr=1e-2)
+    train(model, ModuleTask(ce), mlp_records(classes=8), named, steps=1)
+    states = param_states(model, named.state_dict())
+    assert torch.equal(states["0.bias"][0]["exp_avg_sq"], named.state[b0]["exp_avg_sq"])
+    unnamed = torch.optim.Adam([{"params": [w2, b0]}, {"params": [w0]}], lr=1e-2)
+    train(model, ModuleTask(ce), mlp_records(classes=8), unnamed, steps=1)
+    with pytest.raises(UserError, match="no parameter names"):
+        param_states(model, unnamed.state_dict())

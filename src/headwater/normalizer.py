@@ -108,33 +108,61 @@ def _unflatten(flat: dict, path: Path) -> dict:
     return {"state": state, "param_groups": [{"params": list(state)}]}
 
 
-def _param_states(model: torch.nn.Module, sd: dict) -> dict[str, tuple[dict, dict]]:
-    """Map parameter name → (its state, its param group), checking names against the model.
+def param_states(model: torch.nn.Module, sd: dict) -> dict[str, tuple[dict, dict]]:
+    """Map parameter name → (its state, its param group), checking names and shapes against the model.
 
-    Parameters are identified by `param_names` in the groups, by name keys (FSDP full state
-    dicts), or else by position in the model's trainable parameters (torch.optim's layout)."""
+    torch numbers a state_dict's parameters group after group, so positions are model order only
+    with one group. Parameters are identified by the groups' `param_names`, by name keys (FSDP full
+    state dicts), by position when there is one group, or by the Hugging Face Trainer's grouping
+    (decayed parameters, then the rest, each in model order); anything else is refused."""
     if "state" not in sd or "param_groups" not in sd:
         raise UserError("optimizer state has no 'state'/'param_groups': not an optimizer state_dict")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     by_name = dict(named)
+    groups = sd["param_groups"]
+    if all("param_names" in g for g in groups):
+        names = [list(g["param_names"]) for g in groups]
+    elif all(isinstance(i, str) for g in groups for i in g["params"]):
+        names = [[i.removeprefix("_orig_mod.") for i in g["params"]] for g in groups]
+    elif len(groups) == 1:
+        if len(groups[0]["params"]) > len(named):
+            raise UserError(f"optimizer state has more parameters than the model ({len(groups[0]['params'])} > {len(named)})")
+        names = [[n for n, _ in named[: len(groups[0]["params"])]]]
+    else:
+        names = _trainer_groups(model, named, groups, sd["state"])
     out = {}
-    position = 0
-    for group in sd["param_groups"]:
-        names = group.get("param_names")
-        for j, idx in enumerate(group["params"]):
-            if names is not None:
-                name = names[j]
-            elif isinstance(idx, str):
-                name = idx.removeprefix("_orig_mod.")
-            elif position < len(named):
-                name = named[position][0]
-            else:
-                raise UserError(f"optimizer state has more parameters than the model ({position + 1} > {len(named)})")
-            position += 1
+    for group, group_names in zip(groups, names):
+        for idx, name in zip(group["params"], group_names):
             if name not in by_name:
                 raise UserError(f"optimizer state names parameter {name!r}, which the model does not have")
             out[name] = (sd["state"].get(idx, {}), group)
     return out
+
+
+def _trainer_groups(model: torch.nn.Module, named: list, groups: list[dict], state: dict) -> list[list[str]]:
+    """The names of a Hugging Face Trainer optimizer's two groups (weight decay, then none), if
+    the state's group sizes and tensor shapes fit that rule."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]  # the Trainer's own rule
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], forbidden))
+    candidate = [[n for n, _ in named if n in decay], [n for n, _ in named if n not in decay]]
+    shapes = dict(named)
+    fits = (
+        len(groups) == 2
+        and all(len(g["params"]) == len(c) for g, c in zip(groups, candidate))
+        and all(
+            all(t.shape == shapes[n].shape for t in state.get(i, {}).values() if torch.is_tensor(t) and t.dim() > 0)
+            for g, c in zip(groups, candidate)
+            for i, n in zip(g["params"], c)
+        )
+    )
+    if not fits:
+        raise UserError(
+            "the optimizer state has several parameter groups but no parameter names: save it from an optimizer built "
+            "with model.named_parameters() (torch ≥ 2.5 then records param_names)"
+        )
+    return candidate
 
 
 def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tuple[torch.Tensor, str]:
@@ -171,7 +199,7 @@ def module_scales(
     `eps=None` uses the optimizer's own epsilon where it is a number (Adam), else 1e-8. `materialise=False`
     keeps only the rank-one factors (all the factored projection uses).
     """
-    states = _param_states(model, sd)
+    states = param_states(model, sd)
     scales = {}
     for name, tm in modules.items():
         w_name = f"{name}.weight"
