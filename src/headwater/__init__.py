@@ -19,6 +19,7 @@ from .config import (
     MagicConfig,
     ProjectionConfig,
     SourceConfig,
+    StageConfig,
     TracInConfig,
     TrackStarConfig,
     TrainConfig,
@@ -35,6 +36,7 @@ from .metrics import lds, retrieval_metrics, seed_ceiling
 from .query import query
 from .retrain import RetrainLM, leave_k_out, retrain_outcomes, subset_masks, tail_patch
 from .scores import Scores
+from .stages import StageAttribution, StageEffects, Trajectory, TrajectoryRecorder
 from .store import ChecksumError, GradientStore
 from .task import LanguageModelTask, ModuleTask, Task
 from .training import Replay
@@ -51,6 +53,11 @@ __all__ = [
     "MagicConfig",
     "ProjectionConfig",
     "SourceConfig",
+    "StageConfig",
+    "StageAttribution",
+    "StageEffects",
+    "Trajectory",
+    "TrajectoryRecorder",
     "TracInConfig",
     "TrackStarConfig",
     "TrainConfig",

@@ -100,6 +100,7 @@ H_MODEL = "The trained model whose behaviour is attributed: a local path or hub 
 H_DATA = "Training records: a .jsonl/.csv/.parquet file, a save_to_disk directory, or a hub data set name."
 H_INIT_MODEL = "The model the training run started from (MAGIC and retraining replay the run from it)."
 H_BATCH = "Examples per forward/backward pass when computing gradients."
+H_SAMPLE_SEED = "Seed of the random sample a method draws (TrackStar's training rows, the stage estimators' Hessian records)."
 H_MODULES = "Glob of module names to track (repeatable); default: the linear layers inside the model's blocks."
 H_DAMPING = (
     "Damping, as a fraction of the mean eigenvalue of the matrix the method inverts "
@@ -217,7 +218,7 @@ class TrackStarConfig(GradientConfig):
     damping: float = option(0.1, H_DAMPING)
     fit_rows: int = option(8192, "Training rows sampled to fit TrackStar's autocorrelation.")
     mix_rank: int = option(1000, "Eigenvalue index at which TrackStar's automatic mixing matches the two autocorrelations.")
-    sample_seed: int = option(0, "Seed of the training rows sampled for TrackStar's autocorrelation.")
+    sample_seed: int = option(0, H_SAMPLE_SEED)
 
     def mix_weight(self) -> float | str:
         if self.mix == "auto":
@@ -419,3 +420,26 @@ class QueryConfig(Config):
     bottom_k: int = option(0, "Also keep the most opposing records per query.")
     rows: bool = option(False, "Rank the stored rows (sentences, tokens) themselves instead of pooling them per record.")
     aggregate: bool = option(False, "Attribute the whole query set at once (the mean over queries).")
+
+
+@dataclass
+class StageConfig(Config):
+    """How stage effects are estimated from a recorded trajectory."""
+
+    batch_loss: str = option(
+        "token-mean",
+        "How the run reduced a batch's loss: token-mean (the Hugging Face Trainer: summed token losses over the "
+        "batch's target tokens) or example-mean (each record's loss averaged over the batch).",
+        choices=("token-mean", "example-mean"),
+    )
+    curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
+    readout: str = option(
+        "both",
+        "How a stage's estimated parameter gap e becomes an effect: evaluated (the measurement at the estimated counterfactual "
+        "parameters θ_T − e), linear (∇f(θ_T)·e, first order), or both.",
+        choices=("evaluated", "linear", "both"),
+    )
+    hvp_examples: int = option(64, "Records per Hessian-vector product when a step's batch was not recorded (a seeded sample of the stage's).")
+    measurement: str = option("default", H_MEASUREMENT, choices=MEASUREMENTS)
+    batch_size: int = option(8, H_BATCH)
+    sample_seed: int = option(0, H_SAMPLE_SEED)

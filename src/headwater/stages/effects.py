@@ -1,0 +1,344 @@
+"""Stage effects: which stage of a recorded run is accountable for a behaviour, and by how much.
+
+The effect of stage k on a behaviour f is E_k = f(θ_T) − f(θ_T with stage k's updates skipped and
+the later stages replayed as recorded) = f(θ_T) − f(θ_T − e_k), with e_k the gap that skipping
+stage k leaves at the end of the run. Each estimator predicts e_k; the effect is then read out by
+evaluating f at θ_T − e_k ("evaluated": it keeps the measurement's own curvature, which dominates
+when a stage moves a behaviour by nats) or to first order, ∇f(θ_T)ᵀ e_k ("linear"). The estimators
+differ in how e_k is obtained:
+
+- naive: the stage's own displacement, θ_end(k) − θ_start(k);
+- propagated: that displacement and the optimizer-state gap it leaves (momentum buffer, Adam's
+  first moment, when the optimizer persists) carried through every later step with the real
+  schedule: decay, coupled L2, momentum, Adam's recorded preconditioner, clipping, re-creation;
+- curvature: the same with each later step's curvature (Hessian-vector products of the step's
+  batch at its stage's checkpoint): exact for least squares.
+
+Each stage's gap is carried forward through the later steps once, for all behaviours. The
+completeness decomposition f(θ_end(k)) − f(θ_start(k)) sums exactly to f(θ_T) − f(θ_0). Within a
+stage, `records` resolves the (linear) effect to the stage's training records by one adjoint pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import StageConfig
+from ..data import as_records, record_ids
+from ..errors import UserError
+from ..measurement import Measurement, measurement_named
+from ..scores import Scores
+from ..task import Task, TokenExample, collated_batches, whole_examples
+from ..training import Bound, twice_differentiable_attention
+from .propagation import ParamSpace, adjoint, forward, step_maps
+from .trajectory import Trajectory
+
+
+@dataclass
+class StageEffects:
+    """Stage × behaviour effects (in the measurement's units), per estimator, beside the additive
+    completeness decomposition."""
+
+    stages: list[str]
+    behaviours: list[str]
+    measurement: dict
+    estimates: dict[str, np.ndarray]  # estimator -> [stages, behaviours]
+    completeness: np.ndarray  # [stages, behaviours]: f(θ_end(k)) − f(θ_start(k))
+    change: np.ndarray  # [behaviours]: f(θ_T) − f(θ_0)
+    final: np.ndarray  # [behaviours]: f(θ_T)
+    ignores: list[str] = field(default_factory=list)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (behaviour, stage, estimator): effect and its share of the estimator's total."""
+        rows = []
+        kinds = {**self.estimates, "completeness": self.completeness}
+        for b, behaviour in enumerate(self.behaviours):
+            for name, values in kinds.items():
+                total = float(values[:, b].sum())
+                for k, stage in enumerate(self.stages):
+                    v = float(values[k, b])
+                    rows.append(
+                        {"behaviour": behaviour, "stage": stage, "estimator": name, "effect": v, "share": v / total if total else float("nan")}
+                    )
+        return pd.DataFrame(rows)
+
+    def table(self, estimator: str = "curvature") -> pd.DataFrame:
+        """Stages × behaviours of one estimator (falls back to the propagated one)."""
+        values = self.estimates.get(estimator, self.estimates.get("propagated", next(iter(self.estimates.values()))))
+        return pd.DataFrame(values, index=self.stages, columns=self.behaviours)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.frame().to_csv(out / "effects.csv", index=False)
+        payload = {
+            "stages": self.stages,
+            "behaviours": self.behaviours,
+            "measurement": self.measurement,
+            "ignores": self.ignores,
+            "estimates": {k: v.tolist() for k, v in self.estimates.items()},
+            "completeness": self.completeness.tolist(),
+            "change": self.change.tolist(),
+            "final": self.final.tolist(),
+        }
+        (out / "effects.json").write_text(json.dumps(payload, indent=2))
+        return out
+
+
+def targets_in(batch: dict) -> int:
+    """How many predicted targets a batch holds (its target tokens; one per example otherwise)."""
+    mask = batch.get("target_mask")
+    return int(mask[:, 1:].sum()) if mask is not None else len(next(iter(batch.values())))
+
+
+class StageAttribution:
+    """Stage effects of a recorded trajectory on behaviours, for the model at the run's end.
+
+        stages = StageAttribution("runs/traj", model, task, data={"sft-1": sft1_records})
+        effects = stages.effects({"hostile": hostile_prompts, "maths": maths_prompts})
+
+    `data` maps stage names to their training records (needed for the curvature estimator and for
+    `records`); the naive and propagated estimators need none.
+    """
+
+    def __init__(
+        self, trajectory: Trajectory | str | Path, model: torch.nn.Module, task: Task, config: StageConfig | None = None, data: dict | None = None
+    ):
+        self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory(trajectory)
+        self.model, self.task = model, task
+        self.config = config or StageConfig()
+        self.measurement: Measurement = measurement_named("loss" if self.config.measurement == "default" else self.config.measurement)
+        params = dict(model.named_parameters())
+        missing = [n for n in self.trajectory.params if n not in params]
+        if missing:
+            raise UserError(f"the model has no parameter {missing[0]!r} of the trajectory: another architecture")
+        self.space = ParamSpace(self.trajectory.params, {n: params[n].shape for n in self.trajectory.params})
+        self.buffers = dict(model.named_buffers())
+        self.data = {name: as_records(records) for name, records in (data or {}).items()}
+        for name in self.data:
+            self.trajectory.stage(name)  # refuses an unknown stage
+        self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
+        self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
+
+    # ------------------------------------------------------------------ the run's recorded states
+
+    def _flat(self, stage: str, end: bool) -> torch.Tensor:
+        return self.space.flatten(self.trajectory.params_at(stage, end))
+
+    def _moment_gap(self, k: int) -> torch.Tensor:
+        """The optimizer-state gap stage k leaves: its first moment (or momentum buffer) at its
+        end minus at its start (after any re-creation)."""
+        stage = self.trajectory.stages[k]
+        end, start = self.trajectory.moments_at(stage.name, True), self.trajectory.moments_at(stage.name, False)
+        key = "exp_avg" if self.trajectory.steps[stage.start].kind == "adam" else "momentum_buffer"
+        return self.space.flatten(end.get(key, {})) - self.space.flatten(start.get(key, {}))
+
+    def _preconditioners(self) -> dict[str, torch.Tensor]:
+        """Adam's 1/(√v̂ + ε) per stage, from the second moment at the stage's end."""
+        out = {}
+        for stage in self.trajectory.stages:
+            last = self.trajectory.steps[stage.stop - 1]
+            if last.kind != "adam":
+                continue
+            v = self.space.flatten(self.trajectory.moments_at(stage.name, True).get("exp_avg_sq", {}), missing=-1.0)
+            beta2 = self.space.per_group(stage.groups, last.beta2)
+            eps = self.space.per_group(stage.groups, last.eps)
+            v_hat = v.clamp_min(0) / (1 - beta2**last.count)
+            out[stage.name] = torch.where(v >= 0, 1 / (v_hat.sqrt() + eps), torch.zeros_like(v))
+        return out
+
+    def _bound(self, theta: torch.Tensor) -> Bound:
+        return Bound(self.model, {**self.space.unflatten(theta), **self.buffers})
+
+    # ------------------------------------------------------------------ behaviours
+
+    def _behaviour_batches(self, behaviours: dict) -> dict[str, list]:
+        out = {}
+        for name, records in behaviours.items():
+            examples = whole_examples(self.task, as_records(records))
+            if not examples:
+                raise UserError(f"behaviour {name!r} has no records")
+            out[name] = list(collated_batches(self.task, examples, self.config.batch_size))
+        return out
+
+    def _values(self, theta: torch.Tensor, batches: dict[str, list], grad: bool = False):
+        """f_b(θ) [B] (mean of the measurement over each behaviour's records) and, with `grad`, ∇f_b [B, P]."""
+        values, grads = [], []
+        for bs in batches.values():
+            th = theta.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                model = self._bound(th)
+                f = sum(self.measurement(self.task, model, b).sum() for b in bs) / sum(len(next(iter(b.values()))) for b in bs)
+            values.append(float(f.detach()))
+            if grad:
+                grads.append(torch.autograd.grad(f, th)[0])
+        return np.array(values), (torch.stack(grads) if grad else None)
+
+    # ------------------------------------------------------------------ curvature
+
+    def _hvp(self):
+        """(step, V [B, P]) -> H V, H the Hessian of the step's batch loss at its stage's end checkpoint."""
+        twice_differentiable_attention(self.model)
+        stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
+
+        def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
+            k = stage_of[t]
+            batch = self._step_batch(t, k)
+            if batch is None:
+                return torch.zeros_like(v)
+            theta = self.boundaries[k][1].clone().requires_grad_(True)
+            with torch.enable_grad():
+                losses = self.task.loss(self._bound(theta), batch)
+                loss = losses.sum() / targets_in(batch) if self.config.batch_loss == "token-mean" else losses.mean()
+                (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+                out = [torch.autograd.grad(g, theta, row, retain_graph=True)[0] for row in v]
+            return torch.stack(out).detach()
+
+        return hvp
+
+    def _step_batch(self, t: int, k: int):
+        """The records of step t (or a seeded sample of its stage's records when not recorded)."""
+        stage = self.trajectory.stages[k]
+        if stage.name not in self.data:
+            return None
+        records = self.data[stage.name]
+        ids = self.trajectory.steps[t].ids
+        if ids is not None:
+            position = {str(r): i for i, r in enumerate(self._ids(stage.name))}
+            chosen = [position[str(i)] for i in ids if str(i) in position]
+        else:
+            g = torch.Generator().manual_seed(self.config.sample_seed + k)
+            chosen = torch.randperm(len(records), generator=g)[: self.config.hvp_examples].tolist()
+        if not chosen:
+            return None
+        return self.task.collate([self.task.whole(records[i]) for i in chosen])
+
+    def _ids(self, stage: str) -> list:
+        records = self.data[stage]
+        return [r.get("id", i) for i, r in enumerate(records)] if isinstance(records, list) else record_ids(records)
+
+    # ------------------------------------------------------------------ estimators
+
+    def counterfactual_gap(self, k: int, hvp=None) -> torch.Tensor:
+        """e_k = θ_T − θ_T^(−k), [P]: the parameter and moment gaps stage k leaves, carried through
+        every later step's linearised update (with its curvature when `hvp` is given).
+
+        Where training runs at the edge of stability (η·λ_max(H) > 2), the linearised steps grow
+        a gap that the real, nonlinear run keeps bounded: a gap that outgrows ten times the whole
+        run's movement is reported as NaN (the estimate is omitted, not extrapolated)."""
+        start, end = self.boundaries[k]
+        d_theta, d_m = end - start, self._moment_gap(k)
+        bound = 10 * float((self.boundaries[-1][1] - self.boundaries[0][0]).norm() + d_theta.norm())
+        for stage in self.trajectory.stages[k + 1 :]:
+            if stage.recreated:
+                d_m = torch.zeros_like(d_m)
+            for t in range(stage.start, stage.stop):
+                d_theta, d_m = forward(self.maps[t], d_theta, d_m, hvp(t, d_theta[None])[0] if hvp is not None else None)
+            if not float(d_theta.norm()) <= bound:
+                return torch.full_like(d_theta, float("nan"))
+        return d_theta
+
+    def effects(self, behaviours: dict, progress: bool = False) -> StageEffects:
+        """Every stage's effect on every behaviour (a dict name → query records)."""
+        batches = self._behaviour_batches(behaviours)
+        theta_T = self.boundaries[-1][1]
+        final, q = self._values(theta_T, batches, grad=True)
+        n = len(self.trajectory.stages)
+        gaps = {"naive": [end - start for start, end in self.boundaries], "propagated": [self.counterfactual_gap(k) for k in range(n)]}
+        if self.config.curvature and self.data:
+            hvp = self._hvp()
+            gaps["curvature"] = [self.counterfactual_gap(k, hvp) for k in tqdm(range(n), desc="curvature", disable=not progress)]
+        estimates = {}
+        for name, es in gaps.items():
+            if self.config.readout in ("evaluated", "both"):
+                estimates[name] = np.stack([final - self._values(theta_T - e, batches)[0] if torch.isfinite(e).all() else final * np.nan for e in es])
+            if self.config.readout in ("linear", "both"):
+                estimates[f"{name} (linear)"] = torch.stack([q @ e for e in es]).numpy()
+        diverged = [f"{name}: {s.name}" for name, es in gaps.items() for s, e in zip(self.trajectory.stages, es) if not torch.isfinite(e).all()]
+        values = [self._values(theta, batches)[0] for theta in [self.boundaries[0][0]] + [end for _, end in self.boundaries]]
+        completeness = np.stack([values[k + 1] - values[k] for k in range(n)])
+        ignores = list(self.trajectory.ignores) + ["the second-moment gap's effect on later Adam steps", "Adam's bias-correction step count"]
+        if self.config.curvature and not self.data:
+            ignores.append("curvature (no stage records given)")
+        if diverged:
+            ignores.append("estimates whose linearised propagation diverged (NaN): " + ", ".join(diverged))
+        return StageEffects(
+            [s.name for s in self.trajectory.stages],
+            list(batches),
+            self.measurement.describe(),
+            estimates,
+            completeness,
+            values[-1] - values[0],
+            final,
+            ignores,
+        )
+
+    def records(self, stage: str, behaviours: dict, curvature: bool = False) -> Scores:
+        """Each of `stage`'s training records' contribution to the behaviours, [records, B]:
+        positive = the record moved the behaviour's measurement in its direction. A record's
+        gradient (at its stage's start and end checkpoints, averaged) is weighted by the adjoint
+        of every step whose batch held it (all the stage's steps alike when batches were not
+        recorded). The records account for the stage's own gradients: what the stage inherits
+        (a momentum buffer from the stage before, decay of the parameters it started from) is
+        part of its effect but no record's."""
+        if stage not in self.data:
+            raise UserError(f"give the training records of stage {stage!r} (data={{{stage!r}: records}})")
+        k = [s.name for s in self.trajectory.stages].index(stage)
+        st, records, ids = self.trajectory.stages[k], self.data[stage], self._ids(stage)
+        batches = self._behaviour_batches(behaviours)
+        _, q = self._values(self.boundaries[-1][1], batches, grad=True)
+        position = {str(r): i for i, r in enumerate(ids)}
+        gamma_total = torch.zeros_like(q)
+        per_record: dict[int, torch.Tensor] = {}
+
+        def on_step(t, gamma):
+            nonlocal gamma_total
+            if not st.start <= t < st.stop:
+                return
+            rec_ids = self.trajectory.steps[t].ids
+            if rec_ids is None:
+                gamma_total = gamma_total + gamma
+                return
+            chosen = [position[str(i)] for i in rec_ids if str(i) in position]
+            batch = self.task.collate([self.task.whole(records[i]) for i in chosen])
+            scale = 1 / (targets_in(batch) if self.config.batch_loss == "token-mean" else len(chosen))
+            for i in chosen:
+                per_record[i] = per_record.get(i, 0) + gamma * scale
+
+        adjoint(self.trajectory, self.maps, q, self._hvp() if curvature else None, on_step=on_step)
+        # Steps whose batch was not recorded weigh every record of the stage alike: each record is
+        # in a batch with probability |B|/n, and then weighs 1/|B| (1/its batch's targets).
+        examples = whole_examples(self.task, records)
+        per_target = np.mean([sum(e.target_mask[1:]) if isinstance(e, TokenExample) else 1 for e in examples])
+        uniform = gamma_total / (len(records) * (per_target if self.config.batch_loss == "token-mean" else 1))
+        values = np.zeros((len(records), q.shape[0]))
+        for i in range(len(records)):
+            w = per_record.get(i, 0) + uniform
+            values[i] = (w @ self._record_gradient(k, records[i])).numpy()
+        sign = 1.0 if self.measurement.direction == "up" else -1.0
+        return Scores(
+            sign * values,
+            ids,
+            list(batches),
+            method="stages",
+            measurement=self.measurement.describe(),
+            config={**self.config.to_dict(), "stage": stage, "curvature": curvature},
+        )
+
+    def _record_gradient(self, k: int, record) -> torch.Tensor:
+        """∇ of the record's summed loss, averaged over its stage's start and end checkpoints, [P]."""
+        batch = self.task.collate([self.task.whole(record)])
+        out = 0
+        for theta in self.boundaries[k]:
+            th = theta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.task.loss(self._bound(th), batch).sum()
+                out = out + torch.autograd.grad(loss, th)[0] / 2
+        return out

@@ -1,0 +1,430 @@
+"""A training trajectory, recorded once and used by every stage estimator.
+
+    recorder = TrajectoryRecorder("runs/traj", model)              # a plain PyTorch loop
+    recorder.begin_stage("pretrain", optimizer)
+    for batch in batches:
+        loss.backward(); clip_grad_norm_(...); optimizer.step()
+        recorder.step(optimizer, ids=batch_ids)                     # before scheduler.step(), zero_grad()
+    recorder.close()
+
+    Trainer(..., callbacks=[TrajectoryRecorder("runs/traj", stage="sft-1")])   # Hugging Face
+
+A run directory holds `trajectory.json` (stages, their step ranges, parameter groups, whether the
+optimizer was re-created), `steps.jsonl` (one line per optimizer step: the learning rate, weight
+decay, momentum / betas, eps, Nesterov, whether decay is decoupled, the clipping factor actually
+applied, gradient accumulation, the optimizer's step count and the records of the batch), and
+safetensors of the parameters and optimizer state at every stage boundary. Memory and disk are
+O(stages × parameters), never O(steps × parameters).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..store import atomic_write_bytes, write_json
+
+FORMAT = "headwater.trajectory/1"
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+@dataclass
+class StepRecord:
+    """The optimizer's real settings at one step, per parameter group."""
+
+    step: int
+    stage: str
+    kind: str  # "sgd" or "adam"
+    decoupled: bool  # weight decay applied to the parameters (AdamW, SGDW), not added to the gradient
+    lr: list[float]
+    weight_decay: list[float]
+    momentum: list[float]  # SGD's momentum; Adam's beta1
+    dampening: list[float]
+    nesterov: list[bool]
+    beta2: list[float]
+    eps: list[float]
+    clip: float = 1.0  # factor the gradient was scaled by (1: not clipped)
+    count: int = 0  # the optimizer's step count after this step (Adam's bias correction)
+    accumulation: int = 1  # backward passes summed into this step's gradient
+    ids: list | None = None  # the records of this step's batch, when known
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepRecord:
+        return cls(**d)
+
+
+@dataclass
+class Stage:
+    name: str
+    start: int  # first step (global step index)
+    stop: int  # one past the last step
+    recreated: bool  # the optimizer started fresh at this stage's start
+    groups: list[list[str]] = field(default_factory=list)  # parameter names of each optimizer group
+    count: int = 0  # the optimizer's step count when the stage started (0 when re-created)
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, bool]:
+    """("sgd" | "adam", decoupled weight decay?) from the optimizer's class and settings."""
+    name = type(optimizer).__name__.lower()
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        if group.get("amsgrad"):
+            raise UserError("AMSGrad is not supported by the stage estimators")
+        return "adam", "adamw" in name or bool(group.get("decoupled_weight_decay", False))
+    if "momentum" in group or name == "sgd":
+        return "sgd", "sgdw" in name or bool(group.get("decoupled_weight_decay", False))
+    raise UserError(f"the stage estimators know SGD (with momentum, Nesterov, weight decay) and Adam/AdamW, not {type(optimizer).__name__}")
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+class TrajectoryRecorder:
+    """Records a run's stages into a directory: a plain-loop recorder and a `transformers`
+    `TrainerCallback` (pass `stage=`; each Trainer run appends its stage to the same directory)."""
+
+    def __init__(self, path: str | Path, model: torch.nn.Module | None = None, stage: str | None = None):
+        self.path = Path(path)
+        self.model, self.stage_name = model, stage
+        self.meta = self._open()
+        self.stage: Stage | None = None
+        self._hooks: list = []
+        self._pre_norm2: dict[int, torch.Tensor] = {}
+        self._backwards: dict[int, int] = {}
+        self._pending_ids: list = []
+        self._collated: collections.deque = collections.deque()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._last_count = (
+            self.meta["stages"][-1]["count"] + self.meta["stages"][-1]["stop"] - self.meta["stages"][-1]["start"] if self.meta["stages"] else 0
+        )
+
+    # ------------------------------------------------------------------ plain-loop API
+
+    def begin_stage(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        """Start stage `name`: save the parameters and optimizer state it starts from."""
+        if self.model is None:
+            raise UserError("the recorder needs the model: TrajectoryRecorder(path, model)")
+        if self.stage is not None:
+            self.end_stage()
+        if any(s["name"] == name for s in self.meta["stages"]):
+            raise UserError(f"{self.path} already has a stage named {name!r}")
+        names = self._param_names()
+        if not self.meta["params"]:
+            self.meta["params"] = names
+        elif self.meta["params"] != names:
+            raise UserError("the model's trainable parameters differ from the recorded stages'")
+        has_state = any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"])
+        recreated = not self.meta["stages"] or not has_state
+        start = self.meta["steps"]
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        groups = [[by_id[id(p)] for p in g["params"] if id(p) in by_id] for g in optimizer.param_groups]
+        count = 0 if recreated else self._last_count
+        self.stage = Stage(name, start, start, recreated, groups, count)
+        self.optimizer = optimizer
+        self._save_boundary(f"{name}-start", optimizer)
+        self._watch()
+
+    def step(self, optimizer: torch.optim.Optimizer, ids: list | None = None) -> None:
+        """Record the optimizer step just taken: call it after `optimizer.step()`, before the
+        scheduler steps and the gradients are zeroed."""
+        if self.stage is None:
+            raise UserError("call begin_stage(name, optimizer) before recording steps")
+        kind, decoupled = optimizer_kind(optimizer)
+        groups = optimizer.param_groups
+        self.optimizer = optimizer
+        count = self.stage.count + self.meta["steps"] - self.stage.start + 1  # steps since the optimizer was created
+        if ids is None and self._pending_ids:
+            ids = list(self._pending_ids)
+        self._pending_ids.clear()
+        record = StepRecord(
+            step=self.meta["steps"],
+            stage=self.stage.name,
+            kind=kind,
+            decoupled=decoupled,
+            lr=[float(g["lr"]) for g in groups],
+            weight_decay=[float(g.get("weight_decay", 0.0)) for g in groups],
+            momentum=[float(g["betas"][0] if kind == "adam" else g.get("momentum", 0.0)) for g in groups],
+            dampening=[float(g.get("dampening", 0.0)) for g in groups],
+            nesterov=[bool(g.get("nesterov", False)) for g in groups],
+            beta2=[float(g["betas"][1]) if kind == "adam" else 0.0 for g in groups],
+            eps=[float(g.get("eps", 0.0)) for g in groups],
+            clip=self._clip_factor(),
+            count=count,
+            accumulation=max(self._backwards.values(), default=1),
+            ids=None if ids is None else [x if isinstance(x, (int, str)) else str(x) for x in ids],
+        )
+        with open(self.path / "steps.jsonl", "a") as fh:
+            fh.write(json.dumps(record.__dict__) + "\n")
+        self.meta["steps"] += 1
+        self.stage.stop = self.meta["steps"]
+        self._pre_norm2.clear()
+        self._backwards.clear()
+        self._last_count = count
+
+    def end_stage(self) -> None:
+        """Close the current stage: save the parameters and optimizer state it ends at."""
+        if self.stage is None:
+            return
+        self._unwatch()
+        self._save_boundary(f"{self.stage.name}-end", self.optimizer)
+        self.meta["stages"].append(self.stage.__dict__)
+        self.stage = None
+        write_json(self.path / "trajectory.json", self.meta)
+
+    def close(self) -> None:
+        self.end_stage()
+
+    def collate_with_ids(self, collator, id_key: str = "id"):
+        """Wrap a data collator so the records of each batch are recorded (their `id_key` is
+        removed before `collator`); with the Hugging Face Trainer keep the column with
+        `remove_unused_columns=False`, and give evaluation records no id.
+
+        Loaders collate ahead of training (accelerate fetches the next batch early), so each
+        batch's ids wait in a queue that the model's training forward passes take in order."""
+
+        def collate(features):
+            ids = [f.pop(id_key) for f in features if id_key in f]
+            if ids:
+                self._collated.append(ids)
+            return collator(features)
+
+        return collate
+
+    # ------------------------------------------------------------------ transformers.TrainerCallback
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.model = self.model if self.model is not None else model
+        self.begin_stage(self.stage_name or f"stage-{len(self.meta['stages'])}", optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.step(optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end_stage()
+
+    def __getattr__(self, name):  # the other TrainerCallback events: nothing to record
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    # ------------------------------------------------------------------ internals
+
+    def _open(self) -> dict:
+        meta_path = self.path / "trajectory.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format") != FORMAT:
+                raise UserError(f"{self.path} is not a headwater trajectory")
+            return meta
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "boundaries").mkdir(exist_ok=True)
+        return {"format": FORMAT, "params": [], "stages": [], "steps": 0}
+
+    def _param_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _save_boundary(self, name: str, optimizer) -> None:
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        _save_tensors(self.path / "boundaries" / f"{name}.params.safetensors", params)
+        moments = {}
+        if optimizer is not None:
+            by_id = {id(p): n for n, p in params.items()}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    for key in MOMENTS:
+                        value = optimizer.state.get(p, {}).get(key)
+                        if value is not None and id(p) in by_id:
+                            moments[f"{key}/{by_id[id(p)]}"] = value
+        _save_tensors(self.path / "boundaries" / f"{name}.optimizer.safetensors", moments)
+
+    def _watch(self) -> None:
+        """Hooks that see each parameter's gradient after every backward, before any clipping,
+        and each training forward pass (which takes its batch's queued ids)."""
+        for p in self.model.parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._seen))
+        self._hooks.append(self.model.register_forward_pre_hook(self._forward))
+
+    def _forward(self, module, args) -> None:
+        if module.training and self._collated:
+            self._pending_ids.extend(self._collated.popleft())
+
+    def _seen(self, p: torch.Tensor) -> None:
+        self._pre_norm2[id(p)] = p.grad.detach().double().pow(2).sum()
+        self._backwards[id(p)] = self._backwards.get(id(p), 0) + 1
+
+    def _unwatch(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _clip_factor(self) -> float:
+        """Norm of the gradient the optimizer used over its norm before clipping (1: unclipped)."""
+        if not self._pre_norm2:
+            return 1.0
+        before = math.sqrt(float(sum(self._pre_norm2.values())))
+        after = math.sqrt(float(sum(p.grad.detach().double().pow(2).sum() for p in self.model.parameters() if p.grad is not None)))
+        return 1.0 if before == 0 else min(1.0, after / before)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+class Trajectory:
+    """The read side of a run directory: stages, per-step settings, boundary states."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "trajectory.json"
+        if not meta_path.exists():
+            raise UserError(f"{self.path} is not a recorded trajectory (no trajectory.json): record one with TrajectoryRecorder")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{self.path} is not a headwater trajectory")
+        self.params: list[str] = self.meta["params"]
+        self.stages = [Stage(**s) for s in self.meta["stages"]]
+        lines = (self.path / "steps.jsonl").read_text().splitlines() if (self.path / "steps.jsonl").exists() else []
+        self.steps = [StepRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+        if not self.stages or len(self.steps) != self.stages[-1].stop:
+            raise UserError(
+                f"{self.path} has {len(self.steps)} recorded steps for stages ending at step {self.stages[-1].stop if self.stages else 0}"
+            )
+        self.ignores: list[str] = self.meta.get("ignores", [])
+
+    def __repr__(self) -> str:
+        return f"Trajectory({str(self.path)!r}, stages={[s.name for s in self.stages]}, steps={len(self.steps)})"
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise UserError(f"no stage {name!r} in {self.path}; stages: {', '.join(s.name for s in self.stages)}")
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.path / "boundaries" / f"{name}.safetensors"
+        if not path.exists():
+            raise UserError(f"{path} is missing: the trajectory is incomplete")
+        return load_file(str(path))
+
+    def params_at(self, stage: str, end: bool) -> dict[str, torch.Tensor]:
+        """Parameters at the start or end of a stage."""
+        return self._tensors(f"{stage}-{'end' if end else 'start'}.params")
+
+    def moments_at(self, stage: str, end: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer moments ({exp_avg, exp_avg_sq, momentum_buffer: {param: tensor}}) at a
+        stage's start (after any re-creation: empty) or end."""
+        flat = self._tensors(f"{stage}-{'end' if end else 'start'}.optimizer")
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            kind, _, name = key.partition("/")
+            out.setdefault(kind, {})[name] = value
+        if not end and self.stage(stage).recreated:
+            return {}
+        return out
+
+
+def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list[tuple[str, str | Path]]) -> Trajectory:
+    """A coarse trajectory from stage-boundary Hugging Face checkpoint folders, when nothing was
+    recorded: `start_model` holds θ_0, `checkpoints` are (stage name, folder with the model's
+    `model.safetensors`, `optimizer.pt` and `trainer_state.json`) in training order.
+
+    What it cannot know, and assumes (listed in `Trajectory.ignores`): learning rates between
+    logged steps (interpolated), clipping (taken as 1), decoupled weight decay for Adam-family
+    states (the Trainer's AdamW), a new optimizer per stage when the step count restarts, and
+    the batches' records (unknown: record-level scores weight a stage's records alike)."""
+    from safetensors.torch import load_file
+
+    from ..normalizer import load_optimizer_state, param_states
+
+    out = Path(out)
+    if (out / "trajectory.json").exists():
+        raise UserError(f"{out} already holds a trajectory")
+    (out / "boundaries").mkdir(parents=True, exist_ok=True)
+    names = [n for n, p in start_model.named_parameters() if p.requires_grad]
+    meta = {
+        "format": FORMAT,
+        "params": names,
+        "stages": [],
+        "steps": 0,
+        "ignores": [
+            "learning rates between logged steps (interpolated from trainer_state.json)",
+            "gradient clipping (taken as 1)",
+            "decoupled weight decay assumed for Adam-family states (the Trainer's AdamW)",
+            "which records were in which batch",
+        ],
+    }
+    previous = {n: p.detach() for n, p in start_model.named_parameters() if p.requires_grad}
+    prev_moments: dict = {}
+    prev_global, steps = 0, []
+    for name, folder in checkpoints:
+        folder = Path(folder)
+        for needed in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
+            if not (folder / needed).exists():
+                raise UserError(f"{folder} has no {needed}: not a Hugging Face checkpoint folder")
+        weights = load_file(str(folder / "model.safetensors"))
+        params = {n: weights[n] if n in weights else previous[n] for n in names}
+        state = json.loads((folder / "trainer_state.json").read_text())
+        global_step = int(state["global_step"])
+        recreated = global_step <= prev_global or not meta["stages"]
+        n_steps = global_step if recreated else global_step - prev_global
+        states = param_states(start_model, load_optimizer_state(folder / "optimizer.pt"))
+        moments = {f"{k}/{n}": st[k] for n, (st, _) in states.items() for k in MOMENTS if k in st}
+        groups: dict[int, list[str]] = {}
+        for n, (_, group) in states.items():
+            groups.setdefault(id(group), []).append(n)
+        group_settings = {id(g): g for _, g in states.values()}
+        logged = sorted((e["step"], e["learning_rate"]) for e in state.get("log_history", []) if "learning_rate" in e)
+        start = meta["steps"]
+        _save_tensors(out / "boundaries" / f"{name}-start.params.safetensors", previous)
+        _save_tensors(out / "boundaries" / f"{name}-start.optimizer.safetensors", {} if recreated else prev_moments)
+        _save_tensors(out / "boundaries" / f"{name}-end.params.safetensors", params)
+        _save_tensors(out / "boundaries" / f"{name}-end.optimizer.safetensors", moments)
+        ordered = [group_settings[g] for g in groups]
+        adam = "betas" in ordered[0]
+        base = 0 if recreated else prev_global
+        for i in range(n_steps):
+            local = (global_step - n_steps) + i + 1  # the trainer_state's step numbering
+            lr = _interpolate(logged, local) if logged else float(ordered[0].get("lr", 0.0))
+            steps.append(
+                StepRecord(
+                    step=start + i,
+                    stage=name,
+                    kind="adam" if adam else "sgd",
+                    decoupled=adam,
+                    lr=[lr for _ in ordered],
+                    weight_decay=[float(g.get("weight_decay", 0.0)) for g in ordered],
+                    momentum=[float(g["betas"][0]) if adam else float(g.get("momentum", 0.0)) for g in ordered],
+                    dampening=[float(g.get("dampening", 0.0)) for g in ordered],
+                    nesterov=[bool(g.get("nesterov", False)) for g in ordered],
+                    beta2=[float(g["betas"][1]) if adam else 0.0 for g in ordered],
+                    eps=[float(g.get("eps", 0.0)) for g in ordered],
+                    count=base + i + 1,
+                ).__dict__
+            )
+        meta["stages"].append(Stage(name, start, start + n_steps, recreated, list(groups.values()), base).__dict__)
+        meta["steps"] += n_steps
+        previous, prev_moments, prev_global = params, moments, global_step
+    (out / "steps.jsonl").write_text("".join(json.dumps(st) + "\n" for st in steps))
+    write_json(out / "trajectory.json", meta)
+    return Trajectory(out)
+
+
+def _interpolate(logged: list[tuple[int, float]], step: int) -> float:
+    """The learning rate at `step`, linear between the logged (step, lr) points."""
+    if step <= logged[0][0]:
+        return float(logged[0][1])
+    for (s0, a), (s1, b) in zip(logged, logged[1:]):
+        if s0 <= step <= s1:
+            return float(a + (b - a) * (step - s0) / max(1, s1 - s0))
+    return float(logged[-1][1])
