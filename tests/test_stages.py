@@ -464,13 +464,8 @@ def test_record_contributions_sum_to_their_stage_effect(tmp_path, recorded_ids):
         assert float(scores.values.sum()) + carried == pytest.approx(effects.estimates["propagated"][k, 0], rel=1e-9)
 
 
-def test_the_command_line_writes_tables_plots_and_records(tmp_path, tokenizer):
-    """`headwater stages` from files, as a user runs it, equals the Python estimates."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from headwater.cli import app
+def record_lm_run(tmp_path, tokenizer):
+    """Two stages of a tiny GPT-2 in a plain loop, recorded; the final model saved with save_pretrained."""
     from headwater.toy import tiny_gpt2
 
     torch.manual_seed(0)
@@ -495,6 +490,18 @@ def test_the_command_line_writes_tables_plots_and_records(tmp_path, tokenizer):
     recorder.close()
     model.save_pretrained(tmp_path / "final")
     tokenizer.save_pretrained(tmp_path / "final")
+    return model, task, data
+
+
+def test_the_command_line_writes_tables_plots_and_records(tmp_path, tokenizer):
+    """`headwater stages` from files, as a user runs it, equals the Python estimates."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from headwater.cli import app
+
+    model, task, data = record_lm_run(tmp_path, tokenizer)
     for name, records in data.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "capital.jsonl").write_text(json.dumps({"prompt": "the capital of zorblat is", "completion": " quenti"}) + "\n")
@@ -532,3 +539,50 @@ def test_the_command_line_writes_tables_plots_and_records(tmp_path, tokenizer):
         app, ["stages", str(tmp_path), "--model", str(tmp_path / "final"), "--behaviour", "x.jsonl", "--out", str(tmp_path / "o2")]
     )
     assert r.exit_code == 2 and "not a recorded trajectory" in r.output
+
+
+@pytest.mark.parametrize("method", ["source", "tracin"])
+def test_source_and_tracin_read_the_trajectory(tmp_path, tokenizer, method):
+    """No hand-given learning rates or steps: the stages' end checkpoints and recorded rates."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from headwater.cli import app
+
+    model, task, data = record_lm_run(tmp_path, tokenizer)
+    train = data["a"] + data["b"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "the capital of zorblat is", "completion": " quenti"}) + "\n")
+    args = [
+        "attribute",
+        "--method",
+        method,
+        "--trajectory",
+        str(tmp_path / "traj"),
+        "--model",
+        str(tmp_path / "final"),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--queries",
+        str(tmp_path / "q.jsonl"),
+        "--projection",
+        "none",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "s.safetensors"),
+    ]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    traj = hw.Trajectory(tmp_path / "traj")
+    ends = [traj.checkpoint(s, model) for s in ("a", "b")]
+    steps = [6, 4]
+    lrs = [sum(traj.steps[t].lr[0] * traj.steps[t].clip for t in range(st.start, st.stop)) for st in traj.stages]
+    assert lrs == pytest.approx([1e-2 * n for n in steps])  # constant lr, never clipped
+    if method == "source":
+        segments = [hw.Segment([m], lr / n, n, 0.0) for m, lr, n in zip(ends, lrs, steps)]
+        want = hw.SOURCE(segments, task, final_model=model).fit(train).score([{"prompt": "the capital of zorblat is", "completion": " quenti"}])
+    else:
+        config = hw.TracInConfig(projection=hw.ProjectionConfig("none"), checkpoint_lr=lrs)
+        want = hw.TracIn(ends, task, config).fit(train).score([{"prompt": "the capital of zorblat is", "completion": " quenti"}])
+    np.testing.assert_allclose(hw.Scores.load(tmp_path / "s.safetensors").values, want.values, rtol=1e-5, atol=1e-8)

@@ -396,6 +396,9 @@ class AttributeConfig(Config):
     checkpoint: list[str] | None = option(None, "A checkpoint of the training run, in training order (repeatable; TracIn and SOURCE).")
     ensemble: list[str] | None = option(None, "A further independently trained model (repeatable; TRAK's ensemble).")
     init_model: str | None = option(None, H_INIT_MODEL)
+    trajectory: str | None = option(
+        None, "A run recorded by TrajectoryRecorder: its stage-end checkpoints, learning rates and steps (TracIn, SOURCE)."
+    )
     device: str = option("cpu", H_DEVICE)
     scores_dtype: str = option("float32", "Precision of the written scores: float32 or float64.", choices=("float32", "float64"))
     by: str | None = option(

@@ -99,6 +99,8 @@ def _method(a: AttributeConfig, cls, config, model, task):
     from ..task import LanguageModelTask
 
     load = lambda p: load_model(p, a.device)[0]
+    if a.trajectory and a.method in ("tracin", "source"):
+        return _from_trajectory(a, cls, config, model, task)
     if a.method == "tracin":
         return cls([load(c) for c in a.checkpoint] if a.checkpoint else None, task, config)
     if a.method == "trak":
@@ -116,3 +118,19 @@ def _method(a: AttributeConfig, cls, config, model, task):
         init, tokenizer = load_model(a.init_model, a.device)
         return cls(init, task if task is not None else LanguageModelTask(tokenizer), config)
     return cls(model, task, config)
+
+
+def _from_trajectory(a: AttributeConfig, cls, config, model, task):
+    """TracIn or SOURCE over a recorded run's stages: no hand-given learning rates or steps."""
+    import dataclasses
+
+    from ..methods.source import segments_from_trajectory
+    from ..stages import Trajectory
+
+    if model is None:
+        raise UserError("give the model at the end of the run (--model) with --trajectory")
+    traj = Trajectory(a.trajectory)
+    if a.method == "source":
+        return cls(segments_from_trajectory(traj, model), task, config, final_model=model)
+    lrs = [traj.learning_rate_sum(s.name) for s in traj.stages]
+    return cls([traj.checkpoint(s.name, model) for s in traj.stages], task, dataclasses.replace(config, checkpoint_lr=lrs))

@@ -27,6 +27,7 @@ from ..config import ProjectionConfig, SourceConfig
 from ..curvature import fit_curvature
 from ..errors import UserError
 from ..measurement import Measurement
+from ..stages.trajectory import Trajectory
 from ..task import Task
 from .base import Blocks, Method, query_records, training_data
 from .influence import record_gradients, stream_scores
@@ -34,11 +35,13 @@ from .influence import record_gradients, stream_scores
 
 @dataclass
 class Segment:
-    """Checkpoints of one stretch of training, its learning rate and its number of steps."""
+    """Checkpoints of one stretch of training, its learning rate, its number of steps and, when
+    known, its heavy-ball momentum (default: SourceConfig.momentum)."""
 
     checkpoints: list[torch.nn.Module]
     lr: float
     steps: int
+    momentum: float | None = None
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -122,7 +125,7 @@ class SOURCE(Method):
         q = {n: g.double() for n, g in q.items()}
         total, ids = 0.0, None
         for seg, curv in zip(reversed(self.segments), reversed(self.curvatures)):
-            eta_k = seg.lr * seg.steps / (1 - cfg.momentum)
+            eta_k = seg.lr * seg.steps / (1 - (cfg.momentum if seg.momentum is None else seg.momentum))
             r = {n: curv.modules[n].apply(g, _f(eta_k)) for n, g in q.items()}
             for ckpt in seg.checkpoints:  # ḡ_ℓ(z) = mean over the segment's checkpoints
                 collector = GradientCollector(ckpt, self.task, ProjectionConfig("none"), names)
@@ -144,3 +147,16 @@ def segments_from_config(checkpoints: list[torch.nn.Module], config: SourceConfi
     if not lrs or not steps or len(lrs) != len(checkpoints) or len(steps) != len(checkpoints):
         raise UserError("SOURCE needs --trainer-state, or one --checkpoint-lr and one --checkpoint-steps per checkpoint")
     return [Segment([m], lr, k) for m, lr, k in zip(checkpoints, lrs, steps)]
+
+
+def segments_from_trajectory(trajectory: Trajectory, model: torch.nn.Module) -> list[Segment]:
+    """One segment per recorded stage: its end checkpoint, its mean learning rate (times the
+    clipping factors) over its steps, and its SGD momentum (Adam stages: none; SOURCE's
+    exp(−ηK·H) then treats them as SGD steps, see the method's limits)."""
+    segments = []
+    for stage in trajectory.stages:
+        steps = trajectory.steps[stage.start : stage.stop]
+        momentum = steps[0].momentum[0] if steps[0].kind == "sgd" else 0.0
+        lr = trajectory.learning_rate_sum(stage.name) / len(steps)
+        segments.append(Segment([trajectory.checkpoint(stage.name, model)], lr, len(steps), momentum))
+    return segments

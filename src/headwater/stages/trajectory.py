@@ -321,6 +321,24 @@ class Trajectory:
         """Parameters at the start or end of a stage."""
         return self._tensors(f"{stage}-{'end' if end else 'start'}.params")
 
+    def checkpoint(self, stage: str, model: torch.nn.Module, end: bool = True) -> torch.nn.Module:
+        """A copy of `model` holding the parameters at a stage's end (or start)."""
+        import copy
+
+        out = copy.deepcopy(model)
+        params = self.params_at(stage, end)
+        with torch.no_grad():
+            for name, p in out.named_parameters():
+                if name in params:
+                    p.copy_(params[name])
+        return out.eval()
+
+    def learning_rate_sum(self, stage: str) -> float:
+        """Σ of the (first group's) learning rate times the clipping factor over a stage's steps:
+        how far the stage moved per unit gradient (TracIn's checkpoint weight)."""
+        st = self.stage(stage)
+        return float(sum(self.steps[t].lr[0] * self.steps[t].clip for t in range(st.start, st.stop)))
+
     def moments_at(self, stage: str, end: bool) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer moments ({exp_avg, exp_avg_sq, momentum_buffer: {param: tensor}}) at a
         stage's start (after any re-creation: empty) or end."""
