@@ -207,12 +207,15 @@ class Replay:
 
     def metagradient(
         self, measure: Callable[[torch.nn.Module], torch.Tensor], checkpoint_every: int | None = None, progress: bool = False
-    ) -> tuple[np.ndarray, float]:
-        """(∂f/∂w at w = 1 [n_examples], f) for a scalar f = `measure(model)` of the final model.
+    ) -> tuple[np.ndarray, np.ndarray | float]:
+        """(∂f/∂w at w = 1, f) for f = `measure(model)` of the final model: a scalar (β [n]) or a
+        vector of q measurements (β [n, q]), all carried through one reverse pass.
 
         The reverse pass carries the adjoint of the state backwards one step at a time (a
         double-backward through the step), recomputing states from checkpoints kept every
         `checkpoint_every` steps (default √T): memory √T states, cost one extra forward run.
+        For q measurements the adjoints are a batch: each step's vector-Jacobian products run
+        vectorised over them (`is_grads_batched`), so q queries cost far less than q passes.
         """
         twice_differentiable_attention(self.model)
         T = self.steps
@@ -227,9 +230,12 @@ class Replay:
         final = {key: v.detach().requires_grad_(True) for key, v in s.items()}
         with torch.enable_grad():
             f = measure(self.bind(final))
-            lam = dict(zip(final, torch.autograd.grad(f, list(final.values()), allow_unused=True)))
-        lam = {key: torch.zeros_like(final[key]) if g is None else g for key, g in lam.items()}
-        beta = torch.zeros(len(self.examples), dtype=torch.float64)
+            batched = f.dim() == 1
+            seed = torch.eye(len(f), dtype=f.dtype) if batched else None
+            grads = torch.autograd.grad(f, list(final.values()), seed, allow_unused=True, is_grads_batched=batched)
+        shape = lambda v: (len(f), *v.shape) if batched else v.shape
+        lam = {key: torch.zeros(shape(final[key]), dtype=final[key].dtype) if g is None else g for key, g in zip(final, grads)}
+        beta = torch.zeros((len(self.examples), len(f)) if batched else len(self.examples), dtype=torch.float64)
         bar = tqdm(total=T, desc="MAGIC reverse", disable=not progress)
         for start in sorted(checkpoints, reverse=True):
             stop = min(T, start + k)
@@ -243,13 +249,18 @@ class Replay:
                     s_next = self.step(s_t, t, w_t, create_graph=True)
                     keys = [key for key in s_next if key in lam]
                     grads = torch.autograd.grad(
-                        [s_next[key] for key in keys], list(s_t.values()) + [w_t], [lam[key] for key in keys], allow_unused=True
+                        [s_next[key] for key in keys],
+                        list(s_t.values()) + [w_t],
+                        [lam[key] for key in keys],
+                        allow_unused=True,
+                        is_grads_batched=batched,
                     )
-                beta[self.schedule[t]] += grads[-1].detach().double()
-                lam = {key: torch.zeros_like(s_t[key]) if g is None else g.detach() for key, g in zip(s_t, grads[:-1])}
+                g_w = grads[-1].detach().double()
+                beta[self.schedule[t]] += g_w.T if batched else g_w
+                lam = {key: torch.zeros(shape(s_t[key]), dtype=s_t[key].dtype) if g is None else g.detach() for key, g in zip(s_t, grads[:-1])}
                 bar.update(1)
         bar.close()
-        return beta.numpy(), float(f.detach())
+        return beta.numpy(), f.detach().numpy() if batched else float(f.detach())
 
     def metasmoothness(self, measure, direction: torch.Tensor | None = None, eps: float = 1e-3, seed: int = 0) -> dict:
         """Compare βᵀd with a central finite difference of f along d (default: a random direction).

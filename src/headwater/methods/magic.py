@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from ..config import MagicConfig
@@ -53,11 +52,7 @@ class MAGIC(Method):
     def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         self.fitted()
         records, _ = query_records(queries)
-        examples = whole_examples(self.task, records)
-        columns = []
-        for ex in examples:
-            batch = self.task.collate([ex])
-            measure = lambda model, b=batch: objective(measurement, self.task, model, b).sum()
-            beta = sum(r.metagradient(measure, self.config.checkpoint_every, self.progress)[0] for r in self.replays)
-            columns.append(-beta / len(self.replays))
-        yield from record_blocks(torch.from_numpy(np.stack(columns, 1)))
+        batch = self.task.collate(whole_examples(self.task, records))
+        measure = lambda model: objective(measurement, self.task, model, batch)  # [q]: one reverse pass for all
+        beta = sum(r.metagradient(measure, self.config.checkpoint_every, self.progress)[0] for r in self.replays)
+        yield from record_blocks(torch.from_numpy(-beta / len(self.replays)))
