@@ -233,7 +233,7 @@ def test_replay_from_config_gives_the_same_rows(ws, first, second):
     "case, needle, target",
     [
         ("err_missing_data", "data file missing.jsonl does not exist", "x_data"),
-        ("err_dtype", "'float8' is not one of 'float16', 'bfloat16', 'float32'", "x_dtype"),
+        ("err_dtype", "'float8' is not one of 'auto', 'float16', 'bfloat16', 'float32'", "x_dtype"),
         ("err_not_a_model", "could not load model", "x_model"),
         ("err_not_index", "not a headwater index", None),
     ],

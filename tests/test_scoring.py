@@ -9,7 +9,20 @@ import pytest
 import torch
 from reference import reference_rows
 
-from headwater import METHODS, BuildConfig, Cosine, Dot, LanguageModelTask, LogOdds, LogProb, ProjectionConfig, TrackStarConfig, build_index, query
+from headwater import (
+    METHODS,
+    BuildConfig,
+    Cosine,
+    Dot,
+    LanguageModelTask,
+    LogOdds,
+    LogProb,
+    ProjectionConfig,
+    TrackStarConfig,
+    UserError,
+    build_index,
+    query,
+)
 from headwater.collect import tracked_modules
 from headwater.config import GradientConfig
 from headwater.precondition import mixing_weight
@@ -242,3 +255,73 @@ def test_sign_convention_by_a_gradient_step(tmp_path, model, tokenizer):
         # first order: Δ query loss = -lr · <∇L_train, ∇L_query> = -lr · score
         assert np.sign(delta) == -np.sign(scores[i])
         assert abs(delta + lr * scores[i]) < 0.05 * abs(lr * scores[i]), (delta, -lr * scores[i])
+
+
+# --------------------------------------------------------------------------- numerics of normalised rows
+
+
+def _rarely_updated_state(model, path):
+    """An AdamW state as after long training in which a third of the weights were rarely
+    updated: second moments of 1e-14, so their normalised gradients reach ~1e7 (float16 stops at
+    65504), the others 1e-6."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(p.square().sum() for p in model.parameters()).backward()
+    opt.step()
+    for p in model.parameters():
+        v = opt.state[p]["exp_avg_sq"].fill_(1e-6)
+        v.view(-1)[::3] = 1e-14
+    torch.save(opt.state_dict(), path)
+    model.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def normalised(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64).eval()
+    root = tmp_path_factory.mktemp("normalised")
+    _rarely_updated_state(model, root / "optimizer.pt")
+    return model, LanguageModelTask(tokenizer, unit="token"), root
+
+
+def _normalised_config(root, **kw):
+    return BuildConfig(projection=PROJ, optimizer_state=str(root / "optimizer.pt"), batch_size=6, **kw)
+
+
+def test_trackstar_on_adam_normalised_token_rows_is_finite(normalised):
+    model, task, root = normalised
+    index = build_index(root / "auto", model, TRAIN, task=task, config=_normalised_config(root), progress=False)
+    assert index.manifest["dtype"] == "bfloat16"  # `auto` chose the range that holds them
+    peak = max(float(b.rows.abs().max()) for b in index.store.blocks())
+    assert peak > 65504, "the rows must exceed float16's range for this test to mean anything"
+    scores = method("trackstar", model, task).fit(index).score(QUERIES)
+    assert scores.values.shape == (len(TRAIN), len(QUERIES)) and np.isfinite(scores.values).all()
+
+
+def test_rows_beyond_float16_are_refused_at_the_first_batch(normalised):
+    model, task, root = normalised
+    with pytest.raises(UserError, match="beyond float16's range.*--storage-dtype bfloat16") as err:
+        build_index(root / "f16", model, TRAIN, task=task, config=_normalised_config(root, storage_dtype="float16"), progress=False)
+    assert "\n" not in str(err.value)
+    assert not (root / "f16").exists()  # a fresh build that failed leaves nothing behind
+
+
+def test_a_store_holding_overflowed_rows_fails_the_query_in_one_line(normalised, monkeypatch):
+    """An index written before rows were checked (float16 overflowed to inf, the case that made
+    LAPACK's eigensolver fail after minutes) is refused when the preconditioner is fitted."""
+    model, task, root = normalised
+    monkeypatch.setattr("headwater.store.check_storable", lambda *a: None)
+    index = build_index(root / "old", model, TRAIN, task=task, config=_normalised_config(root, storage_dtype="float16"), progress=False)
+    with pytest.raises(UserError, match="inf or NaN.*--storage-dtype bfloat16") as err:
+        method("trackstar", model, task).fit(index).score(QUERIES)
+    assert "\n" not in str(err.value)
+
+
+def test_preconditioner_of_a_badly_scaled_autocorrelation_is_finite():
+    """Columns spanning 1e-150..1e150: eigenvalues are found on R scaled to unit trace and
+    clamped, so R^{-1/2} is finite (or a one-line UserError, never a LinAlgError)."""
+    from headwater.precondition import autocorrelation, trackstar_preconditioner
+
+    g = torch.randn(200, 12, dtype=torch.float64) * torch.logspace(-150, 150, 12, dtype=torch.float64)
+    g[:, 5] = g[:, 4]  # and exactly rank deficient
+    pre = trackstar_preconditioner(autocorrelation(g, [(0, 12)]), None, [(0, 12)], 0.0)
+    assert torch.isfinite(pre.matrices[0]).all()

@@ -78,7 +78,7 @@ def index_header(config: BuildConfig, collector: GradientCollector, model, task:
         "data": {"source": config.data, "fingerprint": fingerprint_records(records), "records": len(records)},
         "segments": [{"name": n, "start": a, "stop": b} for n, (a, b) in collector.segments.items()],
         "dim": collector.dim,
-        "dtype": config.storage_dtype,
+        "dtype": config.row_dtype,
         "world_size": world,
     }
 
@@ -142,10 +142,10 @@ def build_index(
         return Index(path)
 
     lo, hi = rank * len(records) // world, (rank + 1) * len(records) // world
-    shard_rows = config.shard_rows or max(1, SHARD_BYTES // (collector.dim * np.dtype(DTYPES[config.storage_dtype][1]).itemsize))
+    shard_rows = config.shard_rows or max(1, SHARD_BYTES // (collector.dim * np.dtype(DTYPES[config.row_dtype][1]).itemsize))
     try:
         with BuildLock(path / "locks" / f"r{rank:03d}.lock"):
-            writer = ShardWriter(path, rank, collector.dim, config.storage_dtype, shard_rows, resume)
+            writer = ShardWriter(path, rank, collector.dim, config.row_dtype, shard_rows, resume)
             start = writer.next_record if writer.next_record is not None else lo
             problems, examples = _collect_range(collector, task, records, start, hi, config.batch_size, writer, progress and rank == 0)
     except UserError:

@@ -159,7 +159,12 @@ class BuildConfig(Config):
     data: str | None = option(None, H_DATA)
     projection: ProjectionConfig = option(ProjectionConfig(), "Gradient compression.")
     modules: list[str] | None = option(None, H_MODULES)
-    storage_dtype: str = option("float16", "Precision of the stored rows: float16, bfloat16 or float32.", choices=("float16", "bfloat16", "float32"))
+    storage_dtype: str = option(
+        "auto",
+        "Precision of the stored rows: auto (float16, or bfloat16 for optimizer-normalised rows, whose range overflows float16), "
+        "float16, bfloat16 or float32.",
+        choices=("auto", "float16", "bfloat16", "float32"),
+    )
     batch_size: int = option(8, H_BATCH)
     max_length: int | None = option(None, "Truncate examples to this many tokens (default: the tokenizer's limit).")
     format: str = option(
@@ -182,6 +187,14 @@ class BuildConfig(Config):
         super().__post_init__()
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def row_dtype(self) -> str:
+        """The stored rows' precision, with `auto` resolved: dividing by √v (v ~ 1e-10 for rarely
+        updated weights) takes rows past float16's 65504, so normalised rows get bfloat16's range."""
+        if self.storage_dtype != "auto":
+            return self.storage_dtype
+        return "bfloat16" if self.optimizer_state else "float16"
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import UserError
 
@@ -88,6 +89,20 @@ def read_json(path: Path) -> dict:
 def to_numpy_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
     t = rows.detach().to("cpu", DTYPES[dtype][0]).contiguous()
     return t.view(torch.uint16).numpy() if dtype == "bfloat16" else t.numpy()
+
+
+def check_storable(rows: torch.Tensor, dtype: str, ids: np.ndarray) -> None:
+    """Refuse rows that would be stored as inf/NaN, at the first batch rather than at query time."""
+    finite = torch.isfinite(rows).all(1)
+    if not finite.all():
+        first = int(np.asarray(ids).reshape(-1, 2)[int((~finite).nonzero()[0, 0]), 0])
+        raise UserError(
+            f"gradient rows of {int((~finite).sum())} examples hold inf or NaN (first: record {first}): the loss or the model is not finite there"
+        )
+    peak = float(rows.detach().abs().max()) if rows.numel() else 0.0
+    limit = float(torch.finfo(DTYPES[dtype][0]).max)
+    if peak > limit:
+        raise UserError(f"gradient rows reach |x| = {peak:.3g}, beyond {dtype}'s range ({limit:.0f}): build with --storage-dtype bfloat16 or float32")
 
 
 def rows_to_float32(block: np.ndarray, dtype: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,6 +226,7 @@ class ShardWriter:
         return sum(e["rows"] for e in self.entries)
 
     def add(self, rows: torch.Tensor, ids: np.ndarray, done: int) -> None:
+        check_storable(rows, self.dtype, ids)
         self._rows.append(to_numpy_rows(rows, self.dtype))
         self._ids.append(np.asarray(ids, dtype=np.int64).reshape(-1, 2))
         if sum(len(r) for r in self._rows) >= self.shard_rows:
@@ -376,7 +392,8 @@ class GradientStore:
         rng = np.random.default_rng(seed)
         take = np.sort(rng.choice(self.rows, size=min(n, self.rows), replace=False))
         out, start = [], 0
-        for shard in self.manifest["shards"]:
+        shards = self.manifest["shards"]
+        for shard in tqdm(shards, desc="sample rows", unit="shard", leave=False, disable=len(shards) < 8):
             rows, _ = self._open_shard(shard, verify)
             local = take[(take >= start) & (take < start + len(rows))] - start
             if len(local):
