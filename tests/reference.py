@@ -1,5 +1,6 @@
 """Independent references shared by the tests: autograd one example at a time, dense matrices,
-tiny models and data. Tests import these helpers from here, never from each other.
+tiny models and data, and the in-process command line. Tests import these helpers from here,
+never from each other.
 
 Comparisons against autograd run in float64 where the reference allows it: batched and
 one-at-a-time passes use different kernels, whose float32 round-off (~1e-7 relative, CPU
@@ -91,3 +92,24 @@ RUNS = {  # replayable training runs of 8 steps over 24 records (sgd: explicit p
     ),
     "adamw": TrainConfig("adamw", lr=0.03, schedule="linear", epochs=2, train_batch_size=6, beta2=0.99, weight_decay=0.05, data_seed=2),
 }
+
+
+def run_cli(cwd, *args, code=0):
+    """The command line, in this process (the same code path as `python -m headwater`, less the
+    interpreter start-up), run in `cwd`; `r.stdout` and `r.stderr` as a subprocess would give them."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from headwater.cli import app
+
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(before)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    assert r.exit_code == code, r.stderr[-2000:]
+    return r

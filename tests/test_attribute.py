@@ -2,12 +2,12 @@
 the Python API's; its saved config replays it; `evaluate` reads Scores files end to end."""
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import run_cli
 
 import headwater as hw
 from headwater.models import load_model
@@ -36,22 +36,7 @@ def ws(tmp_path_factory):
 
 
 def run(ws, *args, code=0):
-    """The command line, in this process (the same code path as `python -m headwater`, less the
-    interpreter start-up); `r.stdout` and `r.stderr` as a subprocess would give them."""
-    from typer.testing import CliRunner
-
-    from headwater.cli import app
-
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(cwd)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    assert r.exit_code == code, r.stderr[-2000:]
-    return r
+    return run_cli(ws, *args, code=code)
 
 
 def load(ws, name):

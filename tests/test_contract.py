@@ -57,7 +57,10 @@ def method(name):
     }[name]()
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+QUERY_METHODS = [m.name for m in hw.methods.QUERY_METHODS]
+
+
+@pytest.mark.parametrize("name", QUERY_METHODS)
 def test_every_method_on_a_module_task_returns_scores_of_one_orientation(name):
     """Each query copies a training record: in every method that record scores far above the
     median (positive = helps, whatever the method), and the result is a Scores with ids."""
@@ -70,6 +73,22 @@ def test_every_method_on_a_module_task_returns_scores_of_one_orientation(name):
     assert np.isfinite(scores.values).all()
     ranks = [(scores.values[:, j] > scores.values[j, j]).sum() for j in range(Q)]  # 0 = the copy ranks first
     assert np.mean(ranks) < N / 4, ranks
+
+
+@pytest.mark.parametrize("name", [m.name for m in hw.methods.CONCEPT_METHODS if m.name != "probe-diff"])
+def test_concept_methods_score_records_against_the_concept(name):
+    """The probe methods take the concept as their one query: Scores [records, 1] keyed by the
+    records, positive = more of the concept (here: the hidden unit the concept reads)."""
+    assert set(METHOD_NAMES) == set(hw.METHODS) and set(QUERY_METHODS).isdisjoint(m.name for m in hw.methods.CONCEPT_METHODS)
+    train, _ = data()
+    model = trained()
+    concept = hw.Concept(torch.eye(8, dtype=torch.float64)[0], "1", name="unit0")
+    scores = hw.METHODS[name](model, hw.ModuleTask()).fit(train).score(None, concept)
+    assert scores.values.shape == (N, 1) and scores.query_ids == ["unit0"] and scores.train_ids == [r["id"] for r in train]
+    assert scores.measurement["direction"] == "up" and np.isfinite(scores.values).all() and scores.values.std() > 0
+    if name == "probe":
+        h = torch.tanh(model[0](torch.stack([r["x"] for r in train])))[:, 0]
+        np.testing.assert_allclose(scores.values[:, 0], h.detach().numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +177,7 @@ def commands():
 
 
 def meaning(help_text: str) -> str:
-    return re.sub(r"\s*\(default: [^)]*\)\s*$", "", " ".join((help_text or "").split())).removesuffix(" Default: the index's own.")
+    return re.sub(r"\s*\(default: .*\)\s*$", "", " ".join((help_text or "").split())).removesuffix(" Default: the index's own.")
 
 
 def test_a_flag_means_one_thing_in_every_command():

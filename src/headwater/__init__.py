@@ -1,4 +1,4 @@
-"""headwater: attribute a model's behaviour to its training data, stages and concepts.
+"""headwater: attribute a model's behaviour to its training data, stages, concepts and components.
 
     import headwater as hw
     index = hw.build_index("runs/idx", model, records, task=hw.LanguageModelTask(tokenizer))
@@ -10,6 +10,7 @@ Every method is `Method(model, task, config).fit(train).score(queries, measureme
 
 from .build import build_index
 from .collect import GradientCollector, tracked_modules
+from .concepts import ConceptVector, ProbeConfig, ProbeTrainConfig, load_sae, sae_concept, train_probe
 from .config import (
     BuildConfig,
     CurvatureConfig,
@@ -29,7 +30,23 @@ from .curvature import Curvature, fit_curvature
 from .errors import UserError
 from .index import Index
 from .measurement import Concept, Function, LogOdds, LogProb, Loss, Measurement, Prediction
-from .methods import BM25, EKFAC, KFAC, MAGIC, METHODS, SOURCE, TRAK, Cosine, Dot, InfluenceFunction, TracIn, TrackStar
+from .methods import (
+    BM25,
+    EKFAC,
+    KFAC,
+    MAGIC,
+    METHODS,
+    SOURCE,
+    TRAK,
+    ActivationGradient,
+    Cosine,
+    Dot,
+    InfluenceFunction,
+    ProbeProjection,
+    ProjectionDifference,
+    TracIn,
+    TrackStar,
+)
 from .methods.influence import dense_gauss_newton
 from .methods.source import Segment, segments_from_trainer_state
 from .metrics import lds, retrieval_metrics, seed_ceiling
@@ -43,6 +60,15 @@ from .training import Replay
 
 __all__ = [
     "build_index",
+    "ConceptVector",
+    "ProbeConfig",
+    "ProbeTrainConfig",
+    "load_sae",
+    "sae_concept",
+    "train_probe",
+    "ActivationGradient",
+    "ProbeProjection",
+    "ProjectionDifference",
     "GradientCollector",
     "tracked_modules",
     "BuildConfig",

@@ -113,14 +113,20 @@ H_CHECKPOINT_LR = "Learning rate in effect at each checkpoint (repeatable, one p
 H_CHECKPOINT_STEPS = "Optimizer steps each checkpoint's segment covers (repeatable, one per checkpoint; SOURCE)."
 H_MEASUREMENT = (
     "What the queries measure: loss, log-odds (classification margin / LM log p/(1-p)), log-prob, "
-    "prediction (a regression output), or default (the method's own: the loss; TRAK: its output function)."
+    "prediction (a regression output), concept (the direction given by --probe, averaged over the response tokens), "
+    "or default (the method's own: the loss; TRAK: its output function)."
 )
 H_QUERIES = "Query records (same formats as --data): the behaviour to attribute."
 H_METHOD = "Attribution method."
 H_TOP_K = "Training records to report per query, best first (attribute: written beside the scores as .csv; 0: none)."
 H_K = "How many top records the check uses, against as many random ones: removed (leave-k-out), or each stepped on alone per query (tail-patch)."
 POOLS = ("max", "mean", "sum")
-MEASUREMENTS = ("default", "loss", "log-odds", "log-prob", "prediction")
+H_MAX_NEW = "Tokens the model generates per prompt when a response is needed (the projection difference; concept queries without responses)."
+H_PROBE = (
+    "A concept saved by `headwater probe` (a directory): what --measurement concept and the probe methods (probe, probe-diff, probe-grad) measure."
+)
+H_AGGREGATE = "Attribute the whole query set at once (the mean over queries)."
+MEASUREMENTS = ("default", "loss", "log-odds", "log-prob", "prediction", "concept")
 
 
 @dataclass
@@ -391,7 +397,7 @@ class LDSConfig(Config):
             raise UserError(f"--alpha must be in (0, 1), got {self.alpha}")
 
 
-METHOD_NAMES = ("dot", "cosine", "trackstar", "tracin", "ekfac", "kfac", "trak", "source", "magic", "bm25")
+METHOD_NAMES = ("dot", "cosine", "trackstar", "tracin", "ekfac", "kfac", "trak", "source", "magic", "bm25", "probe", "probe-diff", "probe-grad")
 
 
 @dataclass
@@ -420,6 +426,9 @@ class AttributeConfig(Config):
         choices=("module", "checkpoint"),
     )
     top_k: int = option(0, H_TOP_K)
+    probe: str | None = option(None, H_PROBE)
+    max_new_tokens: int = option(32, H_MAX_NEW)
+    aggregate: bool = option(False, H_AGGREGATE)
 
 
 QUERY_METHODS = ("dot", "cosine", "trackstar", "tracin", "ekfac", "kfac", "trak", "bm25")
@@ -432,10 +441,11 @@ class QueryConfig(Config):
     queries: str | None = option(None, H_QUERIES)
     method: str = option("cosine", H_METHOD, choices=QUERY_METHODS)
     measurement: str = option("default", H_MEASUREMENT, choices=MEASUREMENTS)
+    probe: str | None = option(None, H_PROBE)
     top_k: int = option(10, H_TOP_K)
     bottom_k: int = option(0, "Also keep the most opposing records per query.")
     rows: bool = option(False, "Rank the stored rows (sentences, tokens) themselves instead of pooling them per record.")
-    aggregate: bool = option(False, "Attribute the whole query set at once (the mean over queries).")
+    aggregate: bool = option(False, H_AGGREGATE)
 
 
 @dataclass
@@ -457,5 +467,6 @@ class StageConfig(Config):
     )
     hvp_examples: int = option(64, "Records per Hessian-vector product when a step's batch was not recorded (a seeded sample of the stage's).")
     measurement: str = option("default", H_MEASUREMENT, choices=MEASUREMENTS)
+    probe: str | None = option(None, H_PROBE)
     batch_size: int = option(8, H_BATCH)
     sample_seed: int = option(0, H_SAMPLE_SEED)

@@ -19,6 +19,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from .architecture import Site, capture, target_mean
 from .errors import UserError
 from .task import Batch, ModuleTask, Task
 
@@ -130,35 +131,31 @@ class Function:
 
 @dataclass(frozen=True)
 class Concept:
-    """A direction v [d] at the output of module `module`: vᵀh averaged over the query's target
-    positions (a language model's response tokens; the one output of other models). Probe
-    directions, SAE features and steering vectors are all concepts."""
+    """A direction v [d] read at a site (the output, or input, of module `module`):
+    vᵀh + bias averaged over the query's target positions (a language model's response tokens;
+    the one output of other models). Probe directions, SAE features and steering vectors are all
+    concepts (`headwater.concepts` makes them; `ConceptVector.measurement()` gives this)."""
 
     vector: torch.Tensor = field(repr=False)
     module: str
+    read: str = "output"
+    bias: float = 0.0
     name: str = "concept"
     direction: Literal["down", "up"] = "up"
 
     def __call__(self, task, model, batch):
-        layer = dict(model.named_modules()).get(self.module)
-        if layer is None:
-            raise UserError(f"the model has no module {self.module!r}")
-        seen = []
-        handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
-        try:
+        with capture(model, Site(self.module, self.read)) as seen:
             task.loss(model, batch)  # runs the forward pass the hook reads
-        finally:
-            handle.remove()
-        h = seen[-1]
-        proj = h @ self.vector.to(h)
-        if proj.dim() == 1:
-            return proj
-        mask = batch.get("target_mask")
-        mask = torch.ones_like(proj, dtype=torch.bool) if mask is None else mask.to(proj.device)
-        return (proj * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return self.pooled(seen[-1], batch.get("target_mask"))
+
+    def pooled(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """vᵀh + bias of activations h [B, T, d] (or [B, d]) averaged over `mask` [B, T], [B]."""
+        if h.shape[-1] != self.vector.numel():
+            raise UserError(f"the concept has {self.vector.numel()} dims, the activations at {self.module} ({self.read}) have {h.shape[-1]}")
+        return target_mean(h, mask) @ self.vector.to(h) + self.bias
 
     def describe(self) -> dict:
-        return {"name": self.name, "direction": self.direction, "module": self.module, "dim": int(self.vector.numel())}
+        return {"name": self.name, "direction": self.direction, "module": self.module, "read": self.read, "dim": int(self.vector.numel())}
 
 
 BUILTIN = {"loss": Loss, "log-odds": LogOdds, "log-prob": LogProb, "prediction": Prediction}

@@ -3,6 +3,7 @@
 - `index.py`: build, curvature, query (top-k over an index);
 - `attribute.py`: attribute (any method → a Scores file);
 - `evaluate.py`: evaluate lds | leave-k-out | tail-patch;
+- `concepts.py`: probe train | sae (concepts to attribute with);
 - `stages.py`: stages (training-stage attribution of a recorded run);
 - `demo.py`: demo <name>.
 
@@ -15,7 +16,7 @@ import sys
 
 import typer
 
-from . import attribute, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
+from . import attribute, concepts, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
 from .app import app
 
 

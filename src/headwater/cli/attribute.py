@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ..concepts.config import ProbeConfig
 from ..config import (
     AttributeConfig,
     BM25Config,
@@ -23,7 +24,18 @@ from .app import app
 from .index import open_index
 from .options import command, save_configs
 
-CONFIGS = (AttributeConfig, GradientConfig, TrackStarConfig, TracInConfig, InfluenceConfig, TRAKConfig, SourceConfig, MagicConfig, BM25Config)
+CONFIGS = (
+    AttributeConfig,
+    GradientConfig,
+    TrackStarConfig,
+    TracInConfig,
+    InfluenceConfig,
+    TRAKConfig,
+    SourceConfig,
+    MagicConfig,
+    BM25Config,
+    ProbeConfig,
+)
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -42,22 +54,31 @@ def attribute(
 ):
     """Attribute the queries to the training records with any method; writes a Scores file and
     its replayable configuration (`--config OUT.config.json`)."""
+    from ..concepts.vector import resolve_measurement
     from ..data import load_records
-    from ..measurement import measurement_named
-    from ..methods import METHODS
+    from ..methods import CONCEPT_METHODS, METHODS
 
     a = configs[AttributeConfig]
     if out.suffix != ".safetensors":
         raise UserError(f"--out must be a .safetensors file, got {out}")
-    if not a.queries:
-        raise UserError("give the queries to attribute (--queries)")
     cls = METHODS[a.method]
+    concept_method = cls in CONCEPT_METHODS
+    if concept_method:  # the concept is the query
+        if a.queries or a.measurement not in ("default", "concept"):
+            raise UserError(f"--method {a.method} scores the records against the concept (--probe); it takes no --queries or --measurement")
+        measurement = resolve_measurement("concept", a.probe)
+    else:
+        if not a.queries:
+            raise UserError("give the queries to attribute (--queries)")
+        measurement = resolve_measurement(a.measurement, a.probe)
+        load_records(a.queries)  # a bad query file fails before any gradient is computed
     method_config = configs[cls.config_class]
     train, model, task = _training_side(a)
-    method = _method(a, cls, method_config, model, task)
-    measurement = None if a.measurement == "default" else measurement_named(a.measurement)
-    load_records(a.queries)  # a bad query file fails before any gradient is computed
-    scores = method.fit(train, progress=progress).score(a.queries, measurement, dtype=a.scores_dtype, by=a.by)
+    method = _method(a, cls, method_config, model, task).fit(train, progress=progress)
+    queries = None if concept_method else _with_responses(a, method, model, task)
+    scores = method.score(queries, measurement, dtype=a.scores_dtype, by=a.by)
+    if a.aggregate:
+        scores = scores.mean_query()
     scores.save(out)
     save_configs(out, a, method_config)
     typer.echo(f"wrote {scores} to {out}")
@@ -65,6 +86,25 @@ def attribute(
         csv = out.with_suffix(".csv")
         scores.total().top_k(a.top_k, records=method.fitted().records).to_csv(csv, index=False)
         typer.echo(f"wrote the top {a.top_k} records per query to {csv}")
+
+
+def _with_responses(a: AttributeConfig, method, model, task):
+    """The query records, prompt-only ones completed by the model's greedy response (a concept
+    is read on responses: teacher-forced on given ones, generated where none is given)."""
+    from ..data import load_records
+    from ..generate import with_responses
+
+    records = load_records(a.queries)
+    lacking = any(records[i].get("prompt") is not None and records[i].get("completion") is None for i in range(len(records)))
+    if not lacking:
+        return a.queries
+    index = method.fitted().index
+    model = model if model is not None else (index.model() if index is not None else None)
+    task = task if task is not None else (index.task() if index is not None else None)
+    tokenizer = getattr(task, "tokenizer", None)
+    if model is None or tokenizer is None:
+        raise UserError("queries without a completion need --model (its responses are generated) or completions in the file")
+    return with_responses(records, model, tokenizer, a.max_new_tokens)
 
 
 def _training_side(a: AttributeConfig):

@@ -110,7 +110,7 @@ def query(
     """Rank training records by their influence on the queries (exact streaming top-k)."""
     import pandas as pd
 
-    from ..measurement import measurement_named
+    from ..concepts.vector import resolve_measurement
     from ..methods import METHODS
     from ..query import query as run_query
     from ..ranking import write_results
@@ -126,7 +126,7 @@ def query(
     cls = METHODS[q.method]
     method_config = configs[cls.config_class]
     m = cls(None, None, method_config)
-    chosen = None if q.measurement == "default" else measurement_named(q.measurement)
+    chosen = resolve_measurement(q.measurement, q.probe)
     train = indexes if q.method == "tracin" else indexes[0]
     if q.aggregate:
         frame = m.fit(train).score(q.queries, chosen).mean_query().top_k(q.top_k, q.bottom_k, records=m.fitted().records)

@@ -30,10 +30,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..concepts.vector import resolve_measurement
 from ..config import StageConfig
 from ..data import as_records, record_ids
 from ..errors import UserError
-from ..measurement import Measurement, measurement_named
+from ..measurement import Loss, Measurement
 from ..scores import Scores
 from ..task import Task, TokenExample, collated_batches, whole_examples
 from ..training import Bound, twice_differentiable_attention
@@ -109,12 +110,18 @@ class StageAttribution:
     """
 
     def __init__(
-        self, trajectory: Trajectory | str | Path, model: torch.nn.Module, task: Task, config: StageConfig | None = None, data: dict | None = None
+        self,
+        trajectory: Trajectory | str | Path,
+        model: torch.nn.Module,
+        task: Task,
+        config: StageConfig | None = None,
+        data: dict | None = None,
+        measurement: Measurement | None = None,
     ):
         self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory(trajectory)
         self.model, self.task = model, task
         self.config = config or StageConfig()
-        self.measurement: Measurement = measurement_named("loss" if self.config.measurement == "default" else self.config.measurement)
+        self.measurement: Measurement = measurement or resolve_measurement(self.config.measurement, self.config.probe) or Loss()
         params = dict(model.named_parameters())
         missing = [n for n in self.trajectory.params if n not in params]
         if missing:
