@@ -24,6 +24,9 @@ ATTENTION = ("attn", "self_attn", "attention")
 ATTENTION_OUT = ("c_proj", "o_proj", "out_proj", "dense")
 MLP = ("mlp", "feed_forward")
 MLP_OUT = ("c_proj", "down_proj", "fc2", "dense_4h_to_h", "w2")
+ATTENTION_NORM = ("ln_1", "input_layernorm", "attention_norm", "self_attn_layer_norm")
+MLP_NORM = ("ln_2", "post_attention_layernorm", "ffn_norm", "final_layer_norm")
+FINAL_NORM = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ class Site:
 class Architecture:
     """Module names of a decoder-only transformer: `blocks` holds `n_layers` blocks, each with an
     attention module, its output projection (whose input is the heads' outputs side by side,
-    `n_heads` × `head_dim`), an MLP and the MLP's output projection (input: the neurons)."""
+    `n_heads` × `head_dim`), an MLP and the MLP's output projection (input: the neurons), and the
+    (pre-)norms through which attention and MLP read the residual stream; `final_norm` precedes
+    the unembedding. Names inside a block are relative to it."""
 
     blocks: str
     n_layers: int
@@ -51,6 +56,9 @@ class Architecture:
     attention_out: str
     mlp: str
     mlp_out: str
+    attention_norm: str | None = None
+    mlp_norm: str | None = None
+    final_norm: str | None = None
 
     def block(self, layer: int) -> str:
         if not -self.n_layers <= layer < self.n_layers:
@@ -97,7 +105,20 @@ def architecture(model: torch.nn.Module) -> Architecture:
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     if not heads:
         raise UserError("the model's config names no number of attention heads (num_attention_heads / n_head)")
-    return Architecture(blocks, len(modules[blocks]), int(heads), attn, f"{attn}.{attn_out}", mlp, f"{mlp}.{mlp_out}")
+    parent = blocks.rpartition(".")[0]
+    final = next((f"{parent}.{n}".lstrip(".") for n in FINAL_NORM if f"{parent}.{n}".lstrip(".") in modules), None)
+    return Architecture(
+        blocks,
+        len(modules[blocks]),
+        int(heads),
+        attn,
+        f"{attn}.{attn_out}",
+        mlp,
+        f"{mlp}.{mlp_out}",
+        _child(modules, first, ATTENTION_NORM),
+        _child(modules, first, MLP_NORM),
+        final,
+    )
 
 
 def layer_site(model: torch.nn.Module, layer: int | str) -> Site:

@@ -4,6 +4,7 @@
 - `attribute.py`: attribute (any method → a Scores file);
 - `evaluate.py`: evaluate lds | leave-k-out | tail-patch;
 - `concepts.py`: probe train | sae (concepts to attribute with);
+- `components.py`: components (heads, MLPs, neurons carrying a behaviour);
 - `stages.py`: stages (training-stage attribution of a recorded run);
 - `demo.py`: demo <name>.
 
@@ -16,7 +17,7 @@ import sys
 
 import typer
 
-from . import attribute, concepts, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
+from . import attribute, components, concepts, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
 from .app import app
 
 

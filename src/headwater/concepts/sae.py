@@ -28,7 +28,6 @@ from ..errors import UserError
 from .vector import ConceptVector
 
 WEIGHTS, CONFIG = "sae_weights.safetensors", "cfg.json"
-NORM_LAYERS = ("ln_2", "post_attention_layernorm")
 
 
 @dataclass
@@ -129,11 +128,9 @@ def sae_site(model: torch.nn.Module, hook_name: str) -> Site:
         "mlp.hook_post": arch.neurons(int(m.group(1))),
     }
     if hook == "hook_resid_mid":
-        modules = dict(model.named_modules())
-        norm = next((n for n in NORM_LAYERS if f"{block}.{n}" in modules), None)
-        if norm is None:
+        if arch.mlp_norm is None:
             raise UserError(f"cannot find the layer norm before the MLP of {block} for hook_resid_mid")
-        return Site(f"{block}.{norm}", "input")
+        return Site(f"{block}.{arch.mlp_norm}", "input")
     if hook not in sites:
         raise UserError(f"unsupported SAE hook {hook_name!r}; supported: {', '.join(['hook_resid_mid', *sites])}")
     return sites[hook]

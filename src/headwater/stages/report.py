@@ -7,21 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plots import pyplot
 from .effects import StageEffects
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def bar_chart(effects: StageEffects, path: str | Path, truth: np.ndarray | None = None) -> Path:
     """Per behaviour, each stage's effect under every estimator (and the true effect)."""
-    plt = _pyplot()
+    plt = pyplot()
     series = {k: v for k, v in effects.estimates.items() if not k.endswith("(linear)")}  # the first-order readouts stay in the tables
     if truth is not None:
         series = {"retrained (true)": truth, **series}
@@ -46,7 +38,7 @@ def bar_chart(effects: StageEffects, path: str | Path, truth: np.ndarray | None 
 
 def waterfall(effects: StageEffects, path: str | Path) -> Path:
     """Per behaviour, f(θ_0) → each stage's additive change → f(θ_T)."""
-    plt = _pyplot()
+    plt = pyplot()
     n_b = len(effects.behaviours)
     fig, axes = plt.subplots(1, n_b, figsize=(4.5 * n_b, 3.6), squeeze=False)
     for b, ax in enumerate(axes[0]):
