@@ -3,5 +3,13 @@ downloads: `headwater demo <name>`."""
 
 DEMOS = {
     "facts": ("headwater.demos.facts", "Fact tracing on a synthetic corpus: a tiny GPT-2, token-level gradients vs BM25."),
+    "concepts": (
+        "headwater.demos.concepts",
+        "Which fine-tuning records taught a tiny GPT-2 a planted hostile tone: Concept Influence vs probe approximations, loss influence and BM25.",
+    ),
+    "corpus": (
+        "headwater.demos.corpus",
+        "Which topic × format bins of a generated corpus support two planted capabilities: the corpus map, a contrast, unlearning, an HTML report.",
+    ),
     "stages": ("headwater.demos.stages", "Training-stage attribution of a four-stage run recorded through the Hugging Face Trainer, vs retraining."),
 }
