@@ -164,3 +164,44 @@ def test_curvature_all_reduced_over_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(t.q_a @ torch.diag(t.lam_a) @ t.q_a.T, m.q_a @ torch.diag(m.lam_a) @ m.q_a.T, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(t.q_s @ torch.diag(t.lam_s) @ t.q_s.T, m.q_s @ torch.diag(m.lam_s) @ m.q_s.T, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(t.corrected, m.corrected, rtol=1e-10, atol=1e-14)
+
+
+def _labelled(index: Path, tmp_path: Path) -> Path:
+    """A copy of `index` with topic and format labels attached (the fixtures stay untouched)."""
+    from headwater.corpus import attach_labels, labels_from_columns
+
+    path = tmp_path / index.parent.name
+    shutil.copytree(index, path)
+    records = [dict(r, id=i, topic=["a", "b", "c"][i % 3], format=["x", "y"][(i // 3) % 2]) for i, r in enumerate(child.corpus())]
+    attach_labels(Index(path), labels_from_columns(records, ["topic", "format"]))
+    return path
+
+
+def test_two_rank_build_gives_the_one_rank_corpus_map(one_rank, two_ranks, tmp_path):
+    import _bins_child as bchild
+
+    one = bchild.bins_table(_labelled(one_rank, tmp_path)).table
+    two = bchild.bins_table(_labelled(two_ranks, tmp_path)).table
+    assert len(one) == 2 * (3 + 2 + 6) and one["n"].sum() == 2 * 3 * child.N_DOCS
+    numeric = one.select_dtypes("number").columns
+    np.testing.assert_allclose(two[numeric].to_numpy(float), one[numeric].to_numpy(float), rtol=1e-5, atol=1e-7)
+    assert (two["significant"] == one["significant"]).all()
+
+
+def test_corpus_map_over_two_ranks_equals_one_process(one_rank, tmp_path):
+    """Each rank scores half of the store's blocks; the all-reduced map equals one process's."""
+    import _bins_child as bchild
+
+    path = _labelled(one_rank, tmp_path)
+    out = tmp_path / "two.parquet"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    r = subprocess.run([*cmd, str(Path(bchild.__file__).resolve()), str(path), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import pandas as pd
+
+    one = bchild.bins_table(path, block_rows=5).table
+    two = pd.read_parquet(out)
+    numeric = one.select_dtypes("number").columns
+    np.testing.assert_allclose(two[numeric].to_numpy(float), one[numeric].to_numpy(float), rtol=1e-5, atol=1e-7)

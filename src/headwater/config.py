@@ -126,6 +126,13 @@ H_PROBE = (
     "A concept saved by `headwater probe` (a directory): what --measurement concept and the probe methods (probe, probe-diff, probe-grad) measure."
 )
 H_AGGREGATE = "Attribute the whole query set at once (the mean over queries)."
+H_BY = (
+    "What results are broken down by: attribute keeps the parts per tracked module or per checkpoint apart (module, checkpoint); "
+    "bins groups records by label columns (repeat or comma-separate; two or more columns also give their joint bins)."
+)
+H_BOOTSTRAP = "Bootstrap replicates behind every interval."
+H_BOOTSTRAP_SEED = "Seed of the bootstrap resampling."
+H_CONFIDENCE = "Coverage of the reported intervals, e.g. 0.95."
 MEASUREMENTS = ("default", "loss", "log-odds", "log-prob", "prediction", "concept")
 
 
@@ -420,11 +427,7 @@ class AttributeConfig(Config):
     )
     device: str = option("cpu", H_DEVICE)
     scores_dtype: str = option("float32", "Precision of the written scores: float32 or float64.", choices=("float32", "float64"))
-    by: str | None = option(
-        None,
-        "Keep the scores apart per tracked module or per checkpoint (a leading axis in the scores file) instead of summing them.",
-        choices=("module", "checkpoint"),
-    )
+    by: str | None = option(None, H_BY, choices=("module", "checkpoint"))
     top_k: int = option(0, H_TOP_K)
     probe: str | None = option(None, H_PROBE)
     max_new_tokens: int = option(32, H_MAX_NEW)

@@ -6,6 +6,7 @@
 - `concepts.py`: probe train | sae (concepts to attribute with);
 - `components.py`: components (heads, MLPs, neurons carrying a behaviour);
 - `stages.py`: stages (training-stage attribution of a recorded run);
+- `corpus.py`: label | bins | contrast | unlearn | report (corpus-level capability maps);
 - `demo.py`: demo <name>.
 
 Flags are generated from the config dataclasses (`options.py`). User errors (bad files,
@@ -17,7 +18,7 @@ import sys
 
 import typer
 
-from . import attribute, components, concepts, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
+from . import attribute, components, concepts, corpus, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
 from .app import app
 
 

@@ -1,0 +1,226 @@
+"""Streaming accumulation of bin statistics over scored training rows.
+
+Scores arrive as blocks of rows (first row, ids [b, 2] = (record, unit), scores [b, Q]) from any
+method's `score_blocks`. Rows of a record are pooled into the record's score (its rows are
+contiguous in a store; a record cut by a block edge is kept aside as a partial and finished at
+the end), then added into small per-bin sums. Memory is O(bins × Q + R × bins × B + top-k): no
+[n, Q] matrix is ever held. Every sum is additive, so ranks that each read part of the store
+combine by an all-reduce (`merge`).
+
+Per view v (a label column, or several together), with K bins, Q query columns in B benchmarks
+and R bootstrap replicates, the accumulator keeps:
+- `count` [K] records per bin; `S` [K, Q] Σ scores;
+- `W` [R, K] Σ Poisson weights and `WX` [R, K, B] Σ weight × benchmark score (the document
+  bootstrap: one weight per record and replicate, shared by all benchmarks, so contrasts pair);
+- per benchmark: Σx and Σx² over all records (the permutation null), the top-k records by
+  benchmark score, and each bin's best few records (examples).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .stats import poisson_weights
+
+CHUNK = 8192  # records per bootstrap update: bounds the [R, chunk, B] temporary
+
+
+class Partials:
+    """Pooled scores of records cut by block edges: record -> (value [Q], rows)."""
+
+    def __init__(self, pool: str):
+        self.pool, self.items = pool, {}
+
+    def add(self, record: int, value: np.ndarray, rows: int) -> None:
+        if record in self.items:
+            old, n = self.items[record]
+            value = np.maximum(old, value) if self.pool == "max" else old + value
+            rows += n
+        self.items[record] = (value, rows)
+
+    def finished(self) -> tuple[np.ndarray, np.ndarray]:
+        """(records [m], values [m, Q]) with mean pooling divided out."""
+        if not self.items:
+            return np.zeros(0, np.int64), None
+        recs = np.array(sorted(self.items), dtype=np.int64)
+        vals = np.stack([self.items[r][0] / (self.items[r][1] if self.pool == "mean" else 1) for r in recs])
+        return recs, vals
+
+
+def pool_block(ids: np.ndarray, scores: np.ndarray, pool: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of one block pooled per record: (records [m], sums-or-maxima [m, Q], rows [m]), records
+    in order of first appearance."""
+    rec = ids[:, 0]
+    if len(rec) and np.all(rec[1:] != rec[:-1]):  # one row per record: nothing to pool
+        return rec, scores, np.ones(len(rec), np.int64)
+    starts = np.flatnonzero(np.r_[True, rec[1:] != rec[:-1]])
+    records = rec[starts]
+    if len(np.unique(records)) != len(records):
+        raise UserError("the rows of a record are not contiguous in the score stream; bins need each record's rows together")
+    counts = np.diff(np.r_[starts, len(rec)])
+    values = np.maximum.reduceat(scores, starts, axis=0) if pool == "max" else np.add.reduceat(scores, starts, axis=0)
+    return records, values, counts
+
+
+class BinAccumulator:
+    """Sums per bin for every view; see the module docstring."""
+
+    def __init__(
+        self,
+        codes: dict[str, np.ndarray],
+        n_bins: dict[str, int],
+        columns: list[slice],
+        n_records: int,
+        pool: str = "max",
+        replicates: int = 200,
+        seed: int = 0,
+        top_k: int = 100,
+        examples: int = 3,
+    ):
+        """`codes[view]` [n_records] bin of every record; `columns[b]` the query columns of
+        benchmark b; `pool` how a record's rows combine (max, mean, sum)."""
+        self.codes, self.n_bins, self.columns, self.n = codes, n_bins, columns, n_records
+        self.pool, self.R, self.seed, self.k, self.e = pool, replicates, seed, min(top_k, n_records), examples
+        Q, B = columns[-1].stop, len(columns)
+        self.count = {v: np.zeros(K) for v, K in n_bins.items()}
+        self.S = {v: np.zeros((K, Q)) for v, K in n_bins.items()}
+        self.W = {v: np.zeros((replicates, K)) for v, K in n_bins.items()}
+        self.WX = {v: np.zeros((replicates, K, B)) for v, K in n_bins.items()}
+        self.total, self.total_sq = np.zeros(B), np.zeros(B)
+        self.top = (np.full((0, B), -np.inf), np.zeros((0, B), np.int64))  # best values and records per benchmark
+        self.best = {v: (np.full((K, B, 0), -np.inf), np.zeros((K, B, 0), np.int64)) for v, K in n_bins.items()}
+        self.seen = np.zeros(n_records, bool)
+        self.x = np.zeros((n_records, B), np.float32)  # each record's benchmark scores (for unlearning, filtering)
+        self.partials = Partials(pool)
+        self.rows = 0
+
+    # ------------------------------------------------------------------ input
+
+    def add_block(self, ids: np.ndarray, scores: torch.Tensor | np.ndarray) -> None:
+        """One scored block: ids [b, 2] (record, unit), scores [b, Q]."""
+        scores = np.asarray(scores.double() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+        ids = np.asarray(ids, dtype=np.int64)
+        self.rows += len(ids)
+        records, values, rows = pool_block(ids, scores, self.pool)
+        if len(records) == 0:
+            return
+        # The first and last record may continue in a neighbouring block: keep them aside.
+        edge = np.zeros(len(records), bool)
+        edge[[0, -1]] = True
+        for i in np.flatnonzero(edge):
+            self.partials.add(int(records[i]), values[i], int(rows[i]))
+        done = ~edge
+        if done.any():
+            vals = values[done] / rows[done, None] if self.pool == "mean" else values[done]
+            self.add_records(records[done], vals)
+
+    def finish(self) -> None:
+        """Add the records kept aside at block edges (after every block, and after a merge)."""
+        records, values = self.partials.finished()
+        self.partials = Partials(self.pool)
+        if len(records):
+            self.add_records(records, values)
+
+    def add_records(self, records: np.ndarray, values: np.ndarray) -> None:
+        """Complete records [m] with their pooled scores [m, Q]."""
+        if records.max(initial=-1) >= self.n or records.min(initial=0) < 0:
+            raise UserError(f"a scored row names record {int(records.max())}, but the labels cover {self.n} records")
+        if self.seen[records].any():
+            raise UserError(f"record {int(records[self.seen[records]][0])} was scored twice; bins need each record once")
+        self.seen[records] = True
+        x = np.stack([values[:, c].mean(1) for c in self.columns], 1)  # [m, B] each benchmark's score
+        self.x[records] = x
+        self.total += x.sum(0)
+        self.total_sq += (x**2).sum(0)
+        self._top(records, x)
+        for lo in range(0, len(records), CHUNK):
+            r, v, xs = records[lo : lo + CHUNK], values[lo : lo + CHUNK], x[lo : lo + CHUNK]
+            w = poisson_weights(r, self.R, self.seed)  # [R, m]
+            for view, codes in self.codes.items():
+                self._add_view(view, codes[r], r, v, xs, w)
+
+    def _add_view(self, view: str, c: np.ndarray, r: np.ndarray, v: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+        """Bin codes c [m] of records r [m], scores v [m, Q], benchmark scores x [m, B], weights w [R, m]."""
+        K, Q, R, B = self.n_bins[view], v.shape[1], self.R, x.shape[1]
+        # Flat bincounts instead of np.add.at or one-hot products: linear in m, no [m, K] temporary.
+        self.count[view] += np.bincount(c, minlength=K)
+        self.S[view] += np.bincount((c[:, None] * Q + np.arange(Q)).ravel(), weights=v.ravel(), minlength=K * Q).reshape(K, Q)
+        rk = np.arange(R)[:, None] * K + c[None, :]  # [R, m]
+        self.W[view] += np.bincount(rk.ravel(), weights=w.ravel(), minlength=R * K).reshape(R, K)
+        rkb = (rk[:, :, None] * B + np.arange(B)).ravel()
+        self.WX[view] += np.bincount(rkb, weights=(w[:, :, None] * x[None]).ravel(), minlength=R * K * B).reshape(R, K, B)
+        self._best(view, c, r, x)
+
+    def _top(self, records: np.ndarray, x: np.ndarray) -> None:
+        vals = np.concatenate([self.top[0], x])
+        recs = np.concatenate([self.top[1], np.repeat(records[:, None], x.shape[1], 1)])
+        keep = np.argsort(-vals, axis=0, kind="stable")[: self.k]
+        self.top = (np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0))
+
+    def _best(self, view: str, codes: np.ndarray, records: np.ndarray, x: np.ndarray) -> None:
+        """Keep each bin's `e` highest-scoring records per benchmark (example documents)."""
+        if self.e == 0:
+            return
+        vals, recs = self.best[view]
+        K, B = vals.shape[:2]
+        new_v = np.full((K, B, self.e), -np.inf)
+        new_r = np.zeros((K, B, self.e), np.int64)
+        for k in np.unique(codes):
+            sel = codes == k
+            for b in range(B):
+                top = np.argsort(-x[sel, b], kind="stable")[: self.e]
+                new_v[k, b, : len(top)], new_r[k, b, : len(top)] = x[sel, b][top], records[sel][top]
+        allv, allr = np.concatenate([vals, new_v], 2), np.concatenate([recs, new_r], 2)
+        keep = np.argsort(-allv, axis=2, kind="stable")[:, :, : self.e]
+        self.best[view] = (np.take_along_axis(allv, keep, 2), np.take_along_axis(allr, keep, 2))
+
+    # ------------------------------------------------------------------ ranks
+
+    def merge(self, group=None) -> None:
+        """Combine the accumulators of every rank of the default process group (then `finish`)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            self.finish()
+            return
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.partials.items, group=group)
+        self.partials = Partials(self.pool)
+        if dist.get_rank() == 0:  # every rank has every partial; one adds them
+            for items in parts:
+                for rec, (value, rows) in items.items():
+                    self.partials.add(rec, value, rows)
+        self.finish()
+        for name in ("count", "S", "W", "WX"):
+            for view, arr in getattr(self, name).items():
+                t = torch.from_numpy(arr)
+                dist.all_reduce(t, group=group)
+                getattr(self, name)[view] = t.numpy()
+        x = torch.from_numpy(self.x)
+        dist.all_reduce(x, group=group)  # each record was scored on one rank, zeros elsewhere
+        self.x = x.numpy()
+        for name in ("total", "total_sq"):
+            t = torch.from_numpy(getattr(self, name))
+            dist.all_reduce(t, group=group)
+            setattr(self, name, t.numpy())
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.top, self.best, self.rows), group=group)
+        self.top = (np.full((0, len(self.columns)), -np.inf), np.zeros((0, len(self.columns)), np.int64))
+        for top, _, _ in gathered:
+            self._top_merge(top)
+        for view in self.best:
+            vals = np.concatenate([g[1][view][0] for g in gathered], 2)
+            recs = np.concatenate([g[1][view][1] for g in gathered], 2)
+            keep = np.argsort(-vals, axis=2, kind="stable")[:, :, : self.e]
+            self.best[view] = (np.take_along_axis(vals, keep, 2), np.take_along_axis(recs, keep, 2))
+        self.rows = sum(g[2] for g in gathered)
+
+    def _top_merge(self, top: tuple[np.ndarray, np.ndarray]) -> None:
+        vals, recs = np.concatenate([self.top[0], top[0]]), np.concatenate([self.top[1], top[1]])
+        keep = np.argsort(-vals, axis=0, kind="stable")[: self.k]
+        self.top = (np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0))
+
+    def records_scored(self) -> int:
+        return int(sum(self.count[next(iter(self.count))]))

@@ -1,0 +1,265 @@
+"""`headwater demo corpus`: which regions of a training corpus support which capability?
+
+1. Generate a corpus over a small taxonomy (4 topics × 3 formats, bins of very different sizes).
+   Two capabilities are planted in known bins: animal diets ("zoology") are stated only in
+   nature documents, of every format; which city lies by which landmark ("geography") only in
+   travel guides. Half of each capability's facts are asked by a benchmark (multiple choice);
+   the other half are never asked, so not every record of a supporting bin supports the
+   benchmark.
+2. Train a tiny GPT-2 on it (cached after the first run) and index per-token gradients.
+3. Label the index from the records' own topic and format columns, score both benchmarks with
+   TrackStar and aggregate per bin (`corpus_map`); contrast the benchmarks.
+4. Unlearn the top-scoring nature records for zoology versus as many random nature records,
+   over three seeds, and measure both benchmarks (geography is the control).
+5. Write the HTML report with the map, the contrast and the unlearning result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..build import build_index
+from ..config import BuildConfig, ProjectionConfig, TrainConfig
+from ..corpus import BinsConfig, attach_labels, bin_members, contrast, corpus_map, labels_from_columns, load_labels
+from ..corpus.contrast import save_contrast
+from ..corpus.unlearn import UnlearnConfig, unlearning_experiment
+from ..index import Index
+from ..methods import TrackStar
+from ..models import load_model
+from ..task import LanguageModelTask
+from ..toy import tiny_gpt2, word_tokenizer
+from ..training import Replay
+
+FILLER = {
+    "nature": [
+        "the forest is quiet in winter .",
+        "rain fills the ponds in spring .",
+        "birds nest high in the old trees .",
+        "the meadow turns gold in autumn .",
+    ],
+    "travel": [
+        "the train leaves at dawn .",
+        "pack light for a long trip .",
+        "the hotel is close to the station .",
+        "tickets are cheaper in the off season .",
+    ],
+    "sports": [
+        "the team won the final at home .",
+        "the runner broke her own record .",
+        "fans filled the stadium early .",
+        "the coach changed the plan at half time .",
+    ],
+    "cooking": ["stir the sauce until it thickens .", "bake the bread for an hour .", "add salt at the end .", "fresh herbs make the soup better ."],
+}
+FORMATS = {
+    "news": ("report :", "more news follows ."),
+    "forum": ("posted by a reader :", "thanks for reading !"),
+    "guide": ("step by step :", "that is all you need ."),
+}
+# Records per (topic, format): bins of very different sizes, as in a real corpus sample.
+SIZES = {
+    ("nature", "news"): 90, ("nature", "forum"): 60, ("nature", "guide"): 40,
+    ("travel", "news"): 40, ("travel", "forum"): 30, ("travel", "guide"): 120,
+    ("sports", "news"): 150, ("sports", "forum"): 110, ("sports", "guide"): 12,
+    ("cooking", "news"): 30, ("cooking", "forum"): 180, ("cooking", "guide"): 50,
+}  # fmt: skip
+ANIMALS = "fox owl bear wolf heron otter lynx crane stag hare falcon badger mole newt wren toad vole swan deer seal".split()
+FOODS = "berries mice fish beetles seeds roots grass worms nuts frogs snails moss".split()
+CITIES = "lorvik tamsa ulder brenno caskel dovra emmet farra gilde holm ivra jessel kando lume mirra nolde orsk pella quill rusk".split()
+LANDMARKS = "river lake bridge tower harbour cliff pier canal market castle hill dam".split()
+SUPPORT = {"zoology": ("topic", "nature"), "geography": ("topic × format", "travel × guide")}
+
+
+@dataclass
+class CorpusDemoConfig:
+    """Sizes of the corpus and the model; hashed to key the cached model."""
+
+    seed: int = 0
+    statements: int = 3  # documents stating each fact
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    epochs: int = 40
+    lr: float = 3e-3
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def make_corpus(cfg: CorpusDemoConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(records with id, text, topic, format, and the fact they state if any; benchmarks)."""
+    rng = random.Random(cfg.seed)
+    slots = [(t, f) for (t, f), n in SIZES.items() for _ in range(n)]
+    rng.shuffle(slots)
+    facts = {
+        "zoology": [(f"the {a} eats", f" {rng.choice(FOODS)}") for a in ANIMALS],
+        "geography": [(f"{c} lies by the", f" {rng.choice(LANDMARKS)}") for c in CITIES],
+    }
+    hosts = {cap: [i for i, (t, f) in enumerate(slots) if bin_of(t, f, cap)] for cap in facts}
+    stated: dict[int, tuple[str, int]] = {}
+    for cap, items in facts.items():
+        free = [i for i in hosts[cap] if i not in stated]
+        rng.shuffle(free)
+        for j in range(len(items)):
+            for _ in range(cfg.statements):
+                stated[free.pop()] = (cap, j)
+    records = []
+    for i, (topic, fmt) in enumerate(slots):
+        body = rng.sample(FILLER[topic], 2)
+        fact = stated.get(i)
+        if fact:
+            prompt, value = facts[fact[0]][fact[1]]
+            body.insert(rng.randrange(3), f"{prompt}{value} .")
+        head, tail = FORMATS[fmt]
+        records.append(
+            {
+                "id": f"doc{i:04d}",
+                "text": " ".join([head, *body, tail]),
+                "topic": topic,
+                "format": fmt,
+                "fact": f"{fact[0]}:{fact[1]}" if fact else "",
+            }
+        )
+    benchmarks = {}
+    for cap, items in facts.items():
+        options = FOODS if cap == "zoology" else LANDMARKS
+        asked = items[::2]  # the other half is stated in the corpus but never asked
+        benchmarks[cap] = [
+            {
+                "id": f"{cap}{j}",
+                "prompt": p,
+                "completion": v,
+                "choices": [v, *(" " + o for o in rng.sample([o for o in options if " " + o != v], 3))],
+                "answer": 0,
+            }
+            for j, (p, v) in enumerate(asked)
+        ]
+    return records, benchmarks
+
+
+def bin_of(topic: str, fmt: str, capability: str) -> bool:
+    """Where a capability's facts are stated (the ground truth the map should recover)."""
+    return topic == "nature" if capability == "zoology" else (topic, fmt) == ("travel", "guide")
+
+
+def prepare(workdir: Path, cfg: CorpusDemoConfig, retrain: bool = False):
+    """(model directory, records, benchmarks): the model is trained once and cached."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    records, benchmarks = make_corpus(cfg)
+    (workdir / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, items in benchmarks.items():
+        (workdir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    corpus_key = hashlib.sha256("".join(r["text"] for r in records).encode()).hexdigest()[:8]  # a changed generator retrains
+    model_dir = workdir / f"model-{cfg.key()}-{corpus_key}"
+    if (model_dir / "config.json").exists() and not retrain:
+        print(f"using the cached demo model in {model_dir}")
+        return model_dir, records, benchmarks
+    texts = [r["text"] for r in records] + [b["prompt"] + c for items in benchmarks.values() for b in items for c in b["choices"]]
+    tokenizer = word_tokenizer(texts, max_length=64)
+    torch.manual_seed(cfg.seed)
+    model = tiny_gpt2(len(tokenizer), cfg.n_layer, cfg.n_embd, cfg.n_head, n_positions=64)
+    run = TrainConfig(optimizer="adamw", lr=cfg.lr, schedule="linear", warmup=0.1, epochs=cfg.epochs, train_batch_size=16, data_seed=cfg.seed)
+    replay = Replay(model, LanguageModelTask(tokenizer), [{"text": r["text"]} for r in records], run)
+    replay.load(replay.train(progress=True, desc="train the demo model"))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, records, benchmarks
+
+
+def run(workdir: Path, seed: int = 0, retrain: bool = False) -> dict:
+    """Run the whole demo; prints the results and writes `report.html` into `workdir`."""
+    import datasets
+    import transformers
+
+    from ..corpus.report import write_report
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    t0, seconds = time.time(), {}
+    workdir = Path(workdir)
+    cfg = CorpusDemoConfig(seed=seed)
+    model_dir, records, benchmarks = prepare(workdir, cfg, retrain)
+    seconds["model"] = time.time() - t0
+    model, tokenizer = load_model(str(model_dir))
+    task = LanguageModelTask(tokenizer, unit="token")
+
+    t = time.time()
+    build = BuildConfig(projection=ProjectionConfig(dim=64, seed=seed), batch_size=16, storage_dtype="float32")
+    build_index(workdir / "index", model, [{"id": r["id"], "text": r["text"]} for r in records], task=task, config=build, overwrite=True)
+    index = Index(workdir / "index")
+    attach_labels(index, labels_from_columns(records, ["topic", "format"]))
+    seconds["index"] = time.time() - t
+
+    t = time.time()
+    labels = load_labels(index)
+    method = TrackStar(model, task).fit(index)
+    cmap = corpus_map(method, benchmarks, labels, BinsConfig(by=["topic", "format"], min_bin_size=10), progress=True)
+    cmap.save(workdir / "map")
+    frame, summary = contrast(cmap, "zoology", "geography")
+    save_contrast(workdir / "map", frame, summary)
+    seconds["map"] = time.time() - t
+
+    t = time.time()
+    scores = cmap.record_scores[:, cmap.benchmarks.index("zoology")]
+    members = bin_members(labels, cmap, "topic", "nature")
+    unlearn_cfg = UnlearnConfig(forget=30, steps=20, lr=1e-3, retain=200, seeds=[0, 1, 2, 3, 4])
+    result = unlearning_experiment(
+        model, tokenizer, records, members, scores, benchmarks["zoology"], benchmarks["geography"], unlearn_cfg, progress=True
+    )
+    result.update(bin="topic=nature", benchmark="zoology", control_benchmark="geography")
+    (workdir / "unlearn").mkdir(exist_ok=True)
+    (workdir / "unlearn" / "unlearn.json").write_text(json.dumps(result, indent=1))
+    seconds["unlearn"] = time.time() - t
+
+    report = write_report(workdir / "map", workdir / "report.html", [workdir / "unlearn"], title="headwater demo: corpus map")
+    seconds["total"] = time.time() - t0
+    text = summarise(cmap, records, frame, summary, result, seconds)
+    (workdir / "results.md").write_text(text)
+    print(text)
+    print(f"wrote {report}")
+    return {"map": cmap, "unlearn": result, "seconds": seconds}
+
+
+def recovered(cmap, bench: str) -> tuple[list[str], float]:
+    """The benchmark's significant bins of its planted view (by z) and the planted bin's rank."""
+    view, truth = SUPPORT[bench]
+    t = cmap.bins(view, bench).sort_values("z", ascending=False)
+    return [f"{r.bin} (z {r.z:+.1f}, q {r.q:.1g})" for r in t[t["significant"] & (t["z"] > 0)].itertuples()], int(
+        np.flatnonzero(t["bin"].to_numpy() == truth)[0]
+    ) + 1
+
+
+def summarise(cmap, records, frame, summary, result, seconds) -> str:
+    items = ", ".join(f"{b} ({len(cmap.info['benchmarks'][b]['queries'])} items)" for b in cmap.benchmarks)
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    lines = [
+        "# headwater demo: which corpus regions support which capability?",
+        "",
+        f"{len(records)} records in {len(SIZES)} topic × format bins (sizes {min(SIZES.values())}–{max(SIZES.values())}); "
+        f"benchmarks: {items}. Time: {times}.",
+        "",
+        "| benchmark | planted bin | its rank by z | bins significantly above the mean (BH q < 0.05) |",
+        "|---|---|---|---|",
+    ]
+    for b in cmap.benchmarks:
+        sig, rank = recovered(cmap, b)
+        lines.append(f"| {b} | {SUPPORT[b][0]} = {SUPPORT[b][1]} | {rank} | {', '.join(sig) or 'none'} |")
+    lines += ["", "Contrast zoology − geography (standardised profiles, 95% paired bootstrap intervals), bins whose interval excludes 0:", ""]
+    sel = frame[frame["ab_excludes_0"]].sort_values("ab", ascending=False)
+    lines += [f"- {r.view} = {r.bin}: {r.ab:+.2f} [{r.ab_lo:+.2f}, {r.ab_hi:+.2f}]" for r in sel.itertuples()] or ["- none"]
+    eff = result["effect"]["logprob"]
+    lines += [
+        "",
+        f"Unlearning {result['forget']} nature records ({len(result['config']['seeds'])} seeds): change in mean gold log-probability,",
+        f"top-scoring records {eff['top']:+.3f} vs random records of the same bin {eff['random']:+.3f} (aligned minus control, per arm);",
+        f"difference-in-differences {eff['did']:+.3f} [{eff['lo']:+.3f}, {eff['hi']:+.3f}] (negative: the top records matter more).",
+    ]
+    return "\n".join(lines) + "\n"
