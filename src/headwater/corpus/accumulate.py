@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from .stats import poisson_weights
 
-CHUNK = 8192  # records per bootstrap update: bounds the [R, chunk, B] temporary
+CHUNK = 2048  # rows per update: bounds the [R, chunk] temporaries (a few MB, reused by the allocator)
 
 
 class Partials:
@@ -99,18 +99,24 @@ class BinAccumulator:
     # ------------------------------------------------------------------ input
 
     def add_block(self, ids: np.ndarray, scores: torch.Tensor | np.ndarray) -> None:
-        """One scored block: ids [b, 2] (record, unit), scores [b, Q]."""
-        scores = np.asarray(scores.double() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+        """One scored block: ids [b, 2] (record, unit), scores [b, Q]; taken in slices of CHUNK
+        rows so that the float64 temporaries stay small whatever the store's block size."""
         ids = np.asarray(ids, dtype=np.int64)
         self.rows += len(ids)
+        for lo in range(0, len(ids), CHUNK):
+            part = scores[lo : lo + CHUNK]
+            part = part.double().numpy() if isinstance(part, torch.Tensor) else np.asarray(part, dtype=np.float64)
+            self._add_slice(ids[lo : lo + CHUNK], part)
+
+    def _add_slice(self, ids: np.ndarray, scores: np.ndarray) -> None:
         records, values, rows = pool_block(ids, scores, self.pool)
         if len(records) == 0:
             return
-        # The first and last record may continue in a neighbouring block: keep them aside.
+        # The first and last record may continue in a neighbouring slice: keep them aside.
         edge = np.zeros(len(records), bool)
         edge[[0, -1]] = True
         for i in np.flatnonzero(edge):
-            self.partials.add(int(records[i]), values[i], int(rows[i]))
+            self.partials.add(int(records[i]), values[i].copy(), int(rows[i]))  # a copy: a view would keep the whole slice alive
         done = ~edge
         if done.any():
             vals = values[done] / rows[done, None] if self.pool == "mean" else values[done]
@@ -149,8 +155,8 @@ class BinAccumulator:
         self.S[view] += np.bincount((c[:, None] * Q + np.arange(Q)).ravel(), weights=v.ravel(), minlength=K * Q).reshape(K, Q)
         rk = np.arange(R)[:, None] * K + c[None, :]  # [R, m]
         self.W[view] += np.bincount(rk.ravel(), weights=w.ravel(), minlength=R * K).reshape(R, K)
-        rkb = (rk[:, :, None] * B + np.arange(B)).ravel()
-        self.WX[view] += np.bincount(rkb, weights=(w[:, :, None] * x[None]).ravel(), minlength=R * K * B).reshape(R, K, B)
+        for b in range(B):
+            self.WX[view][:, :, b] += np.bincount(rk.ravel(), weights=(w * x[:, b]).ravel(), minlength=R * K).reshape(R, K)
         self._best(view, c, r, x)
 
     def _top(self, records: np.ndarray, x: np.ndarray) -> None:

@@ -129,11 +129,15 @@ class CorpusMap:
 
 
 def view_codes(labels: Labels, columns: list[str], min_confidence: float = 0.0) -> tuple[np.ndarray, list[str]]:
-    """Each record's bin in the view over `columns` (int [n]) and the bins' names (sorted)."""
-    values = [labels.values(c, min_confidence) for c in columns]
-    joined = values[0] if len(values) == 1 else np.array([JOINT.join(t) for t in zip(*values)])
-    names, codes = np.unique(joined, return_inverse=True)
-    return codes.astype(np.int64), [str(n) for n in names]
+    """Each record's bin in the view over `columns` (int64 [n]) and the bins' names, in the order
+    of the columns' sorted labels (a grid's row-major order for joint bins)."""
+    codes, names = labels.codes(columns[0], min_confidence)
+    for c in columns[1:]:
+        more, more_names = labels.codes(c, min_confidence)
+        combined = codes * len(more_names) + more
+        present, codes = np.unique(combined, return_inverse=True)
+        names = [f"{names[k // len(more_names)]}{JOINT}{more_names[k % len(more_names)]}" for k in present]
+    return codes.astype(np.int64).reshape(-1), names
 
 
 def views_of(labels: Labels, by: list[str] | None) -> dict[str, list[str]]:

@@ -43,13 +43,29 @@ class Labels:
 
     def values(self, column: str, min_confidence: float = 0.0) -> np.ndarray:
         """The column's labels as strings [n]; missing or under-confident ones are `(unlabelled)`."""
+        codes, names = self.codes(column, min_confidence)
+        return np.asarray(names, dtype=object)[codes]
+
+    def codes(self, column: str, min_confidence: float = 0.0) -> tuple[np.ndarray, list[str]]:
+        """(each record's label as an index int64 [n], the label names, sorted): a few bytes per
+        record, where strings would cost a Python object each on a corpus of millions."""
         if column not in self.columns:
             raise UserError(f"no label column {column!r}; the labels have {', '.join(self.columns) or 'none'}")
-        out = self.table[column].astype(object).where(self.table[column].notna(), UNLABELLED).astype(str).to_numpy()
+        col = self.table[column]
+        keep = col.notna().to_numpy().copy()  # pandas may hand out a read-only view
         conf = f"{column}{CONFIDENCE}"
         if min_confidence > 0 and conf in self.table.columns:
-            out = np.where(self.table[conf].fillna(0).to_numpy() >= min_confidence, out, UNLABELLED)
-        return out
+            keep &= self.table[conf].fillna(0).to_numpy() >= min_confidence
+        cat = pd.Categorical(col.astype(object).where(keep, None).map(lambda v: None if pd.isna(v) else str(v)))
+        names = [str(c) for c in cat.categories]
+        codes = cat.codes.astype(np.int64)
+        if (codes < 0).any():
+            names.append(UNLABELLED)
+            codes[codes < 0] = len(names) - 1
+        order = np.argsort(names, kind="stable")  # bins in sorted order, `(unlabelled)` among them
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        return rank[codes], [names[i] for i in order]
 
     def fingerprint(self) -> str:
         """A hash of the label columns (the ids are the index's, checked by the index itself)."""
