@@ -70,6 +70,7 @@ def test_planted_bins_are_recovered_and_nothing_else():
     a = cmap.bins("topic", "A").set_index("bin")
     assert a.loc["law", "z"] > 5 and a.loc["law", "enrichment"] > 0.3 and a["enrichment"].idxmax() == "law"
     assert a.loc["law", "lo"] > a.drop("law")["hi"].max()
+    assert a.loc["law", "excess_lo"] > 0 and (a.drop("law")["excess_hi"] < a.loc["law", "excess_lo"]).all()
     joint = cmap.bins("topic × format", "B").set_index("bin")
     assert joint.filter(like="forum", axis=0)["mean"].min() > joint.drop(joint.filter(like="forum", axis=0).index)["mean"].max()
 
@@ -97,7 +98,9 @@ def test_streamed_statistics_equal_dense_numpy(rows_per_record):
             np.testing.assert_allclose(t.loc[name, "total"], x[sel, i].sum(), rtol=1e-12)
         top = np.argsort(-x[:, i], kind="stable")[:30]
         assert [r for r, _ in cmap.info["top"][b]] == [f"d{j}" for j in top]
-        np.testing.assert_allclose(t.loc[TOPICS, "top_k"], [np.sum(topic[top] == name) for name in TOPICS])
+        cols = pooled[:, :8] if b == "A" else pooled[:, 8:]
+        item_tops = np.concatenate([np.lexsort((np.arange(400), -cols[:, j]))[:30] for j in range(8)])  # each item's own top 30
+        np.testing.assert_allclose(t.loc[TOPICS, "top_k"], [np.sum(topic[item_tops] == name) for name in TOPICS])
     np.testing.assert_allclose(cmap.record_scores, x, rtol=1e-6)
     S = cmap.arrays["topic/S"]
     np.testing.assert_allclose(S[cmap.info["views"]["topic"]["bins"].index("law")], pooled[topic == "law"].sum(0), rtol=1e-12)
@@ -174,15 +177,17 @@ def test_benjamini_hochberg_keeps_the_false_discovery_rate():
 
 def test_no_bin_is_significant_under_the_null_more_often_than_alpha():
     rng = np.random.default_rng(7)
-    any_sig = []
+    any_sig, excess_covers = [], []
     for s in range(60):
         scores = rng.normal(size=(600, 4)) + rng.normal(size=(600, 1))
         labels = Labels(pd.DataFrame({"id": [f"d{i}" for i in range(600)], "topic": rng.choice(TOPICS + FORMATS, 600)}))
         cmap = corpus_map(
-            Given(scores).fit(None), {"A": [{"id": i} for i in range(4)]}, labels, BinsConfig(bootstrap=2, examples=0, bootstrap_seed=s)
+            Given(scores).fit(None), {"A": [{"id": i} for i in range(4)]}, labels, BinsConfig(bootstrap=100, examples=0, bootstrap_seed=s)
         )
         any_sig.append(cmap.table["significant"].any())
+        excess_covers.append(((cmap.table["excess_lo"] <= 0) & (cmap.table["excess_hi"] >= 0)).mean())
     assert np.mean(any_sig) <= 0.1  # family-wise rate under the complete null; BH controls it at 0.05
+    assert np.mean(excess_covers) >= 0.9  # the bins' excess intervals cover 0 at about their level
 
 
 def test_poisson_weights_depend_only_on_record_and_replicate():

@@ -64,6 +64,18 @@ def pool_block(ids: np.ndarray, scores: np.ndarray, pool: str) -> tuple[np.ndarr
     return records, values, counts
 
 
+def empty_top(columns: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((0, columns), -np.inf), np.zeros((0, columns), np.int64)
+
+
+def merge_top(top: tuple[np.ndarray, np.ndarray], more: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (values [k, C], records [k, C]) per column of two candidate sets, best first
+    (ties broken by arrival, so any split of the rows gives the same set)."""
+    vals, recs = np.concatenate([top[0], more[0]]), np.concatenate([top[1], more[1]])
+    keep = np.lexsort((recs, -vals), axis=0)[:k] if vals.size else np.zeros((0, vals.shape[1]), np.int64)
+    return np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0)
+
+
 class BinAccumulator:
     """Sums per bin for every view; see the module docstring."""
 
@@ -89,7 +101,8 @@ class BinAccumulator:
         self.W = {v: np.zeros((replicates, K)) for v, K in n_bins.items()}
         self.WX = {v: np.zeros((replicates, K, B)) for v, K in n_bins.items()}
         self.total, self.total_sq = np.zeros(B), np.zeros(B)
-        self.top = (np.full((0, B), -np.inf), np.zeros((0, B), np.int64))  # best values and records per benchmark
+        self.top = empty_top(B)  # the best records by benchmark score (the map's top list)
+        self.qtop = empty_top(Q)  # the best records of each benchmark item (enrichment)
         self.best = {v: (np.full((K, B, 0), -np.inf), np.zeros((K, B, 0), np.int64)) for v, K in n_bins.items()}
         self.seen = np.zeros(n_records, bool)
         self.x = np.zeros((n_records, B), np.float32)  # each record's benchmark scores (for unlearning, filtering)
@@ -140,7 +153,8 @@ class BinAccumulator:
         self.x[records] = x
         self.total += x.sum(0)
         self.total_sq += (x**2).sum(0)
-        self._top(records, x)
+        self.top = merge_top(self.top, (x, np.repeat(records[:, None], x.shape[1], 1)), self.k)
+        self.qtop = merge_top(self.qtop, (values, np.repeat(records[:, None], values.shape[1], 1)), self.k)
         for lo in range(0, len(records), CHUNK):
             r, v, xs = records[lo : lo + CHUNK], values[lo : lo + CHUNK], x[lo : lo + CHUNK]
             w = poisson_weights(r, self.R, self.seed)  # [R, m]
@@ -158,12 +172,6 @@ class BinAccumulator:
         for b in range(B):
             self.WX[view][:, :, b] += np.bincount(rk.ravel(), weights=(w * x[:, b]).ravel(), minlength=R * K).reshape(R, K)
         self._best(view, c, r, x)
-
-    def _top(self, records: np.ndarray, x: np.ndarray) -> None:
-        vals = np.concatenate([self.top[0], x])
-        recs = np.concatenate([self.top[1], np.repeat(records[:, None], x.shape[1], 1)])
-        keep = np.argsort(-vals, axis=0, kind="stable")[: self.k]
-        self.top = (np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0))
 
     def _best(self, view: str, codes: np.ndarray, records: np.ndarray, x: np.ndarray) -> None:
         """Keep each bin's `e` highest-scoring records per benchmark (example documents)."""
@@ -212,21 +220,16 @@ class BinAccumulator:
             dist.all_reduce(t, group=group)
             setattr(self, name, t.numpy())
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.top, self.best, self.rows), group=group)
-        self.top = (np.full((0, len(self.columns)), -np.inf), np.zeros((0, len(self.columns)), np.int64))
-        for top, _, _ in gathered:
-            self._top_merge(top)
+        dist.all_gather_object(gathered, (self.top, self.qtop, self.best, self.rows), group=group)
+        self.top, self.qtop = empty_top(len(self.columns)), empty_top(self.columns[-1].stop)
+        for top, qtop, _, _ in gathered:
+            self.top, self.qtop = merge_top(self.top, top, self.k), merge_top(self.qtop, qtop, self.k)
         for view in self.best:
-            vals = np.concatenate([g[1][view][0] for g in gathered], 2)
-            recs = np.concatenate([g[1][view][1] for g in gathered], 2)
+            vals = np.concatenate([g[2][view][0] for g in gathered], 2)
+            recs = np.concatenate([g[2][view][1] for g in gathered], 2)
             keep = np.argsort(-vals, axis=2, kind="stable")[:, :, : self.e]
             self.best[view] = (np.take_along_axis(vals, keep, 2), np.take_along_axis(recs, keep, 2))
-        self.rows = sum(g[2] for g in gathered)
-
-    def _top_merge(self, top: tuple[np.ndarray, np.ndarray]) -> None:
-        vals, recs = np.concatenate([self.top[0], top[0]]), np.concatenate([self.top[1], top[1]])
-        keep = np.argsort(-vals, axis=0, kind="stable")[: self.k]
-        self.top = (np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0))
+        self.rows = sum(g[3] for g in gathered)
 
     def records_scored(self) -> int:
         return int(sum(self.count[next(iter(self.count))]))

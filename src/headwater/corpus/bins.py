@@ -46,7 +46,7 @@ class BinsConfig(Config):
     """How `headwater bins` aggregates attribution scores over label bins."""
 
     by: list[str] | None = option(None, H_BY)
-    enrichment_k: int = option(100, "Records counted in each benchmark's top k for the enrichment statistic.")
+    enrichment_k: int = option(20, "Top records of each benchmark item counted for the enrichment statistic (and listed per benchmark in map.json).")
     min_bin_size: int = option(20, "Bins with fewer records get no statistics (NaN) and no q-value.")
     bootstrap: int = option(200, H_BOOTSTRAP)
     confidence: float = option(0.95, H_CONFIDENCE)
@@ -284,7 +284,11 @@ def corpus_map(
     arrays = {}
     for v in views:
         arrays.update({f"{v}/count": acc.count[v], f"{v}/S": acc.S[v], f"{v}/W": acc.W[v], f"{v}/WX": acc.WX[v]})
-        arrays[f"{v}/top"] = np.stack([np.bincount(codes[v][acc.top[1][:, i]], minlength=len(names[v])) for i in range(len(qids))], 1)
+        # Enrichment counts each item's own top k: an item's supporting records stand out for it,
+        # while averaging scores over items first dilutes them by the number of items.
+        arrays[f"{v}/top"] = np.stack([np.bincount(codes[v][acc.qtop[1][:, c].ravel()], minlength=len(names[v])) for c in columns], 1).astype(
+            np.float64
+        )
     arrays.update({"total": acc.total, "total_sq": acc.total_sq})
     table = bins_table(arrays, info)
     return CorpusMap(table, arrays, info, acc.x)
@@ -315,11 +319,14 @@ def _examples(acc: BinAccumulator, data, names: dict, bench: list[str]) -> dict:
 # ------------------------------------------------------------------ statistics from the sums
 
 
-def bench_replicates(arrays: dict, info: dict, view: str) -> tuple[np.ndarray, np.ndarray]:
+def bench_replicates(arrays: dict, info: dict, view: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(point means [K, B], replicates [R, K, B]) of each bin's benchmark score: document
     replicates (Poisson weights) plus the benchmark-item replicates' deviation (multinomial
-    weights per benchmark), so both sources of uncertainty are in the interval."""
+    weights per benchmark), so both sources of uncertainty are in the interval. `pooled`: the
+    whole corpus as one bin (K = 1), with the same replicates."""
     count, S, W, WX = (arrays[f"{view}/{k}"] for k in ("count", "S", "W", "WX"))
+    if pooled:
+        count, S, W, WX = count.sum(keepdims=True), S.sum(0, keepdims=True), W.sum(1, keepdims=True), WX.sum(1, keepdims=True)
     cfg = info["config"]
     with np.errstate(invalid="ignore", divide="ignore"):
         point = np.stack([S[:, a:b].mean(1) for a, b in (v["columns"] for v in info["benchmarks"].values())], 1) / count[:, None]
@@ -342,6 +349,11 @@ def bins_table(arrays: dict, info: dict) -> pd.DataFrame:
         count = arrays[f"{view}/count"]
         point, reps = bench_replicates(arrays, info, view)
         lo, hi = percentile_interval(reps, cfg["confidence"])
+        # The bin's excess over the corpus mean, replicate by replicate: a shift that moves every
+        # record alike (easier or harder benchmark items) cancels, so this interval is the one
+        # that says whether the bin stands out.
+        corpus, corpus_reps = bench_replicates(arrays, info, view, pooled=True)
+        ex_lo, ex_hi = percentile_interval(reps - corpus_reps, cfg["confidence"])
         small = count < cfg["min_bin_size"]
         z = permutation_z(point, count, arrays["total"][None], arrays["total_sq"][None], n)
         z[small] = np.nan
@@ -358,11 +370,12 @@ def bins_table(arrays: dict, info: dict) -> pd.DataFrame:
                 frame[c] = [ps[spec["columns"].index(c)] if c in spec["columns"] else None for ps in parts]
             frame["n"], frame["share"] = count.astype(np.int64), count / n
             frame["mean"], frame["lo"], frame["hi"] = point[:, i], lo[:, i], hi[:, i]
+            frame["excess"], frame["excess_lo"], frame["excess_hi"] = point[:, i] - corpus[0, i], ex_lo[:, i], ex_hi[:, i]
             frame["total"] = sizes * point[:, i]
             frame["z"], frame["p"], frame["q"] = z[:, i], p[:, i], bh_qvalues(p[:, i])
             frame["top_k"], frame["enrichment"] = top[:, i], np.where(small, np.nan, enrichment[:, i])
             frame["small"] = small
-            for col in ("mean", "lo", "hi", "total"):
+            for col in ("mean", "lo", "hi", "excess", "excess_lo", "excess_hi", "total"):
                 frame.loc[small, col] = np.nan
             frame["significant"] = frame["q"] < cfg["fdr"]
             frames.append(frame)

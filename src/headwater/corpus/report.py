@@ -165,7 +165,7 @@ def write_figures(cmap: CorpusMap, out: Path, contrasts: list[tuple[pd.DataFrame
     their intervals, per contrast a heatmap (or bars) of A − B and the interaction. Name -> path."""
     out, figures, joint = Path(out), {}, _joint(cmap)
     out.mkdir(parents=True, exist_ok=True)
-    xlabel = f"mean score ± CI (dashed: corpus mean)\ncoloured: q < {_fdr(cmap):g}, orange above, blue below"
+    xlabel = f"bin mean − corpus mean, with its CI\ncoloured: q < {_fdr(cmap):g}, orange above, blue below"
     for i, bench in enumerate(cmap.benchmarks):
         centre = _centre(cmap, i)
         if joint:
@@ -173,8 +173,8 @@ def write_figures(cmap: CorpusMap, out: Path, contrasts: list[tuple[pd.DataFrame
             path, labels = out / f"joint-{_slug(bench)}.png", cmap.info["views"][joint]["columns"]
             figures[f"joint-{bench}"] = _grid_figure(path, cmap.bins(joint, bench), panel, centre, "mean score (white: corpus mean)", labels)
         for view in (v for v, spec in cmap.info["views"].items() if len(spec["columns"]) == 1):
-            panel = [(cmap.bins(view, bench), "mean", "significant", xlabel, f"{bench}: mean score by {view}")]
-            figures[f"marginal-{view}-{bench}"] = _bar_figure(out / f"marginal-{_slug(view)}-{_slug(bench)}.png", panel, centre)
+            panel = [(cmap.bins(view, bench), "excess", "significant", xlabel, f"{bench}: mean score by {view}, minus the corpus mean")]
+            figures[f"marginal-{view}-{bench}"] = _bar_figure(out / f"marginal-{_slug(view)}-{_slug(bench)}.png", panel, 0.0)
     for frame, summary in contrasts:
         name = _contrast_name(summary)
         path = out / _slug(f"contrast-{summary['a']}-vs-{summary['b']}" + (f"-{summary['c']}-vs-{summary['d']}" if summary.get("c") else "") + ".png")
@@ -274,7 +274,24 @@ def top_bins(cmap: CorpusMap) -> pd.DataFrame:
     """Every bin with statistics, per benchmark from the highest z-score down."""
     t = cmap.table[~cmap.table["small"]]
     t = t.sort_values(["benchmark", "z"], ascending=[True, False], key=lambda s: s.map(cmap.benchmarks.index) if s.name == "benchmark" else s)
-    keep = ["benchmark", "view", "bin", "n", "share", "mean", "lo", "hi", "z", "q", "enrichment", "top_k", "significant"]
+    keep = [
+        "benchmark",
+        "view",
+        "bin",
+        "n",
+        "share",
+        "mean",
+        "lo",
+        "hi",
+        "excess",
+        "excess_lo",
+        "excess_hi",
+        "z",
+        "q",
+        "enrichment",
+        "top_k",
+        "significant",
+    ]
     return t[[c for c in keep if c in t]].reset_index(drop=True)
 
 

@@ -3,9 +3,10 @@
 1. Generate a corpus over a small taxonomy (4 topics × 3 formats, bins of very different sizes).
    Two capabilities are planted in known bins: animal diets ("zoology") are stated only in
    nature documents, of every format; which city lies by which landmark ("geography") only in
-   travel guides. Half of each capability's facts are asked by a benchmark (multiple choice);
-   the other half are never asked, so not every record of a supporting bin supports the
-   benchmark.
+   travel guides. A benchmark asks half of each capability's facts (multiple choice); the other
+   half are stated but never asked, and most records of a supporting bin state no fact at all,
+   so a bin's records differ in how much they support its benchmark and unlearning has a
+   within-bin baseline to beat.
 2. Train a tiny GPT-2 on it (cached after the first run) and index per-token gradients.
 3. Label the index from the records' own topic and format columns, score both benchmarks with
    TrackStar and aggregate per bin (`corpus_map`); contrast the benchmarks.
@@ -131,7 +132,6 @@ def make_corpus(cfg: CorpusDemoConfig) -> tuple[list[dict], dict[str, list[dict]
     benchmarks = {}
     for cap, items in facts.items():
         options = FOODS if cap == "zoology" else LANDMARKS
-        asked = items[::2]  # the other half is stated in the corpus but never asked
         benchmarks[cap] = [
             {
                 "id": f"{cap}{j}",
@@ -140,7 +140,7 @@ def make_corpus(cfg: CorpusDemoConfig) -> tuple[list[dict], dict[str, list[dict]
                 "choices": [v, *(" " + o for o in rng.sample([o for o in options if " " + o != v], 3))],
                 "answer": 0,
             }
-            for j, (p, v) in enumerate(asked)
+            for j, (p, v) in enumerate(items[::2])  # the other half is stated but never asked
         ]
     return records, benchmarks
 
@@ -228,13 +228,14 @@ def run(workdir: Path, seed: int = 0, retrain: bool = False) -> dict:
     return {"map": cmap, "unlearn": result, "seconds": seconds}
 
 
-def recovered(cmap, bench: str) -> tuple[list[str], float]:
-    """The benchmark's significant bins of its planted view (by z) and the planted bin's rank."""
+def recovered(cmap, bench: str) -> tuple[list[str], int, int]:
+    """The benchmark's significant bins of its planted view (by z), and the planted bin's rank by
+    z and by enrichment (its share of each item's top records over its share of the corpus)."""
     view, truth = SUPPORT[bench]
-    t = cmap.bins(view, bench).sort_values("z", ascending=False)
-    return [f"{r.bin} (z {r.z:+.1f}, q {r.q:.1g})" for r in t[t["significant"] & (t["z"] > 0)].itertuples()], int(
-        np.flatnonzero(t["bin"].to_numpy() == truth)[0]
-    ) + 1
+    t = cmap.bins(view, bench)
+    rank = lambda col: int(np.flatnonzero(t.sort_values(col, ascending=False)["bin"].to_numpy() == truth)[0]) + 1
+    by_z = t.sort_values("z", ascending=False)
+    return [f"{r.bin} (z {r.z:+.1f}, q {r.q:.1g})" for r in by_z[by_z["significant"] & (by_z["z"] > 0)].itertuples()], rank("z"), rank("enrichment")
 
 
 def summarise(cmap, records, frame, summary, result, seconds) -> str:
@@ -246,12 +247,12 @@ def summarise(cmap, records, frame, summary, result, seconds) -> str:
         f"{len(records)} records in {len(SIZES)} topic × format bins (sizes {min(SIZES.values())}–{max(SIZES.values())}); "
         f"benchmarks: {items}. Time: {times}.",
         "",
-        "| benchmark | planted bin | its rank by z | bins significantly above the mean (BH q < 0.05) |",
-        "|---|---|---|---|",
+        "| benchmark | planted bin | its rank by z | by enrichment | bins significantly above the mean (BH q < 0.05) |",
+        "|---|---|---|---|---|",
     ]
     for b in cmap.benchmarks:
-        sig, rank = recovered(cmap, b)
-        lines.append(f"| {b} | {SUPPORT[b][0]} = {SUPPORT[b][1]} | {rank} | {', '.join(sig) or 'none'} |")
+        sig, rank_z, rank_e = recovered(cmap, b)
+        lines.append(f"| {b} | {SUPPORT[b][0]} = {SUPPORT[b][1]} | {rank_z} | {rank_e} | {', '.join(sig) or 'none'} |")
     lines += ["", "Contrast zoology − geography (standardised profiles, 95% paired bootstrap intervals), bins whose interval excludes 0:", ""]
     sel = frame[frame["ab_excludes_0"]].sort_values("ab", ascending=False)
     lines += [f"- {r.view} = {r.bin}: {r.ab:+.2f} [{r.ab_lo:+.2f}, {r.ab_hi:+.2f}]" for r in sel.itertuples()] or ["- none"]
