@@ -305,14 +305,22 @@ def means(evaluated: dict) -> dict:
     return {**{b: {m: float(evaluated[b][m].mean()) for m in METRICS} for b in BENCHMARKS}, "retain_ppl": evaluated["retain_ppl"]}
 
 
-def verdict(effect: dict, confidence: float) -> str:
-    """One line reading the log-prob difference-in-differences."""
-    e = effect["logprob"]
-    if e["hi"] < 0:
-        return f"forgetting the top records lowered the aligned gold log-prob more than random ones, beyond the control ({confidence:.0%} CI below 0)"
-    if e["lo"] > 0:
-        return f"forgetting the top records lowered the aligned gold log-prob less than random ones ({confidence:.0%} CI above 0)"
-    return f"no difference between top and random forgetting on the aligned benchmark beyond the control ({confidence:.0%} CI includes 0)"
+def verdict(out: dict, confidence: float) -> str:
+    """One line reading the log-prob results from their intervals: the aligned benchmark's
+    top-vs-random difference first, then whether the difference-in-differences owes its sign to
+    the control benchmark (random records can hurt the control more than the top ones do)."""
+    aligned, did, level = out["aligned_drop"]["logprob"], out["effect"]["logprob"], f"{confidence:.0%} CI"
+    if aligned["hi"] < 0:
+        line = f"forgetting the top records lowered the aligned gold log-prob more than random records of the bin ({level} below 0)"
+    elif aligned["lo"] > 0:
+        line = f"forgetting the top records lowered the aligned gold log-prob less than random records of the bin ({level} above 0)"
+    else:
+        line = f"the aligned gold log-prob fell about as much for the top as for random records of the bin ({level} includes 0)"
+    if did["hi"] < 0:
+        line += "; the difference-in-differences is below 0" + ("" if aligned["hi"] < 0 else ", carried by the control benchmark")
+    elif did["lo"] > 0:
+        line += "; the difference-in-differences is above 0"
+    return line
 
 
 # ------------------------------------------------------------------------------------ experiment
@@ -365,7 +373,7 @@ def unlearning_experiment(model, tokenizer, records, members, scores, aligned, c
         model.train(was_training)
 
     out = effects(before, runs, config)
-    notes.append(verdict(out["effect"], config.confidence))
+    notes.append(verdict(out, config.confidence))
     return {
         "config": config.to_dict(),
         "bin_size": int(members.size),
