@@ -26,6 +26,20 @@ from .config import (
     TrainConfig,
     TRAKConfig,
 )
+from .corpus import (
+    BinsConfig,
+    CorpusMap,
+    Labels,
+    UnlearnConfig,
+    attach_labels,
+    classify_records,
+    contrast,
+    corpus_map,
+    labels_from_columns,
+    labels_from_file,
+    load_labels,
+    unlearning_experiment,
+)
 from .curvature import Curvature, fit_curvature
 from .errors import UserError
 from .index import Index
@@ -60,6 +74,18 @@ from .training import Replay
 
 __all__ = [
     "build_index",
+    "BinsConfig",
+    "CorpusMap",
+    "Labels",
+    "UnlearnConfig",
+    "attach_labels",
+    "classify_records",
+    "contrast",
+    "corpus_map",
+    "labels_from_columns",
+    "labels_from_file",
+    "load_labels",
+    "unlearning_experiment",
     "ConceptVector",
     "ProbeConfig",
     "ProbeTrainConfig",
