@@ -75,6 +75,11 @@ def test_label_bins_contrast_unlearn_report(ws):
     assert sorted(result["sets"]["top"]) == sorted(law[top].tolist())
     assert "difference-in-differences" in r.stdout
 
+    args = ("--map", "map", "--bin", "topic=law", "--benchmark", "law", "--control", "sci", "--init-model", "m", "--epochs", "1", "--lr", "1e-2")
+    r = run_cli(ws, "filter", "idx", *args, "--filter-seeds", "0", "--out", "filt", "--no-progress")
+    result = json.loads((ws / "filt" / "filter.json").read_text())
+    assert result["dropped"] == 30 and result["bin"] == "topic=law" and set(result["means"]) == {"full", "filtered", "random"}
+
     run_cli(ws, "report", "map", "unl", "--out", "report.html")
     html = (ws / "report.html").read_text()
     assert "law" in html and "data:image/png;base64," in html

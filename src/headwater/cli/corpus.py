@@ -1,6 +1,6 @@
 """Corpus commands: `label` (attach record labels to an index), `bins` (the corpus map),
 `contrast` (benchmarks against each other on a map), `unlearn` (the causal check of a bin),
-`report` (figures and one HTML page)."""
+`filter` (train again without a bin), `report` (figures and one HTML page)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from ..config import GradientConfig, InfluenceConfig, TrackStarConfig
+from ..config import GradientConfig, InfluenceConfig, TrackStarConfig, TrainConfig
 from ..corpus.bins import BinsConfig
-from ..corpus.config import LabelConfig, MapInputConfig, UnlearnTargetConfig
+from ..corpus.config import FilterConfig, LabelConfig, MapInputConfig, UnlearnTargetConfig
 from ..corpus.unlearn import UnlearnConfig
 from ..errors import UserError
 from .app import app
@@ -122,37 +122,13 @@ def unlearn(
     the difference-in-differences with a paired bootstrap interval."""
     import json
 
-    from ..corpus.bins import CorpusMap, bin_members
+    from ..corpus.bins import bin_members
     from ..corpus.labels import load_labels
     from ..corpus.unlearn import unlearning_experiment
-    from ..data import load_records
 
     t, cfg = configs[UnlearnTargetConfig], configs[UnlearnConfig]
-    if not t.map:
-        raise UserError("give the corpus map the bin comes from (--map)")
-    cmap = CorpusMap.load(t.map)
-    if cmap.record_scores is None:
-        raise UserError(f"{t.map} has no record scores (record_scores.safetensors); make the map again with `headwater bins`")
-    view, bin_name = t.view_and_bin(cmap.info["config"]["by"] or list(cmap.info["views"]))
-    names = [b.partition("=")[0] for b in t.benchmark or []]
-    if len(names) != 1 or not t.control:
-        raise UserError("give one --benchmark (the aligned one, a name of the map) and a --control")
-
-    def items(spec: str):
-        name, sep, path = spec.partition("=")
-        if sep:
-            return name, load_records(path)
-        if name not in cmap.benchmarks or not cmap.info["benchmarks"][name].get("source"):
-            raise UserError(f"benchmark {name!r} is not a file-backed benchmark of the map; give it as {name}=FILE")
-        return name, load_records(cmap.info["benchmarks"][name]["source"])
-
-    aligned_name, aligned = items(t.benchmark[0])
-    control_name, control = items(t.control)
-    if aligned_name not in cmap.benchmarks:
-        raise UserError(f"benchmark {aligned_name!r} is not in the map (it has {', '.join(cmap.benchmarks)})")
     idx = open_index(index, model, device)
-    if idx.n_records != cmap.info["n_records"]:
-        raise UserError(f"the map covers {cmap.info['n_records']} records, the index {idx.n_records}: use the index the map was made from")
+    cmap, view, bin_name, (aligned_name, aligned), (control_name, control) = _target(t, idx)
     members = bin_members(load_labels(idx), cmap, view, bin_name)
     scores = cmap.record_scores[:, cmap.benchmarks.index(aligned_name)]
     result = unlearning_experiment(idx.model(), idx.task().tokenizer, idx.records, members, scores, list(aligned), list(control), cfg, progress)
@@ -160,13 +136,82 @@ def unlearn(
     out.mkdir(parents=True, exist_ok=True)
     (out / "unlearn.json").write_text(json.dumps(result, indent=1))
     save_configs(out / "unlearn", t, cfg)
-    e = result["effect"]["logprob"]
+    a, e = result["aligned_drop"]["logprob"], result["effect"]["logprob"]
     typer.echo(f"wrote {out / 'unlearn.json'}: forgetting the top {result['forget']} records of {view}={bin_name} for {aligned_name}")
-    typer.echo(
-        f"  difference-in-differences of mean gold log-prob {e['did']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}] (negative: the top records matter more)"
-    )
+    typer.echo(f"  {aligned_name} gold log-prob, top − random: {a['diff']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}]")
+    typer.echo(f"  difference-in-differences (minus {control_name}'s): {e['did']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]")
     for note in result["notes"]:
         typer.echo(f"  note: {note}")
+
+
+def _target(t: UnlearnTargetConfig, idx):
+    """(map, view, bin, (aligned name, items), (control name, items)) of an unlearn or filter
+    command, checked against the index the map was made from."""
+    from ..corpus.bins import CorpusMap
+    from ..data import load_records
+
+    if not t.map:
+        raise UserError("give the corpus map the bin comes from (--map)")
+    cmap = CorpusMap.load(t.map)
+    if cmap.record_scores is None:
+        raise UserError(f"{t.map} has no record scores (record_scores.safetensors); make the map again with `headwater bins`")
+    view, bin_name = t.view_and_bin(cmap.info["config"]["by"] or list(cmap.info["views"]))
+    if len(t.benchmark or []) != 1 or not t.control:
+        raise UserError("give one --benchmark (the aligned one, a name of the map) and a --control")
+
+    def items(spec: str):
+        name, sep, path = spec.partition("=")
+        if sep:
+            return name, list(load_records(path))
+        if name not in cmap.benchmarks or not cmap.info["benchmarks"][name].get("source"):
+            raise UserError(f"benchmark {name!r} is not a file-backed benchmark of the map; give it as {name}=FILE")
+        return name, list(load_records(cmap.info["benchmarks"][name]["source"]))
+
+    aligned, control = items(t.benchmark[0]), items(t.control)
+    if aligned[0] not in cmap.benchmarks:
+        raise UserError(f"benchmark {aligned[0]!r} is not in the map (it has {', '.join(cmap.benchmarks)})")
+    if idx.n_records != cmap.info["n_records"]:
+        raise UserError(f"the map covers {cmap.info['n_records']} records, the index {idx.n_records}: use the index the map was made from")
+    return cmap, view, bin_name, aligned, control
+
+
+@command(app, UnlearnTargetConfig, FilterConfig, TrainConfig, name="filter")
+def filter_command(
+    index: Path = typer.Argument(..., help="Index directory with labels attached: its records are the training data."),
+    out: Path = typer.Option(..., "--out", help="Directory for the result (filter.json)."),
+    device: str | None = DEVICE_OVERRIDE,
+    progress: bool = PROGRESS,
+    configs: dict = None,
+):
+    """Data-filtering check of a map: train again from --init-model with the bin's records' losses
+    zeroed, against as many random records zeroed and against the full data (same steps and data
+    order); the aligned and control benchmarks' changes with paired bootstrap intervals."""
+    import json
+
+    from ..corpus.bins import bin_members
+    from ..corpus.filtering import filtering_experiment
+    from ..corpus.labels import load_labels
+    from ..models import load_model
+
+    t, f, train = configs[UnlearnTargetConfig], configs[FilterConfig], configs[TrainConfig]
+    if not f.init_model:
+        raise UserError("give the model the training run started from (--init-model)")
+    idx = open_index(index)
+    cmap, view, bin_name, (aligned_name, aligned), (control_name, control) = _target(t, idx)
+    drop = bin_members(load_labels(idx), cmap, view, bin_name)
+    init, tokenizer = load_model(f.init_model, device or idx.config.device)
+    result = filtering_experiment(init, tokenizer, idx.records, drop, train, aligned, control, f.filter_seeds, progress=progress)
+    result.update(bin=f"{view}={bin_name}", benchmark=aligned_name, control_benchmark=control_name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "filter.json").write_text(json.dumps(result, indent=1))
+    save_configs(out / "filter", t, f, train)
+    for b, name in (("aligned", aligned_name), ("control", control_name)):
+        c = result["change"][b]["logprob"]
+        diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+        typer.echo(
+            f"  {name}: gold log-prob {c['filtered']:+.3f} without {view}={bin_name}, {c['random']:+.3f} without random records; difference {diff}"
+        )
+    typer.echo(f"wrote {out / 'filter.json'}")
 
 
 @app.command("report")

@@ -7,6 +7,7 @@ the scores, `accumulate.py`; the statistics in `stats.py`) → contrast.py (benc
 
 from .bins import BinsConfig, CorpusMap, bin_members, corpus_map
 from .contrast import contrast, profile_correlations
+from .filtering import filtering_experiment
 from .labels import Labels, attach_labels, classify_records, labels_from_columns, labels_from_file, load_labels
 from .unlearn import UnlearnConfig, unlearning_experiment
 
@@ -19,6 +20,7 @@ __all__ = [
     "classify_records",
     "contrast",
     "corpus_map",
+    "filtering_experiment",
     "labels_from_columns",
     "labels_from_file",
     "load_labels",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import H_DEVICE, H_MEASUREMENT, H_METHOD, H_PROBE, MEASUREMENTS, Config, option
+from ..config import H_DEVICE, H_INIT_MODEL, H_MEASUREMENT, H_METHOD, H_PROBE, MEASUREMENTS, Config, option
 from ..errors import UserError
 
 H_BENCHMARK = "A benchmark as NAME=FILE of query records (repeatable); unlearn takes the aligned one, NAME alone for the map's own file."
@@ -82,3 +82,11 @@ class UnlearnTargetConfig(Config):
         if len(cols) != len(pairs):
             raise UserError(f"--bin names columns {sorted(pairs)}, the map bins by {by}")
         return JOINT.join(cols), JOINT.join(pairs[c] for c in cols)
+
+
+@dataclass
+class FilterConfig(Config):
+    """How `headwater filter` trains again without a bin's records."""
+
+    init_model: str | None = option(None, H_INIT_MODEL)
+    filter_seeds: list[int] = option([0, 1, 2], "Data-order seeds of the filtering runs (repeatable): each trains full, filtered and random arms.")
