@@ -8,6 +8,7 @@ as measurements for every attribution method and drive the fast probe approximat
 
 from .config import ProbeConfig, ProbeTrainConfig
 from .probe import fit_direction, mean_activations, train_probe
+from .rate import concept_logits, concept_rate, sampled_responses
 from .sae import SAE, load_sae, sae_concept, sae_site
 from .vector import ConceptVector
 
@@ -21,5 +22,8 @@ __all__ = [
     "mean_activations",
     "sae_concept",
     "sae_site",
+    "concept_logits",
+    "concept_rate",
+    "sampled_responses",
     "train_probe",
 ]

@@ -20,7 +20,7 @@ prompts, in two ways:
   responses are drawn from the model, so training changes this rate in two ways: it changes the
   concept on a given response (the teacher-forced term E[σ'(c) ∇c]) and it changes which responses
   are drawn (the score-function term E[(σ(c) − b) ∇ log p_θ(y|x)], b a baseline that only lowers
-  the variance). Both terms are kept (`trait_rate`).
+  the variance). Both terms are kept (`headwater.concepts.concept_rate`).
 - *teacher-forced*: the concept c itself on the same responses held fixed (the definition in
   methods.md section 8: like the first term, without σ), which the activation gradient
   approximates.
@@ -45,11 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..architecture import Site, capture
-from ..concepts import ConceptVector, train_probe
+from ..concepts import ConceptVector, concept_rate, sampled_responses, train_probe
 from ..config import TrainConfig
 from ..generate import completions
-from ..measurement import Concept, Function, Measurement
+from ..measurement import Measurement
 from ..methods import BM25, EKFAC, ActivationGradient, ProbeProjection, ProjectionDifference
 from ..methods.influence import stream_scores
 from ..models import load_model
@@ -215,11 +214,11 @@ def rankings(model, tokenizer, corpus, concept: ConceptVector, seed: int = 0) ->
 
     eval_prompts = corpus["eval"]
     t = time.time()  # both Concept Influence rows are charged for sampling the responses
-    samples = own_samples(model, tokenizer, eval_prompts, SAMPLES_PER_PROMPT, seed)
+    samples = sampled_responses(model, tokenizer, eval_prompts, SAMPLES_PER_PROMPT, seed, max_new_tokens=24)
     sampling_s = time.time() - t
     timed(
         CONCEPT_INFLUENCE,
-        lambda: mean_influence(EKFAC(model, task).fit(train, progress=True), samples, trait_rate(model, task, measure, samples)),
+        lambda: mean_influence(EKFAC(model, task).fit(train, progress=True), samples, concept_rate(model, task, measure, samples)),
         sampling_s,
     )
     timed(
@@ -236,40 +235,6 @@ def rankings(model, tokenizer, corpus, concept: ConceptVector, seed: int = 0) ->
     scores["random"] = np.random.default_rng(seed).permutation(len(train)).astype(np.float64)
     seconds["random"] = 0.0
     return scores, seconds, [h["completion"] for h in hostile]
-
-
-def own_samples(model, tokenizer, prompts: list[dict], n: int, seed: int = 0) -> list[dict]:
-    """`n` sampled responses of the model to each prompt: the "generated responses" Concept
-    Influence is measured on. Greedy decoding would not do: the model's most likely answer is
-    friendly for every prompt, while the trait lives in the ~6% of samples that are hostile."""
-    texts = [p["prompt"] for p in prompts for _ in range(n)]
-    answers = completions(model, tokenizer, texts, max_new_tokens=24, sample=True, seed=seed, batch_size=64)
-    return [{"id": f"s{i:05d}", "prompt": p, "completion": a} for i, (p, a) in enumerate(zip(texts, answers))]
-
-
-def trait_rate(model, task: LanguageModelTask, concept: Concept, samples: list[dict]) -> Function:
-    """The probe-judged trait rate of the model's sampled responses, as a measurement on each
-    sample (x, y): σ(c(x, y)) + sg(σ(c(x, y)) − b) · log p_θ(y|x), with c the concept's logit
-    (the probe's vᵀh̄ + bias over the response tokens), sg() held constant and b the mean σ(c)
-    over the samples.
-
-    Its value is not the rate, but its gradient, averaged over samples drawn from the model, is
-    the rate's gradient ∇ E_{y~p_θ}[σ(c)] = E[σ'(c) ∇c] + E[(σ(c) − b) ∇ log p_θ(y|x)] (the
-    score-function identity; b does not change the mean, only the variance). The first term is
-    the teacher-forced concept's; the second is how training changes which responses are
-    sampled. σ turns the probe's logit into its probability of the trait, so responses it is sure
-    are friendly count as 0 whatever their exact logit."""
-    values = ProbeProjection(model, task).fit(samples).score(None, concept).values.reshape(-1)
-    baseline = float(torch.sigmoid(torch.as_tensor(values, dtype=torch.float64)).mean())
-    site = Site(concept.module, concept.read)
-
-    def fn(model, batch):
-        with capture(model, site) as seen:  # one forward pass gives log p and the activations
-            log_p = -task.loss(model, batch)
-        p = torch.sigmoid(concept.pooled(seen[-1], batch.get("target_mask")))
-        return p + (p.detach() - baseline) * log_p
-
-    return Function(fn, direction="up", name=f"{concept.name}: trait rate of sampled responses")
 
 
 def mean_influence(method: EKFAC, queries: list[dict], measurement: Measurement, chunk: int = 128) -> np.ndarray:
