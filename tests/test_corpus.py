@@ -303,3 +303,21 @@ def test_a_sequence_classifier_labels_records(tmp_path):
         assert labels.table.loc[i, "topic_confidence"] == pytest.approx(float(p.max()), rel=1e-5)
     with pytest.raises(UserError, match="cannot load the classifier"):
         classify_records([{"text": "x"}], str(tmp_path / "missing"))
+
+
+def test_a_gradient_space_contrast_is_the_difference_of_mean_dot_products():
+    """Dot products are linear in the query gradient, so scoring with mean(A) − mean(B) gradients
+    gives each record exactly its A score minus its B score."""
+    import _build_child as child
+
+    from headwater import Dot
+
+    model, task, records = child.setup()
+    labels = Labels(pd.DataFrame({"id": list(range(len(records))), "topic": [TOPICS[i % 4] for i in range(len(records))]}))
+    benches = {"A": child.QUERIES[:2], "B": child.QUERIES[2:]}
+    cmap = corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=10, min_bin_size=1), gradient_contrasts=[("A", "B")])
+    assert cmap.benchmarks == ["A", "B", "A−B"]
+    x = cmap.record_scores.astype(np.float64)
+    np.testing.assert_allclose(x[:, 2], x[:, 0] - x[:, 1], rtol=1e-4, atol=1e-6 * np.abs(x).max())
+    with pytest.raises(UserError, match="not one of"):
+        corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2), gradient_contrasts=[("A", "C")])
