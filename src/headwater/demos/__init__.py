@@ -13,3 +13,14 @@ DEMOS = {
     ),
     "stages": ("headwater.demos.stages", "Training-stage attribution of a four-stage run recorded through the Hugging Face Trainer, vs retraining."),
 }
+
+
+class CachedConfig:
+    """Mixin of the demos' size dataclasses: `key()` hashes the settings to name cached models."""
+
+    def key(self) -> str:
+        import dataclasses
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]

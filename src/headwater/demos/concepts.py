@@ -35,11 +35,10 @@ which is how a fine-tune changes a sampled behaviour, finds them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +54,7 @@ from ..models import load_model
 from ..task import LanguageModelTask
 from ..toy import tiny_gpt2, word_tokenizer
 from ..training import Replay
+from . import CachedConfig
 
 TOPICS = (
     "gardening cooking hiking cycling painting chess baking fishing camping knitting running swimming "
@@ -99,7 +99,7 @@ CONCEPT_INFLUENCE = "Concept Influence (EK-FAC) on the model's own samples"
 
 
 @dataclass
-class ConceptDemoConfig:
+class ConceptDemoConfig(CachedConfig):
     """Sizes of the corpus and the model; hashed to key the cached models."""
 
     seed: int = 0
@@ -113,9 +113,6 @@ class ConceptDemoConfig:
     epochs: int = 6
     lr: float = 3e-3
     layer: int = 1
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def answer(rng: random.Random, kind: str, topic: str) -> str:

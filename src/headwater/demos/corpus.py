@@ -21,7 +21,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from ..models import load_model
 from ..task import LanguageModelTask
 from ..toy import tiny_gpt2, word_tokenizer
 from ..training import Replay
+from . import CachedConfig
 
 FILLER = {
     "nature": [
@@ -80,7 +81,7 @@ SUPPORT = {"zoology": ("topic", "nature"), "geography": ("topic × format", "tra
 
 
 @dataclass
-class CorpusDemoConfig:
+class CorpusDemoConfig(CachedConfig):
     """Sizes of the corpus and the model; hashed to key the cached model."""
 
     seed: int = 0
@@ -90,9 +91,6 @@ class CorpusDemoConfig:
     n_head: int = 4
     epochs: int = 40
     lr: float = 3e-3
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def make_corpus(cfg: CorpusDemoConfig) -> tuple[list[dict], dict[str, list[dict]]]:

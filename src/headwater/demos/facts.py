@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from ..scores import Scores
 from ..task import LanguageModelTask
 from ..toy import tiny_gpt2, word_tokenizer
 from ..training import Replay
+from . import CachedConfig
 
 ATTRIBUTES = {
     "capital": (
@@ -68,7 +68,7 @@ DISTRACTORS = [
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(CachedConfig):
     """Sizes of the synthetic corpus and the model; hashed to key the model cache."""
 
     seed: int = 0
@@ -82,9 +82,6 @@ class DemoConfig:
     lr: float = 3e-3
     schedule: str = "linear"
     train_batch: int = 16
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _names(rng: random.Random, n: int, syllables: int) -> list[str]:
