@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 import torch
 
+import headwater as hw
 from headwater import UserError
 from headwater.config import GradientConfig
 from headwater.corpus import BinsConfig, CorpusMap, Labels, contrast, corpus_map, profile_correlations
@@ -321,3 +322,12 @@ def test_a_gradient_space_contrast_is_the_difference_of_mean_dot_products():
     np.testing.assert_allclose(x[:, 2], x[:, 0] - x[:, 1], rtol=1e-4, atol=1e-6 * np.abs(x).max())
     with pytest.raises(UserError, match="not one of"):
         corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2), gradient_contrasts=[("A", "C")])
+    with pytest.raises(UserError, match="given twice"):
+        corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2), gradient_contrasts=[("A", "B"), ("A", "B")])
+    # TrackStar mixes the queries into its preconditioner: the contrast row must not change A's and B's scores.
+    plain = corpus_map(hw.TrackStar(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2, min_bin_size=1))
+    mixed = corpus_map(
+        hw.TrackStar(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2, min_bin_size=1), gradient_contrasts=[("A", "B")]
+    )
+    scale = np.abs(plain.record_scores).max()  # float32 matmuls of 4 vs 5 query rows round differently
+    np.testing.assert_allclose(mixed.record_scores[:, :2], plain.record_scores, rtol=0, atol=2e-4 * scale)

@@ -203,7 +203,7 @@ def score_stream(method: Method, queries: list[dict], measurement: Measurement |
         raise UserError(f"gradient-space contrasts need a gradient method (dot, cosine, trackstar), not {method.name}")
     rows = method.query_rows(queries, measurement)
     extra = [rows[columns[names.index(a)]].mean(0) - rows[columns[names.index(b)]].mean(0) for a, b in contrasts]
-    return method.score_rows(torch.cat([rows, torch.stack(extra)]))
+    return method.score_rows(torch.cat([rows, torch.stack(extra)]), fit_on=len(rows))
 
 
 def _sharded(blocks, rank: int, world: int):
@@ -243,6 +243,8 @@ def corpus_map(
         for x in (a, b):
             if x not in bench:
                 raise UserError(f"contrast names benchmark {x!r}, which is not one of {', '.join(bench)}")
+        if f"{a}−{b}" in qids:
+            raise UserError(f"the gradient-space contrast {a}−{b} is given twice or clashes with a benchmark of that name")
         columns.append(slice(columns[-1].stop, columns[-1].stop + 1))
         qids[f"{a}−{b}"] = ["mean gradient"]
     acc = BinAccumulator(

@@ -77,14 +77,16 @@ class Dot(Method):
     def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
         return self.score_rows(self.query_rows(queries, measurement), by)
 
-    def score_rows(self, q_rows: torch.Tensor, by: str | None = None) -> Blocks:
+    def score_rows(self, q_rows: torch.Tensor, by: str | None = None, fit_on: int | None = None) -> Blocks:
         """Stream the training rows' scores against query rows [q, dim] already in their space
-        (`by="module"`: one slice per tracked module, [k, b, q], summing to the scores)."""
+        (`by="module"`: one slice per tracked module, [k, b, q], summing to the scores).
+        `fit_on`: fit the query side (TrackStar's mixing) on the first rows only, so derived rows
+        appended after them (a gradient-space contrast) do not change the others' scores."""
         self.fitted()
         q_rows = at_least_float32(q_rows)  # a float64 model's queries are scored in float64
         if q_rows.shape[1] != self.store.dim:
             raise UserError(f"query gradients have {q_rows.shape[1]} dims, the training rows {self.store.dim}")
-        self.fit_queries(q_rows)
+        self.fit_queries(q_rows if fit_on is None else q_rows[:fit_on])
         q = self.transform(q_rows)
         for block in self.store.blocks(reuse=True):
             rows = block.rows.to(q.dtype)
