@@ -331,3 +331,28 @@ def test_a_gradient_space_contrast_is_the_difference_of_mean_dot_products():
     )
     scale = np.abs(plain.record_scores).max()  # float32 matmuls of 4 vs 5 query rows round differently
     np.testing.assert_allclose(mixed.record_scores[:, :2], plain.record_scores, rtol=0, atol=2e-4 * scale)
+
+
+def test_corpus_totals_are_post_stratified_over_the_manifests_strata(tmp_path):
+    """Strata sampled at different rates: a topic's corpus total is the sum over its strata of
+    stratum size × stratum mean, not the topic's size × its pooled sample mean."""
+    n = 100
+    labels = Labels(pd.DataFrame({"id": np.arange(n), "topic": ["a"] * n, "format": ["x"] * 50 + ["y"] * 50}))
+    x = np.r_[np.zeros(50), np.full(50, 10.0)]  # 50 sampled of 9000 (x) and of 1000 (y)
+    pd.DataFrame({"topic": ["a", "a"], "format": ["x", "y"], "size": [9000, 1000]}).to_csv(tmp_path / "m.csv", index=False)
+    cfg = BinsConfig(by=["topic", "format"], bootstrap=2, min_bin_size=1, corpus_sizes=str(tmp_path / "m.csv"), examples=0)
+    t = corpus_map(Given(x[:, None]).fit(None), {"A": [{"id": 0}]}, labels, cfg).table.set_index(["view", "bin"])
+    assert t.loc[("topic", "a"), "total"] == pytest.approx(9000 * 0 + 1000 * 10)
+    assert t.loc[("format", "y"), "total"] == pytest.approx(10000)
+    # A manifest of the topic alone cannot split it: the format and joint views get no total.
+    pd.DataFrame({"topic": ["a"], "size": [10000]}).to_csv(tmp_path / "t.csv", index=False)
+    t = corpus_map(Given(x[:, None]).fit(None), {"A": [{"id": 0}]}, labels, BinsConfig(**{**cfg.to_dict(), "corpus_sizes": str(tmp_path / "t.csv")}))
+    t = t.table.set_index(["view", "bin"])
+    assert t.loc[("topic", "a"), "total"] == pytest.approx(10000 * 5.0) and np.isnan(t.loc[("format", "x"), "total"])
+
+
+def test_numeric_labels_and_the_joint_separator():
+    labels = Labels(pd.DataFrame({"id": [0, 1, 2], "level": [3.0, np.nan, 5.0], "topic": ["a × b", "c", "c"]}))
+    assert list(labels.values("level")) == ["3", "(unlabelled)", "5"]  # an integer column with a gap reads as floats
+    with pytest.raises(UserError, match="names joint bins"):
+        labels.values("topic")

@@ -34,10 +34,9 @@ from ..measurement import Measurement
 from ..methods.base import Method, query_records
 from ..methods.gradient import Dot
 from .accumulate import BinAccumulator
-from .labels import Labels
+from .labels import JOINT, Labels, label_text
 from .stats import bh_qvalues, percentile_interval, permutation_z, query_bootstrap_weights, two_sided_p
 
-JOINT = " × "
 FORMAT = "headwater.corpus-map/1"
 
 
@@ -160,14 +159,17 @@ def corpus_sizes(path: str | None, views: dict[str, list[str]], names: dict[str,
     p = Path(path)
     if not p.exists():
         raise UserError(f"sampling manifest {p} does not exist")
-    frame = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    try:
+        frame = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"sampling manifest {p} could not be read: {' '.join(str(exc).split())[:200]}") from None
     if "size" not in frame.columns:
         raise UserError(f"sampling manifest {p} needs a `size` column (records of each bin in the whole corpus)")
     out = {}
     for view, cols in views.items():
         if all(c in frame.columns for c in cols):
             grouped = frame.groupby(cols)["size"].sum()
-            keys = [JOINT.join(map(str, k)) if isinstance(k, tuple) else str(k) for k in grouped.index]
+            keys = [JOINT.join(map(label_text, k)) if isinstance(k, tuple) else label_text(k) for k in grouped.index]
             sizes = dict(zip(keys, grouped.to_numpy(dtype=np.float64)))
             out[view] = np.array([sizes.get(n, np.nan) for n in names[view]])
     if not out:
@@ -341,12 +343,44 @@ def bench_replicates(arrays: dict, info: dict, view: str, pooled: bool = False) 
     return point, docs + items - point[None]
 
 
+def bin_totals(arrays: dict, info: dict) -> dict[str, np.ndarray]:
+    """Each view's bin totals [K, B]. Without a sampling manifest: the sums over the indexed
+    records. With one: corpus totals, Σ over the manifest's strata inside the bin of stratum size
+    × stratum mean (post-stratified, so unbiased when strata are sampled at different rates; NaN
+    where a stratum with corpus records has none in the index, or the manifest covers no stratum
+    of the view)."""
+    views, sizes = info["views"], {v: np.asarray(s, dtype=np.float64) for v, s in info["corpus_sizes"].items()}
+    means = {}
+    for v in views:
+        count, S = arrays[f"{v}/count"], arrays[f"{v}/S"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[v] = np.stack([S[:, a:b].mean(1) for a, b in (x["columns"] for x in info["benchmarks"].values())], 1) / count[:, None]
+    if not sizes:
+        return {v: means[v] * arrays[f"{v}/count"][:, None] for v in views}
+    out = {}
+    for v, spec in views.items():
+        # The finest covered view whose columns include this one's gives the strata.
+        strata = max((s for s in sizes if set(spec["columns"]) <= set(views[s]["columns"])), key=lambda s: len(views[s]["columns"]), default=None)
+        if strata is None:
+            out[v] = np.full(means[v].shape, np.nan)
+            continue
+        cols = views[strata]["columns"]
+        parent = [JOINT.join(name.split(JOINT)[cols.index(c)] for c in spec["columns"]) for name in views[strata]["bins"]]
+        # A stratum of no corpus records adds 0; one the manifest lacks (NaN) or the index lacks (NaN mean) leaves the total unknown.
+        stratum_total = np.where(sizes[strata][:, None] == 0, 0.0, sizes[strata][:, None] * means[strata])
+        total = np.zeros(means[v].shape)
+        for j, p in enumerate(parent):
+            total[spec["bins"].index(p)] += stratum_total[j]
+        out[v] = total
+    return out
+
+
 def bins_table(arrays: dict, info: dict) -> pd.DataFrame:
     """One row per (view, bin, benchmark) with every statistic; see the module docstring."""
     cfg, n = info["config"], info["n_records"]
     bench = list(info["benchmarks"])
     label_cols = sorted({c for v in info["views"].values() for c in v["columns"]})
-    frames = []
+    frames, totals = [], bin_totals(arrays, info)
     for view, spec in info["views"].items():
         count = arrays[f"{view}/count"]
         point, reps = bench_replicates(arrays, info, view)
@@ -364,7 +398,7 @@ def bins_table(arrays: dict, info: dict) -> pd.DataFrame:
         k = top.sum(0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             enrichment = np.log(((top + 0.5) / (k + 0.5 * len(count))) / (count / n)[:, None])
-        sizes = np.asarray(info["corpus_sizes"].get(view, count), dtype=np.float64)
+        total = totals[view]
         for i, b in enumerate(bench):
             parts = [name.split(JOINT) for name in spec["bins"]]
             frame = pd.DataFrame({"view": view, "bin": spec["bins"], "benchmark": b})
@@ -373,11 +407,11 @@ def bins_table(arrays: dict, info: dict) -> pd.DataFrame:
             frame["n"], frame["share"] = count.astype(np.int64), count / n
             frame["mean"], frame["lo"], frame["hi"] = point[:, i], lo[:, i], hi[:, i]
             frame["excess"], frame["excess_lo"], frame["excess_hi"] = point[:, i] - corpus[0, i], ex_lo[:, i], ex_hi[:, i]
-            frame["total"] = sizes * point[:, i]
+            frame["total"] = total[:, i]
             frame["z"], frame["p"], frame["q"] = z[:, i], p[:, i], bh_qvalues(p[:, i])
             frame["top_k"], frame["enrichment"] = top[:, i], np.where(small, np.nan, enrichment[:, i])
             frame["small"] = small
-            for col in ("mean", "lo", "hi", "excess", "excess_lo", "excess_hi", "total"):
+            for col in ("mean", "lo", "hi", "excess", "excess_lo", "excess_hi"):
                 frame.loc[small, col] = np.nan
             frame["significant"] = frame["q"] < cfg["fdr"]
             frames.append(frame)

@@ -25,8 +25,16 @@ from ..errors import UserError
 from ..store import read_json, write_json
 
 UNLABELLED = "(unlabelled)"
+JOINT = " × "  # joins the labels of several columns into a joint bin's name
 CONFIDENCE = "_confidence"
 FILE = "labels.parquet"
+
+
+def label_text(value) -> str:
+    """A label as text: 3.0 (an integer column with gaps, read as floats) is "3", like 3."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @dataclass
@@ -56,8 +64,11 @@ class Labels:
         conf = f"{column}{CONFIDENCE}"
         if min_confidence > 0 and conf in self.table.columns:
             keep &= self.table[conf].fillna(0).to_numpy() >= min_confidence
-        cat = pd.Categorical(col.astype(object).where(keep, None).map(lambda v: None if pd.isna(v) else str(v)))
+        cat = pd.Categorical(col.astype(object).where(keep, None).map(lambda v: None if pd.isna(v) else label_text(v)))
         names = [str(c) for c in cat.categories]
+        clash = next((n for n in names if JOINT in n), None)
+        if clash is not None:  # joint bins are named by joining labels with it
+            raise UserError(f"label {clash!r} of column {column!r} contains {JOINT.strip()!r}, which names joint bins; rename it")
         codes = cat.codes.astype(np.int64)
         if (codes < 0).any():
             names.append(UNLABELLED)
@@ -112,7 +123,7 @@ def _join(frame: pd.DataFrame, train_ids: list, what: str) -> pd.DataFrame:
     if not labels:
         raise UserError(f"{what} has no label columns besides the id")
     for c in labels:
-        table[c] = table[c].astype(object).where(table[c].notna(), None).map(lambda v: None if v is None else str(v))
+        table[c] = table[c].astype(object).where(table[c].notna(), None).map(lambda v: None if v is None else label_text(v))
     table = table.reset_index().assign(id=list(train_ids))
     table.attrs["matched"] = matched
     return table
