@@ -356,3 +356,21 @@ def test_numeric_labels_and_the_joint_separator():
     assert list(labels.values("level")) == ["3", "(unlabelled)", "5"]  # an integer column with a gap reads as floats
     with pytest.raises(UserError, match="names joint bins"):
         labels.values("topic")
+
+
+def test_sharded_stores_split_their_blocks_between_ranks(tmp_path):
+    """Each rank of a distributed corpus map reads only its blocks: together exactly all rows."""
+    from _build_child import build
+
+    from headwater import GradientStore
+
+    build(tmp_path / "idx")
+    store = GradientStore(tmp_path / "idx", block_rows=5)
+    every = np.concatenate([b.ids for b in store.blocks()])
+    parts = []
+    for rank in range(3):
+        store.shard = (rank, 3)
+        parts.append(np.concatenate([b.ids for b in store.blocks()]))
+    store.shard = None
+    assert sum(len(p) for p in parts) == len(every) and all(len(p) < len(every) for p in parts)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)[:, 0]), np.sort(every[:, 0]))

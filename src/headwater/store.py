@@ -336,6 +336,7 @@ class GradientStore:
         self.rows: int = self.manifest["rows"]
         self.segments: list[tuple[str, int, int]] = [(s["name"], s["start"], s["stop"]) for s in self.manifest["segments"]]
         self._verified: set[tuple] = set()
+        self.shard: tuple[int, int] | None = None  # (rank, world): `blocks` yields every world-th block only
 
     def _open_shard(self, shard: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:
         data, ids = self.path / "shards" / shard["file"], self.path / "shards" / shard["ids"]
@@ -367,13 +368,17 @@ class GradientStore:
         block_rows = block_rows or self.default_block_rows or self.block_rows()
         verify = self.default_verify if verify is None else verify
         buffer = torch.empty(min(block_rows, max(self.rows, 1)), self.dim) if reuse else None
-        start = 0
+        start, number = 0, 0
+        rank, world = self.shard or (0, 1)
         for shard in self.manifest["shards"]:
-            rows, ids = self._open_shard(shard, verify)
-            for lo in range(0, len(rows), block_rows):
-                hi = min(len(rows), lo + block_rows)
-                yield Block(start + lo, ids[lo:hi], rows_to_float32(rows[lo:hi], self.dtype, buffer))
-            start += len(rows)
+            mine = [lo for k, lo in enumerate(range(0, shard["rows"], block_rows)) if (number + k) % world == rank]
+            number += -(-shard["rows"] // block_rows)
+            if mine:  # a rank opens (and checksums) only the shards it has blocks of
+                rows, ids = self._open_shard(shard, verify)
+                for lo in mine:
+                    hi = min(len(rows), lo + block_rows)
+                    yield Block(start + lo, ids[lo:hi], rows_to_float32(rows[lo:hi], self.dtype, buffer))
+            start += shard["rows"]
 
     def verify(self) -> None:
         """Checksum every shard now (raises `ChecksumError` on the first bad one)."""
@@ -407,6 +412,7 @@ class MemoryStore:
     without an index): `rows` [n, dim], `ids` [n, 2] (record, unit), `segments` per module."""
 
     dtype = "float32"
+    shard: tuple[int, int] | None = None
 
     def __init__(self, rows: torch.Tensor, ids: np.ndarray, segments: list[tuple[str, int, int]]):
         self.data, self._ids, self.segments = rows, np.asarray(ids, dtype=np.int64).reshape(-1, 2), segments
@@ -414,8 +420,10 @@ class MemoryStore:
 
     def blocks(self, block_rows: int | None = None, verify: bool = True, reuse: bool = False) -> Iterator[Block]:
         step = block_rows or max(1, BLOCK_BYTES // (4 * max(self.dim, 1)))
-        for lo in range(0, self.rows, step):
-            yield Block(lo, self._ids[lo : lo + step], self.data[lo : lo + step])
+        rank, world = self.shard or (0, 1)
+        for k, lo in enumerate(range(0, self.rows, step)):
+            if k % world == rank:
+                yield Block(lo, self._ids[lo : lo + step], self.data[lo : lo + step])
 
     def ids(self) -> np.ndarray:
         return self._ids

@@ -199,6 +199,8 @@ class BinAccumulator:
         if not (dist.is_available() and dist.is_initialized()):
             self.finish()
             return
+        if group is None and dist.get_backend() != "gloo":  # the sums live on the CPU; NCCL cannot reduce them
+            group = dist.new_group(backend="gloo")
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, self.partials.items, group=group)
         self.partials = Partials(self.pool)

@@ -260,11 +260,19 @@ def corpus_map(
         config.enrichment_k,
         config.examples,
     )
-    blocks = score_stream(method, queries, measurement, list(gradient_contrasts), columns, bench)
-    if dist.is_available() and dist.is_initialized():
-        blocks = _sharded(blocks, dist.get_rank(), dist.get_world_size())
-    for _, ids, scores in tqdm(blocks, desc="bin statistics", unit="block", disable=not progress):
-        acc.add_block(ids, scores)
+    distributed = dist.is_available() and dist.is_initialized()
+    store = getattr(method, "store", None) if isinstance(method, Dot) else None
+    if distributed and store is not None:
+        store.shard = (dist.get_rank(), dist.get_world_size())  # each rank reads and scores its own blocks
+    try:
+        blocks = score_stream(method, queries, measurement, list(gradient_contrasts), columns, bench)
+        if distributed and store is None:  # other methods score every block; each rank keeps its share
+            blocks = _sharded(blocks, dist.get_rank(), dist.get_world_size())
+        for _, ids, scores in tqdm(blocks, desc="bin statistics", unit="block", disable=not progress):
+            acc.add_block(ids, scores)
+    finally:
+        if store is not None:
+            store.shard = None
     acc.merge()
     if acc.records_scored() != n:
         raise UserError(f"{acc.records_scored()} of {n} records were scored; bins need every record")
