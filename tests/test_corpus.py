@@ -131,7 +131,7 @@ def test_corpus_totals_from_a_stratified_sample_are_unbiased(tmp_path):
         topic = np.concatenate([[t] * k for t, k in take.items()])
         x = np.concatenate([rng.choice(population[t], k, replace=False) for t, k in take.items()])
         labels = Labels(pd.DataFrame({"id": [f"d{i}" for i in range(len(x))], "topic": topic}))
-        cfg = BinsConfig(by=["topic"], bootstrap=2, min_bin_size=1, corpus_sizes=str(tmp_path / "sizes.csv"), examples=0)
+        cfg = BinsConfig(by=["topic"], bootstrap=10, min_bin_size=1, corpus_sizes=str(tmp_path / "sizes.csv"), examples=0)
         t = corpus_map(Given(x[:, None]).fit(None), {"A": [{"id": 0}]}, labels, cfg).bins("topic", "A").set_index("bin")
         estimates.append(t.loc[list(sizes), "total"].to_numpy())
     estimates = np.array(estimates)
@@ -321,13 +321,13 @@ def test_a_gradient_space_contrast_is_the_difference_of_mean_dot_products():
     x = cmap.record_scores.astype(np.float64)
     np.testing.assert_allclose(x[:, 2], x[:, 0] - x[:, 1], rtol=1e-4, atol=1e-6 * np.abs(x).max())
     with pytest.raises(UserError, match="not one of"):
-        corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2), gradient_contrasts=[("A", "C")])
+        corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=10), gradient_contrasts=[("A", "C")])
     with pytest.raises(UserError, match="given twice"):
-        corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2), gradient_contrasts=[("A", "B"), ("A", "B")])
+        corpus_map(Dot(model, task).fit(records), benches, labels, BinsConfig(bootstrap=10), gradient_contrasts=[("A", "B"), ("A", "B")])
     # TrackStar mixes the queries into its preconditioner: the contrast row must not change A's and B's scores.
-    plain = corpus_map(hw.TrackStar(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2, min_bin_size=1))
+    plain = corpus_map(hw.TrackStar(model, task).fit(records), benches, labels, BinsConfig(bootstrap=10, min_bin_size=1))
     mixed = corpus_map(
-        hw.TrackStar(model, task).fit(records), benches, labels, BinsConfig(bootstrap=2, min_bin_size=1), gradient_contrasts=[("A", "B")]
+        hw.TrackStar(model, task).fit(records), benches, labels, BinsConfig(bootstrap=10, min_bin_size=1), gradient_contrasts=[("A", "B")]
     )
     scale = np.abs(plain.record_scores).max()  # float32 matmuls of 4 vs 5 query rows round differently
     np.testing.assert_allclose(mixed.record_scores[:, :2], plain.record_scores, rtol=0, atol=2e-4 * scale)
@@ -340,7 +340,7 @@ def test_corpus_totals_are_post_stratified_over_the_manifests_strata(tmp_path):
     labels = Labels(pd.DataFrame({"id": np.arange(n), "topic": ["a"] * n, "format": ["x"] * 50 + ["y"] * 50}))
     x = np.r_[np.zeros(50), np.full(50, 10.0)]  # 50 sampled of 9000 (x) and of 1000 (y)
     pd.DataFrame({"topic": ["a", "a"], "format": ["x", "y"], "size": [9000, 1000]}).to_csv(tmp_path / "m.csv", index=False)
-    cfg = BinsConfig(by=["topic", "format"], bootstrap=2, min_bin_size=1, corpus_sizes=str(tmp_path / "m.csv"), examples=0)
+    cfg = BinsConfig(by=["topic", "format"], bootstrap=10, min_bin_size=1, corpus_sizes=str(tmp_path / "m.csv"), examples=0)
     t = corpus_map(Given(x[:, None]).fit(None), {"A": [{"id": 0}]}, labels, cfg).table.set_index(["view", "bin"])
     assert t.loc[("topic", "a"), "total"] == pytest.approx(9000 * 0 + 1000 * 10)
     assert t.loc[("format", "y"), "total"] == pytest.approx(10000)
@@ -374,3 +374,19 @@ def test_sharded_stores_split_their_blocks_between_ranks(tmp_path):
     store.shard = None
     assert sum(len(p) for p in parts) == len(every) and all(len(p) < len(every) for p in parts)
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)[:, 0]), np.sort(every[:, 0]))
+
+
+def test_label_ids_are_read_as_text_and_bad_settings_are_refused(tmp_path):
+    pd.DataFrame({"id": ["01", "02", "10"], "topic": ["a", "b", "c"]}).to_csv(tmp_path / "z.csv", index=False)
+    assert list(labels_from_file(tmp_path / "z.csv", ["01", "02", "10"]).values("topic")) == ["a", "b", "c"]  # "01" is not 1
+    pd.DataFrame({"doc": ["a", "b"], "id": [1, 2], "topic": ["x", "y"]}).to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(UserError, match="besides --id-column"):
+        labels_from_file(tmp_path / "two.csv", ["a", "b"], id_column="doc")
+    for kwargs, flag in (
+        ({"bootstrap": 0}, "--bootstrap"),
+        ({"enrichment_k": -3}, "--enrichment-k"),
+        ({"fdr": 5}, "--fdr"),
+        ({"by": ["t", "t"]}, "twice"),
+    ):
+        with pytest.raises(UserError, match=flag):
+            BinsConfig(**kwargs)

@@ -122,14 +122,11 @@ def unlearn(
     the difference-in-differences with a paired bootstrap interval."""
     import json
 
-    from ..corpus.bins import bin_members
-    from ..corpus.labels import load_labels
     from ..corpus.unlearn import unlearning_experiment
 
     t, cfg = configs[UnlearnTargetConfig], configs[UnlearnConfig]
     idx = open_index(index, model, device)
-    cmap, view, bin_name, (aligned_name, aligned), (control_name, control) = _target(t, idx)
-    members = bin_members(load_labels(idx), cmap, view, bin_name)
+    cmap, view, bin_name, members, (aligned_name, aligned), (control_name, control) = _target(t, idx)
     scores = cmap.record_scores[:, cmap.benchmarks.index(aligned_name)]
     result = unlearning_experiment(idx.model(), idx.task().tokenizer, idx.records, members, scores, list(aligned), list(control), cfg, progress)
     result.update(bin=f"{view}={bin_name}", benchmark=aligned_name, control_benchmark=control_name, map=str(Path(t.map).resolve()))
@@ -145,8 +142,8 @@ def unlearn(
 
 
 def _target(t: UnlearnTargetConfig, idx):
-    """(map, view, bin, (aligned name, items), (control name, items)) of an unlearn or filter
-    command, checked against the index the map was made from."""
+    """(map, view, bin, the bin's record indices, (aligned name, items), (control name, items)) of an
+    unlearn or filter command, checked against the index and labels the map was made from."""
     from ..corpus.bins import CorpusMap
     from ..data import load_records
 
@@ -172,7 +169,14 @@ def _target(t: UnlearnTargetConfig, idx):
         raise UserError(f"benchmark {aligned[0]!r} is not in the map (it has {', '.join(cmap.benchmarks)})")
     if idx.n_records != cmap.info["n_records"]:
         raise UserError(f"the map covers {cmap.info['n_records']} records, the index {idx.n_records}: use the index the map was made from")
-    return cmap, view, bin_name, aligned, control
+    from ..corpus.bins import bin_members
+    from ..corpus.labels import load_labels
+
+    labels = load_labels(idx)
+    made_with = cmap.info["labels"].get("fingerprint")
+    if made_with is not None and made_with != labels.fingerprint():
+        raise UserError("the index's labels changed since the map was made; make the map again (`headwater bins`)")
+    return cmap, view, bin_name, bin_members(labels, cmap, view, bin_name), aligned, control
 
 
 @command(app, UnlearnTargetConfig, FilterConfig, TrainConfig, name="filter")
@@ -188,17 +192,14 @@ def filter_command(
     order); the aligned and control benchmarks' changes with paired bootstrap intervals."""
     import json
 
-    from ..corpus.bins import bin_members
     from ..corpus.filtering import filtering_experiment
-    from ..corpus.labels import load_labels
     from ..models import load_model
 
     t, f, train = configs[UnlearnTargetConfig], configs[FilterConfig], configs[TrainConfig]
     if not f.init_model:
         raise UserError("give the model the training run started from (--init-model)")
     idx = open_index(index)
-    cmap, view, bin_name, (aligned_name, aligned), (control_name, control) = _target(t, idx)
-    drop = bin_members(load_labels(idx), cmap, view, bin_name)
+    cmap, view, bin_name, drop, (aligned_name, aligned), (control_name, control) = _target(t, idx)
     init, tokenizer = load_model(f.init_model, device or idx.config.device)
     result = filtering_experiment(init, tokenizer, idx.records, drop, train, aligned, control, f.filter_seeds, progress=progress)
     result.update(bin=f"{view}={bin_name}", benchmark=aligned_name, control_benchmark=control_name)

@@ -61,8 +61,20 @@ class BinsConfig(Config):
         super().__post_init__()
         if self.by:
             self.by = [c.strip() for b in self.by for c in b.split(",") if c.strip()]
-        if not 0 < self.confidence < 1:
-            raise UserError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if len(set(self.by or [])) != len(self.by or []):
+            raise UserError(f"--by names a column twice: {self.by}")
+        for flag, value, ok in (
+            ("--confidence", self.confidence, 0 < self.confidence < 1),
+            ("--fdr", self.fdr, 0 < self.fdr < 1),
+            ("--min-confidence", self.min_confidence, 0 <= self.min_confidence <= 1),
+            ("--bootstrap", self.bootstrap, self.bootstrap >= 10),
+            ("--enrichment-k", self.enrichment_k, self.enrichment_k >= 1),
+            ("--min-bin-size", self.min_bin_size, self.min_bin_size >= 1),
+            ("--examples", self.examples, self.examples >= 0),
+            ("--bootstrap-seed", self.bootstrap_seed, self.bootstrap_seed >= 0),
+        ):
+            if not ok:
+                raise UserError(f"{flag} out of range: {value} (intervals need --bootstrap of at least 10; rates lie in (0, 1))")
 
 
 @dataclass
@@ -90,6 +102,8 @@ class CorpusMap:
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("contrast-*"):  # contrasts of an earlier map in this directory would no longer match
+            stale.unlink()
         self.table.to_parquet(out / "bins.parquet", index=False)
         self.table.to_csv(out / "bins.csv", index=False)
         save_file({k: np.ascontiguousarray(v) for k, v in self.arrays.items()}, str(out / "arrays.safetensors"))
@@ -288,7 +302,7 @@ def corpus_map(
         "measurement": meas,
         "method_config": method.config.to_dict(),
         "config": config.to_dict(),
-        "labels": labels.source,
+        "labels": {**labels.source, "fingerprint": labels.fingerprint()},
         "corpus_sizes": {v: s.tolist() for v, s in sizes.items()},
         "top": {b: [[str(data.ids[int(r)]), float(s)] for s, r in zip(acc.top[0][:, i], acc.top[1][:, i])] for i, b in enumerate(qids)},
         "examples": _examples(acc, data, names, list(qids)),

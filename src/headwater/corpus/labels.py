@@ -84,11 +84,19 @@ class Labels:
         return hashlib.sha256(pd.util.hash_pandas_object(labels, index=True).to_numpy().tobytes()).hexdigest()[:16]
 
 
-def _read_table(path: str | Path) -> pd.DataFrame:
+def _read_table(path: str | Path, id_column: str = "id") -> pd.DataFrame:
+    """The table with its id column read as text (so "01" stays "01" and a gap does not turn the
+    ids into floats)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"label file {path} does not exist")
-    readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
+    text = {id_column: str}
+    readers = {
+        ".parquet": pd.read_parquet,
+        ".csv": lambda p: pd.read_csv(p, dtype=text),
+        ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=text),
+        ".json": lambda p: pd.read_json(p, dtype=text),
+    }
     if path.suffix not in readers:
         raise UserError(f"label file {path}: use .parquet, .csv, .jsonl or .json")
     try:
@@ -100,12 +108,17 @@ def _read_table(path: str | Path) -> pd.DataFrame:
 def labels_from_file(path: str | Path, train_ids: list, id_column: str = "id") -> Labels:
     """Labels from a table with a record-id column and label columns, in the index's record order.
     Ids of the table that the index does not hold are ignored (counted in `source`)."""
-    frame = _read_table(path)
+    frame = _read_table(path, id_column)
     if id_column not in frame.columns:
         raise UserError(f"label file {path} has no {id_column!r} column (columns: {', '.join(map(str, frame.columns))})")
     if frame[id_column].duplicated().any():
         dup = frame[id_column][frame[id_column].duplicated()].iloc[0]
         raise UserError(f"label file {path} labels record {dup!r} more than once")
+    if id_column != "id" and "id" in frame.columns:
+        raise UserError(f"label file {path} has an `id` column besides --id-column {id_column}; drop or rename one")
+    missing = frame[id_column].isna()
+    if missing.any():
+        raise UserError(f"label file {path}: {int(missing.sum())} rows have no {id_column!r}")
     frame = frame.rename(columns={id_column: "id"})
     table = _join(frame, train_ids, str(path))
     matched = int(table.attrs.pop("matched"))
