@@ -91,6 +91,9 @@ def test_corpus_commands_refuse_bad_input_in_one_line(ws):
         (("bins", "idx", "--benchmark", "x=missing.jsonl", "--out", "m2"), "missing.jsonl"),
         (("contrast", "nomap", "--a", "x", "--b", "y"), "not a corpus map"),
         (("label", "idx"), "give the labels"),
+        (("bins", "idx", "--benchmark", "law=law.jsonl", "--by", "nosuch", "--out", "m3"), "no label column 'nosuch'"),
+        (("bins", "idx", "--benchmark", "law=law.jsonl", "--gradient-contrast", "law,x", "--out", "m3"), "not one of law"),
     ):
         r = run_cli(ws, *args, code=2)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (ws / "m2").exists() and not (ws / "m3").exists()  # nothing half-written

@@ -55,7 +55,7 @@ def bins(
     aggregate per label bin: means with bootstrap intervals, totals, top-k enrichment, z-scores
     against the permutation null and Benjamini–Hochberg q-values."""
     from ..concepts.vector import resolve_measurement
-    from ..corpus.bins import corpus_map
+    from ..corpus.bins import checked_views, corpus_map
     from ..corpus.labels import load_labels
     from ..data import load_records
     from ..methods import METHODS
@@ -66,6 +66,7 @@ def bins(
         load_records(path)  # a bad benchmark file fails before any gradient is computed
     idx = open_index(index, model, device)
     labels = load_labels(idx)
+    checked_views(labels, configs[BinsConfig], list(benchmarks), m.contrasts())  # fails before any fit
     cls = METHODS[m.method]
     method_config = configs[cls.config_class]
     method = cls(None, None, method_config).fit(idx, progress=progress)

@@ -228,6 +228,25 @@ def _sharded(blocks, rank: int, world: int):
             yield block
 
 
+def checked_views(labels: Labels, config: BinsConfig, benchmarks: list[str], gradient_contrasts=()) -> tuple:
+    """(views, codes, bin names, corpus sizes), after checking everything about the labels, the
+    sampling manifest and the contrasts that can be checked before any scoring."""
+    views = views_of(labels, config.by)
+    codes, names = {}, {}
+    for view, cols in views.items():
+        codes[view], names[view] = view_codes(labels, cols, config.min_confidence)
+    sizes = corpus_sizes(config.corpus_sizes, views, names)
+    seen = set(benchmarks)
+    for a, b in gradient_contrasts:
+        for x in (a, b):
+            if x not in benchmarks:
+                raise UserError(f"contrast names benchmark {x!r}, which is not one of {', '.join(benchmarks)}")
+        if f"{a}−{b}" in seen:
+            raise UserError(f"the gradient-space contrast {a}−{b} is given twice or clashes with a benchmark of that name")
+        seen.add(f"{a}−{b}")
+    return views, codes, names, sizes
+
+
 def corpus_map(
     method: Method,
     benchmarks: dict,
@@ -248,19 +267,9 @@ def corpus_map(
     n = len(data)
     if len(labels.table) != n:
         raise UserError(f"the labels cover {len(labels.table)} records, the method was fitted on {n}")
-    views = views_of(labels, config.by)
-    codes, names = {}, {}
-    for view, cols in views.items():
-        codes[view], names[view] = view_codes(labels, cols, config.min_confidence)
-    sizes = corpus_sizes(config.corpus_sizes, views, names)
+    views, codes, names, sizes = checked_views(labels, config, list(benchmarks), gradient_contrasts)
     queries, columns, qids = benchmark_queries(benchmarks)
-    bench = list(qids)
     for a, b in gradient_contrasts:
-        for x in (a, b):
-            if x not in bench:
-                raise UserError(f"contrast names benchmark {x!r}, which is not one of {', '.join(bench)}")
-        if f"{a}−{b}" in qids:
-            raise UserError(f"the gradient-space contrast {a}−{b} is given twice or clashes with a benchmark of that name")
         columns.append(slice(columns[-1].stop, columns[-1].stop + 1))
         qids[f"{a}−{b}"] = ["mean gradient"]
     acc = BinAccumulator(
@@ -279,7 +288,7 @@ def corpus_map(
     if distributed and store is not None:
         store.shard = (dist.get_rank(), dist.get_world_size())  # each rank reads and scores its own blocks
     try:
-        blocks = score_stream(method, queries, measurement, list(gradient_contrasts), columns, bench)
+        blocks = score_stream(method, queries, measurement, list(gradient_contrasts), columns, list(benchmarks))
         if distributed and store is None:  # other methods score every block; each rank keeps its share
             blocks = _sharded(blocks, dist.get_rank(), dist.get_world_size())
         for _, ids, scores in tqdm(blocks, desc="bin statistics", unit="block", disable=not progress):
