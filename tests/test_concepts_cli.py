@@ -112,3 +112,21 @@ def test_concept_errors_are_one_line(ws):
         r = run_cli(ws, "attribute", *args, "--model", "model", "--data", "train.jsonl", "--out", "x.safetensors", code=2)
         assert "Traceback" not in r.stderr and needle in r.stderr.strip().splitlines()[-1], r.stderr
     assert not (ws / "x.safetensors").exists()
+
+
+def test_concept_rate_samples_responses_and_equals_the_python_api(ws):
+    run_cli(
+        ws, "attribute", "--method", "cosine", "--measurement", "concept-rate", "--probe", "probe", "--model", "model",
+        "--data", "train.jsonl", "--queries", "eval.jsonl", "--samples", "6", "--max-new-tokens", "4", "--no-progress", "--out", "rate.safetensors",
+    )  # fmt: skip
+    got = hw.Scores.load(ws / "rate.safetensors")
+    model, task = loaded(ws)
+    from headwater.concepts import concept_rate, sampled_responses
+
+    samples = sampled_responses(model, task.tokenizer, [{"prompt": p["prompt"]} for p in PROMPTS], 6, max_new_tokens=4)
+    concept = hw.ConceptVector.load(ws / "probe").measurement()
+    want = hw.Cosine(model, task).fit(TRAIN).score(samples, concept_rate(model, task, concept, samples)).mean_query()
+    assert got.values.shape == (len(TRAIN), 1) and "rate on sampled responses" in got.measurement["name"]
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-4, atol=1e-6)
+    r = run_cli(ws, "query", "model", "--queries", "eval.jsonl", "--measurement", "concept-rate", "--probe", "probe", code=2)
+    assert "use `headwater attribute`" in r.stderr

@@ -114,7 +114,8 @@ H_CHECKPOINT_STEPS = "Optimizer steps each checkpoint's segment covers (repeatab
 H_MEASUREMENT = (
     "What the queries measure: loss, log-odds (classification margin / LM log p/(1-p)), log-prob, "
     "prediction (a regression output), concept (the direction given by --probe, averaged over the response tokens), "
-    "or default (the method's own: the loss; TRAK: its output function)."
+    "concept-rate (attribute only: the concept's rate on --samples responses sampled from the model per query prompt, "
+    "for a trait the model learned to write), or default (the method's own: the loss; TRAK: its output function)."
 )
 H_QUERIES = "Query records (same formats as --data): the behaviour to attribute."
 H_METHOD = "Attribution method."
@@ -133,7 +134,7 @@ H_BY = (
 H_BOOTSTRAP = "Bootstrap replicates behind every interval."
 H_BOOTSTRAP_SEED = "Seed of the bootstrap resampling."
 H_CONFIDENCE = "Coverage of the reported intervals, e.g. 0.95."
-MEASUREMENTS = ("default", "loss", "log-odds", "log-prob", "prediction", "concept")
+MEASUREMENTS = ("default", "loss", "log-odds", "log-prob", "prediction", "concept", "concept-rate")
 
 
 @dataclass
@@ -432,6 +433,7 @@ class AttributeConfig(Config):
     probe: str | None = option(None, H_PROBE)
     max_new_tokens: int = option(32, H_MAX_NEW)
     aggregate: bool = option(False, H_AGGREGATE)
+    samples: int = option(32, "Responses sampled from the model per query prompt for --measurement concept-rate (their mean is one query).")
 
 
 QUERY_METHODS = ("dot", "cosine", "trackstar", "tracin", "ekfac", "kfac", "trak", "bm25")

@@ -75,9 +75,12 @@ def attribute(
     method_config = configs[cls.config_class]
     train, model, task = _training_side(a)
     method = _method(a, cls, method_config, model, task).fit(train, progress=progress)
-    queries = None if concept_method else _with_responses(a, method, model, task)
+    if a.measurement == "concept-rate" and not concept_method:
+        queries, measurement = _sampled(a, method, model, task, measurement)
+    else:
+        queries = None if concept_method else _with_responses(a, method, model, task)
     scores = method.score(queries, measurement, dtype=a.scores_dtype, by=a.by)
-    if a.aggregate:
+    if a.aggregate or a.measurement == "concept-rate":  # the rate is the mean over the samples
         scores = scores.mean_query()
     scores.save(out)
     save_configs(out, a, method_config)
@@ -86,6 +89,32 @@ def attribute(
         csv = out.with_suffix(".csv")
         scores.total().top_k(a.top_k, records=method.fitted().records).to_csv(csv, index=False)
         typer.echo(f"wrote the top {a.top_k} records per query to {csv}")
+
+
+def _query_model(method, model, task):
+    """The model and task the queries are run with: the ones given, or the index's."""
+    index = method.fitted().index
+    model = model if model is not None else (index.model() if index is not None else None)
+    task = task if task is not None else (index.task() if index is not None else None)
+    return model, task
+
+
+def _sampled(a: AttributeConfig, method, model, task, concept):
+    """(--samples responses sampled from the model for every query prompt, the concept's rate on
+    them as the measurement)."""
+    from ..concepts import concept_rate, sampled_responses
+    from ..data import load_records
+
+    model, task = _query_model(method, model, task)
+    if model is None or getattr(task, "tokenizer", None) is None:
+        raise UserError("--measurement concept-rate samples responses from the model: give --model (or an index built from one)")
+    if a.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {a.samples}")
+    prompts = [{"prompt": r["prompt"]} for r in load_records(a.queries) if r.get("prompt") is not None]
+    if not prompts:
+        raise UserError("--measurement concept-rate needs query records with a prompt")
+    samples = sampled_responses(model, task.tokenizer, prompts, a.samples, max_new_tokens=a.max_new_tokens)
+    return samples, concept_rate(model, task, concept, samples)
 
 
 def _with_responses(a: AttributeConfig, method, model, task):
@@ -98,9 +127,7 @@ def _with_responses(a: AttributeConfig, method, model, task):
     lacking = any(records[i].get("prompt") is not None and records[i].get("completion") is None for i in range(len(records)))
     if not lacking:
         return a.queries
-    index = method.fitted().index
-    model = model if model is not None else (index.model() if index is not None else None)
-    task = task if task is not None else (index.task() if index is not None else None)
+    model, task = _query_model(method, model, task)
     tokenizer = getattr(task, "tokenizer", None)
     if model is None or tokenizer is None:
         raise UserError("queries without a completion need --model (its responses are generated) or completions in the file")

@@ -61,6 +61,8 @@ def bins(
     from ..methods import METHODS
 
     m = configs[MapInputConfig]
+    if m.measurement == "concept-rate":
+        raise UserError("--measurement concept-rate samples responses per query: use `headwater attribute`")
     benchmarks = m.benchmarks()
     for path in benchmarks.values():
         load_records(path)  # a bad benchmark file fails before any gradient is computed

@@ -116,6 +116,8 @@ def query(
     from ..ranking import write_results
 
     q = configs[QueryConfig]
+    if q.measurement == "concept-rate":
+        raise UserError("--measurement concept-rate samples responses per query: use `headwater attribute`")
     if not q.queries:
         raise UserError("give the queries to rank training records for (--queries)")
     if (model or device) and len(index) > 1:

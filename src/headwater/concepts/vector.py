@@ -77,9 +77,9 @@ class ConceptVector:
 def resolve_measurement(name: str, probe: str | Path | None = None) -> Measurement | None:
     """A `--measurement` choice as a measurement (None for "default": the method's own);
     "concept" is the concept saved at `probe`."""
-    if name == "concept":
+    if name in ("concept", "concept-rate"):  # attribute wraps the concept-rate's concept in concept_rate
         if not probe:
-            raise UserError("--measurement concept needs the concept's directory (--probe)")
+            raise UserError(f"--measurement {name} needs the concept's directory (--probe)")
         return ConceptVector.load(probe).measurement()
     if probe:
         raise UserError(f"--probe is read by --measurement concept and the probe methods, not by --measurement {name}")
