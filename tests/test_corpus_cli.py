@@ -80,9 +80,9 @@ def test_label_bins_contrast_unlearn_report(ws):
     result = json.loads((ws / "filt" / "filter.json").read_text())
     assert result["dropped"] == 30 and result["bin"] == "topic=law" and set(result["means"]) == {"full", "filtered", "random"}
 
-    run_cli(ws, "report", "map", "unl", "--out", "report.html")
+    run_cli(ws, "report", "map", "unl", "filt", "--out", "report.html")
     html = (ws / "report.html").read_text()
-    assert "law" in html and "data:image/png;base64," in html
+    assert "law" in html and "data:image/png;base64," in html and "trained again without the bin" in html
 
 
 def test_corpus_commands_refuse_bad_input_in_one_line(ws):

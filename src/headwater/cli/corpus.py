@@ -221,11 +221,13 @@ def filter_command(
 @app.command("report")
 def report_command(
     map_dir: Path = typer.Argument(..., help="A corpus map directory (`headwater bins --out`), with any contrasts made on it."),
-    unlearn_dirs: list[Path] = typer.Argument(None, help="Unlearning results to include (`headwater unlearn --out`)."),
+    unlearn_dirs: list[Path] = typer.Argument(
+        None, help="Unlearning or filtering results to include (`headwater unlearn --out`, `headwater filter --out`)."
+    ),
     out: Path = typer.Option(..., "--out", help="The HTML page to write (figures are embedded; PNGs and CSVs go beside it)."),
     title: str | None = typer.Option(None, "--title", help="Title of the page."),
 ):
-    """Write the corpus map, its contrasts and unlearning results as PNGs and one self-contained HTML page."""
+    """Write the corpus map, its contrasts and unlearning or filtering results as PNGs and one self-contained HTML page."""
     from ..corpus.report import write_report
     from .options import fail
 

@@ -305,11 +305,34 @@ def _load_contrasts(map_dir: Path) -> list[tuple[pd.DataFrame, dict]]:
 
 
 def _load_unlearn(path: str | Path) -> dict:
+    """An unlearn.json, or a filter.json (`headwater filter`), with the path it came from."""
     path = Path(path)
-    path = path / "unlearn.json" if path.is_dir() else path
+    if path.is_dir():
+        path = next((path / f for f in ("unlearn.json", "filter.json") if (path / f).exists()), path / "unlearn.json")
     if not path.exists():
-        raise UserError(f"no unlearning result at {path} (expected the unlearn.json of an unlearning experiment)")
+        raise UserError(f"no unlearning or filtering result at {path} (expected an unlearn.json or filter.json)")
     return {**json.loads(path.read_text()), "_path": str(path)}
+
+
+def _filter_section(result: dict) -> str:
+    """A filtering check: each benchmark's change from the full run without the bin and without as
+    many random records, and their difference with its interval."""
+    e = html.escape
+    head = " → ".join(str(result[k]) for k in ("bin", "benchmark") if k in result) + " (trained again without the bin)"
+    rows = [
+        [
+            f"{result.get(f'{b}_benchmark' if b == 'control' else 'benchmark', b)} ({b})",
+            m,
+            _f(c["filtered"]),
+            _f(c["random"]),
+            _ci(c["diff"], c["lo"], c["hi"]),
+        ]
+        for b, per in result["change"].items()
+        for m, c in per.items()
+    ]
+    table = _table(["benchmark", "metric", "Δ without the bin", "Δ without random records", "difference [CI]"], rows, numeric={2, 3, 4})
+    facts = f"{e(result['_path'])} · {result.get('dropped', '?')} records, seeds {e(str(result.get('seeds')))}"
+    return f"<h3>{e(head)}</h3><p class='note'>{facts}</p>{table}"
 
 
 def _change(result: dict, arm: str, bench: str, metric: str | None = None) -> float:
@@ -423,11 +446,11 @@ def write_report(map_dir: str | Path, out: str | Path, unlearn_dirs: list[str | 
     results = [_load_unlearn(d) for d in unlearn_dirs]
     files = out.parent / f"{out.stem}_files"
     figures = write_figures(cmap, files, contrasts)
-    unlearn_figs = [unlearn_figure(r, files / f"unlearn-{k}.png") for k, r in enumerate(results)]
+    unlearn_figs = [None if "change" in r else unlearn_figure(r, files / f"unlearn-{k}.png") for k, r in enumerate(results)]
     top = top_bins(cmap)
     top.to_csv(out.parent / f"{out.stem}-top-bins.csv", index=False)
     if results:
-        rows = [{"result": r["_path"], **row} for r in results for row in unlearn_rows(r)]
+        rows = [{"result": r["_path"], **row} for r in results if "change" not in r for row in unlearn_rows(r)]
         pd.DataFrame(rows).to_csv(out.parent / f"{out.stem}-unlearning.csv", index=False)
     e, joint = html.escape, _joint(cmap)
     title = title or f"Corpus map: {', '.join(cmap.benchmarks)}"
@@ -450,7 +473,7 @@ def write_report(map_dir: str | Path, out: str | Path, unlearn_dirs: list[str | 
     body += [_contrast_section(f, s, figures.get(f"contrast-{_contrast_name(s)}")) for f, s in contrasts]
     if results:
         body.append(f"<h2 id='unlearning'>Unlearning</h2><p class='note'>{UNLEARN_NOTE}</p>")
-    body += [_unlearn_section(r, f) for r, f in zip(results, unlearn_figs)]
+    body += [_filter_section(r) if "change" in r else _unlearn_section(r, f) for r, f in zip(results, unlearn_figs)]
     head = f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head>"
     out.write_text(head + "<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n", encoding="utf-8")
     return out
