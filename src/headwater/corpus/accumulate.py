@@ -10,8 +10,12 @@ combine by an all-reduce (`merge`).
 Per view v (a label column, or several together), with K bins, Q query columns in B benchmarks
 and R bootstrap replicates, the accumulator keeps:
 - `count` [K] records per bin; `S` [K, Q] Σ scores;
-- `W` [R, K] Σ Poisson weights and `WX` [R, K, B] Σ weight × benchmark score (the document
-  bootstrap: one weight per record and replicate, shared by all benchmarks, so contrasts pair);
+- `GC` [G, K] records and `GX` [G, K, B] Σ benchmark score per group of records: each record
+  falls in one of G groups by a hash of its index; `W` [R, K] and `WX` [R, K, B], the document
+  bootstrap's weighted sums, come from them at the end with one Poisson(1) weight per group and
+  replicate (a bootstrap over random groups of records: the cost per record does not grow with
+  R, and every split of the store into blocks or ranks gives the same replicates; weights are
+  shared by all benchmarks, so contrasts pair);
 - per benchmark: Σx and Σx² over all records (the permutation null), the top-k records by
   benchmark score, and each bin's best few records (examples).
 """
@@ -22,8 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .stats import poisson_weights
+from .stats import poisson_weights, splitmix64
 
+GROUPS = 1024  # random groups of records the document bootstrap resamples
 CHUNK = 2048  # rows per update: bounds the [R, chunk] temporaries (a few MB, reused by the allocator)
 
 
@@ -69,11 +74,29 @@ def empty_top(columns: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merge_top(top: tuple[np.ndarray, np.ndarray], more: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (values [k, C], records [k, C]) per column of two candidate sets, best first
-    (ties broken by arrival, so any split of the rows gives the same set)."""
-    vals, recs = np.concatenate([top[0], more[0]]), np.concatenate([top[1], more[1]])
-    keep = np.lexsort((recs, -vals), axis=0)[:k] if vals.size else np.zeros((0, vals.shape[1]), np.int64)
-    return np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0)
+    """The k best (values [k, C], records [k, C]) per column of two candidate sets, best first,
+    ties broken by record index (so any split of the rows gives the same set)."""
+    vals, recs = more
+    if len(vals) > k:  # only rows at or above a column's k-th best new value can enter it (ties kept)
+        kth = -np.partition(-vals, k - 1, axis=0)[k - 1]
+        columns = [np.flatnonzero(vals[:, j] >= kth[j]) for j in range(vals.shape[1])]
+        width = max(len(c) for c in columns)
+        pick = np.stack([np.pad(c, (0, width - len(c)), constant_values=c[0]) for c in columns], 1)  # repeats lose the sort
+        vals, recs = np.take_along_axis(vals, pick, 0), np.take_along_axis(recs, pick, 0)
+    vals, recs = np.concatenate([top[0], vals]), np.concatenate([top[1], recs])
+    if not vals.size:
+        return vals[:0], recs[:0]
+    keep = np.lexsort((recs, -vals), axis=0)
+    vals, recs = np.take_along_axis(vals, keep, 0), np.take_along_axis(recs, keep, 0)
+    first = np.ones(vals.shape, bool)  # drop padded repeats of a record within a column
+    first[1:] = (recs[1:] != recs[:-1]) | (vals[1:] != vals[:-1])
+    if first.all():
+        return vals[:k], recs[:k]
+    out_v, out_r = np.full((k, vals.shape[1]), -np.inf), np.zeros((k, vals.shape[1]), np.int64)
+    for j in range(vals.shape[1]):
+        v, r = vals[first[:, j], j][:k], recs[first[:, j], j][:k]
+        out_v[: len(v), j], out_r[: len(r), j] = v, r
+    return out_v[: min(k, len(vals))], out_r[: min(k, len(vals))]
 
 
 class BinAccumulator:
@@ -98,8 +121,9 @@ class BinAccumulator:
         Q, B = columns[-1].stop, len(columns)
         self.count = {v: np.zeros(K) for v, K in n_bins.items()}
         self.S = {v: np.zeros((K, Q)) for v, K in n_bins.items()}
-        self.W = {v: np.zeros((replicates, K)) for v, K in n_bins.items()}
-        self.WX = {v: np.zeros((replicates, K, B)) for v, K in n_bins.items()}
+        self.G = min(GROUPS, max(n_records, 1))
+        self.GC = {v: np.zeros((self.G, K)) for v, K in n_bins.items()}
+        self.GX = {v: np.zeros((self.G, K, B)) for v, K in n_bins.items()}
         self.total, self.total_sq = np.zeros(B), np.zeros(B)
         self.top = empty_top(B)  # the best records by benchmark score (the map's top list)
         self.qtop = empty_top(Q)  # the best records of each benchmark item (enrichment)
@@ -157,21 +181,26 @@ class BinAccumulator:
         self.qtop = merge_top(self.qtop, (values, np.repeat(records[:, None], values.shape[1], 1)), self.k)
         for lo in range(0, len(records), CHUNK):
             r, v, xs = records[lo : lo + CHUNK], values[lo : lo + CHUNK], x[lo : lo + CHUNK]
-            w = poisson_weights(r, self.R, self.seed)  # [R, m]
+            g = (splitmix64(r.astype(np.uint64) ^ np.uint64(self.seed)) % np.uint64(self.G)).astype(np.int64)  # [m]
             for view, codes in self.codes.items():
-                self._add_view(view, codes[r], r, v, xs, w)
+                self._add_view(view, codes[r], g, r, v, xs)
 
-    def _add_view(self, view: str, c: np.ndarray, r: np.ndarray, v: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-        """Bin codes c [m] of records r [m], scores v [m, Q], benchmark scores x [m, B], weights w [R, m]."""
-        K, Q, R, B = self.n_bins[view], v.shape[1], self.R, x.shape[1]
+    def _add_view(self, view: str, c: np.ndarray, g: np.ndarray, r: np.ndarray, v: np.ndarray, x: np.ndarray) -> None:
+        """Bin codes c [m] and groups g [m] of records r [m], scores v [m, Q], benchmark scores x [m, B]."""
+        K, Q, B = self.n_bins[view], v.shape[1], x.shape[1]
         # Flat bincounts instead of np.add.at or one-hot products: linear in m, no [m, K] temporary.
         self.count[view] += np.bincount(c, minlength=K)
         self.S[view] += np.bincount((c[:, None] * Q + np.arange(Q)).ravel(), weights=v.ravel(), minlength=K * Q).reshape(K, Q)
-        rk = np.arange(R)[:, None] * K + c[None, :]  # [R, m]
-        self.W[view] += np.bincount(rk.ravel(), weights=w.ravel(), minlength=R * K).reshape(R, K)
+        gk = g * K + c
+        self.GC[view] += np.bincount(gk, minlength=self.G * K).reshape(self.G, K)
         for b in range(B):
-            self.WX[view][:, :, b] += np.bincount(rk.ravel(), weights=(w * x[:, b]).ravel(), minlength=R * K).reshape(R, K)
+            self.GX[view][:, :, b] += np.bincount(gk, weights=x[:, b], minlength=self.G * K).reshape(self.G, K)
         self._best(view, c, r, x)
+
+    def replicate_sums(self) -> tuple[dict, dict]:
+        """(W [R, K], WX [R, K, B]) per view: the groups' sums under Poisson(1) weights [R, G]."""
+        u = poisson_weights(np.arange(self.G), self.R, self.seed)
+        return {v: u @ gc for v, gc in self.GC.items()}, {v: np.einsum("rg,gkb->rkb", u, gx) for v, gx in self.GX.items()}
 
     def _best(self, view: str, codes: np.ndarray, records: np.ndarray, x: np.ndarray) -> None:
         """Keep each bin's `e` highest-scoring records per benchmark (example documents)."""
@@ -209,7 +238,7 @@ class BinAccumulator:
                 for rec, (value, rows) in items.items():
                     self.partials.add(rec, value, rows)
         self.finish()
-        for name in ("count", "S", "W", "WX"):
+        for name in ("count", "S", "GC", "GX"):
             for view, arr in getattr(self, name).items():
                 t = torch.from_numpy(arr)
                 dist.all_reduce(t, group=group)

@@ -316,9 +316,9 @@ def corpus_map(
         "top": {b: [[str(data.ids[int(r)]), float(s)] for s, r in zip(acc.top[0][:, i], acc.top[1][:, i])] for i, b in enumerate(qids)},
         "examples": _examples(acc, data, names, list(qids)),
     }
-    arrays = {}
+    arrays, (W, WX) = {}, acc.replicate_sums()
     for v in views:
-        arrays.update({f"{v}/count": acc.count[v], f"{v}/S": acc.S[v], f"{v}/W": acc.W[v], f"{v}/WX": acc.WX[v]})
+        arrays.update({f"{v}/count": acc.count[v], f"{v}/S": acc.S[v], f"{v}/W": W[v], f"{v}/WX": WX[v]})
         # Enrichment counts each item's own top k: an item's supporting records stand out for it,
         # while averaging scores over items first dilutes them by the number of items.
         arrays[f"{v}/top"] = np.stack([np.bincount(codes[v][acc.qtop[1][:, c].ravel()], minlength=len(names[v])) for c in columns], 1).astype(
@@ -356,7 +356,7 @@ def _examples(acc: BinAccumulator, data, names: dict, bench: list[str]) -> dict:
 
 def bench_replicates(arrays: dict, info: dict, view: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(point means [K, B], replicates [R, K, B]) of each bin's benchmark score: document
-    replicates (Poisson weights) plus the benchmark-item replicates' deviation (multinomial
+    replicates (Poisson weights over random groups of records) plus the benchmark-item replicates' deviation (multinomial
     weights per benchmark), so both sources of uncertainty are in the interval. `pooled`: the
     whole corpus as one bin (K = 1), with the same replicates."""
     count, S, W, WX = (arrays[f"{view}/{k}"] for k in ("count", "S", "W", "WX"))

@@ -64,19 +64,16 @@ class Labels:
         conf = f"{column}{CONFIDENCE}"
         if min_confidence > 0 and conf in self.table.columns:
             keep &= self.table[conf].fillna(0).to_numpy() >= min_confidence
-        cat = pd.Categorical(col.astype(object).where(keep, None).map(lambda v: None if pd.isna(v) else label_text(v)))
-        names = [str(c) for c in cat.categories]
-        clash = next((n for n in names if JOINT in n), None)
+        # Factorise first, so that only the distinct values (not every record) become text.
+        raw, uniques = pd.factorize(col.astype(object).where(keep, None), use_na_sentinel=True)
+        texts = [label_text(u) for u in uniques]
+        clash = next((t for t in texts if JOINT in t), None)
         if clash is not None:  # joint bins are named by joining labels with it
             raise UserError(f"label {clash!r} of column {column!r} contains {JOINT.strip()!r}, which names joint bins; rename it")
-        codes = cat.codes.astype(np.int64)
-        if (codes < 0).any():
-            names.append(UNLABELLED)
-            codes[codes < 0] = len(names) - 1
-        order = np.argsort(names, kind="stable")  # bins in sorted order, `(unlabelled)` among them
-        rank = np.empty(len(order), np.int64)
-        rank[order] = np.arange(len(order))
-        return rank[codes], [names[i] for i in order]
+        names = sorted(set(texts) | ({UNLABELLED} if (raw < 0).any() else set()))
+        index = {name: i for i, name in enumerate(names)}
+        lookup = np.array([index[t] for t in texts] + [index.get(UNLABELLED, -1)], dtype=np.int64)  # raw -1 reads the last entry
+        return lookup[raw], names
 
     def fingerprint(self) -> str:
         """A hash of the label columns (the ids are the index's, checked by the index itself)."""

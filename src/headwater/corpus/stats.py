@@ -4,8 +4,9 @@
   kept), from the exact mean and variance of the mean of a size-n sample drawn without
   replacement from the N scores, so no shuffles are needed.
 - `bh_qvalues`: Benjamini–Hochberg q-values.
-- `poisson_weights`: bootstrap weights for documents that depend only on (record, replicate), so
-  any split of the store across blocks or ranks gives the same replicates.
+- `splitmix64`, `poisson_weights`: a counter-based hash and the Poisson(1) bootstrap weights it
+  gives each (index, replicate), so any split of the store across blocks or ranks gives the same
+  groups of records and the same replicates.
 - `percentile_interval`: the interval of bootstrap replicates.
 """
 
@@ -19,7 +20,7 @@ from scipy import stats
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A counter-based hash uint64 -> uint64 (splitmix64's finaliser)."""
     with np.errstate(over="ignore"):
         x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
@@ -34,11 +35,12 @@ _POISSON_CDF = stats.poisson(1.0).cdf(np.arange(13))
 
 def poisson_weights(records: np.ndarray, replicates: int, seed: int = 0) -> np.ndarray:
     """Poisson(1) bootstrap weights, float64 [replicates, len(records)]: a function of (seed,
-    record, replicate) only, so blocks and ranks agree without sharing a generator."""
+    index, replicate) only (the indices are records or groups of records), so blocks and ranks
+    agree without sharing a generator."""
     r = np.asarray(records, dtype=np.uint64)[None, :]
     b = np.arange(replicates, dtype=np.uint64)[:, None]
     with np.errstate(over="ignore"):
-        key = _splitmix64((r * np.uint64(0x100000001B3)) ^ _splitmix64(b + np.uint64(seed) * np.uint64(0x9E3779B1)))
+        key = splitmix64((r * np.uint64(0x100000001B3)) ^ splitmix64(b + np.uint64(seed) * np.uint64(0x9E3779B1)))
     u = (key >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return np.searchsorted(_POISSON_CDF, u, side="right").astype(np.float64)
 
