@@ -83,7 +83,7 @@ def bins(
         typer.echo(f"  {b}: {len(sig[sig['benchmark'] == b])} significant bins" + (f"; strongest: {shown}" if shown else ""))
 
 
-@app.command("contrast")
+@command(app, name="contrast")
 def contrast_command(
     map_dir: Path = typer.Argument(..., help="A corpus map directory (`headwater bins --out`)."),
     a: str = typer.Option(..., "--a", help="Benchmark A."),
@@ -95,12 +95,8 @@ def contrast_command(
     """Contrast benchmarks per bin on standardised profiles, with paired bootstrap intervals."""
     from ..corpus.bins import CorpusMap
     from ..corpus.contrast import contrast, save_contrast
-    from .options import fail
 
-    try:
-        frame, summary = contrast(CorpusMap.load(map_dir), a, b, c, d, view)
-    except UserError as exc:
-        fail(str(exc))
+    frame, summary = contrast(CorpusMap.load(map_dir), a, b, c, d, view)
     path = save_contrast(map_dir, frame, summary)
     key = "interaction" if c else "ab"
     typer.echo(f"wrote {path}")
@@ -218,7 +214,7 @@ def filter_command(
     typer.echo(f"wrote {out / 'filter.json'}")
 
 
-@app.command("report")
+@command(app, name="report")
 def report_command(
     map_dir: Path = typer.Argument(..., help="A corpus map directory (`headwater bins --out`), with any contrasts made on it."),
     unlearn_dirs: list[Path] = typer.Argument(
@@ -229,10 +225,6 @@ def report_command(
 ):
     """Write the corpus map, its contrasts and unlearning or filtering results as PNGs and one self-contained HTML page."""
     from ..corpus.report import write_report
-    from .options import fail
 
-    try:
-        path = write_report(map_dir, out, unlearn_dirs or [], title)
-    except UserError as exc:
-        fail(str(exc))
+    path = write_report(map_dir, out, unlearn_dirs or [], title)
     typer.echo(f"wrote {path}")

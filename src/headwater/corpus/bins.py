@@ -354,6 +354,13 @@ def _examples(acc: BinAccumulator, data, names: dict, bench: list[str]) -> dict:
 # ------------------------------------------------------------------ statistics from the sums
 
 
+def bench_means(count: np.ndarray, S: np.ndarray, info: dict) -> np.ndarray:
+    """Each bin's benchmark score [K, B]: the mean over the bin's records of the mean over the
+    benchmark's items (NaN for an empty bin), from the sums `count` [K] and `S` [K, Q]."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([S[:, a:b].mean(1) for a, b in (v["columns"] for v in info["benchmarks"].values())], 1) / count[:, None]
+
+
 def bench_replicates(arrays: dict, info: dict, view: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(point means [K, B], replicates [R, K, B]) of each bin's benchmark score: document
     replicates (Poisson weights over random groups of records) plus the benchmark-item replicates' deviation (multinomial
@@ -362,9 +369,8 @@ def bench_replicates(arrays: dict, info: dict, view: str, pooled: bool = False) 
     count, S, W, WX = (arrays[f"{view}/{k}"] for k in ("count", "S", "W", "WX"))
     if pooled:
         count, S, W, WX = count.sum(keepdims=True), S.sum(0, keepdims=True), W.sum(1, keepdims=True), WX.sum(1, keepdims=True)
-    cfg = info["config"]
+    cfg, point = info["config"], bench_means(count, S, info)
     with np.errstate(invalid="ignore", divide="ignore"):
-        point = np.stack([S[:, a:b].mean(1) for a, b in (v["columns"] for v in info["benchmarks"].values())], 1) / count[:, None]
         docs = WX / W[:, :, None]
         items = []
         for i, (a, b) in enumerate(v["columns"] for v in info["benchmarks"].values()):
@@ -381,11 +387,7 @@ def bin_totals(arrays: dict, info: dict) -> dict[str, np.ndarray]:
     where a stratum with corpus records has none in the index, or the manifest covers no stratum
     of the view)."""
     views, sizes = info["views"], {v: np.asarray(s, dtype=np.float64) for v, s in info["corpus_sizes"].items()}
-    means = {}
-    for v in views:
-        count, S = arrays[f"{v}/count"], arrays[f"{v}/S"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means[v] = np.stack([S[:, a:b].mean(1) for a, b in (x["columns"] for x in info["benchmarks"].values())], 1) / count[:, None]
+    means = {v: bench_means(arrays[f"{v}/count"], arrays[f"{v}/S"], info) for v in views}
     if not sizes:
         return {v: means[v] * arrays[f"{v}/count"][:, None] for v in views}
     out = {}
