@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headwater import LanguageModelTask, StageAttribution, StageConfig, Trajectory, TrajectoryRecorder
+from headwater import LanguageModelTask, Trajectory, TrajectoryRecorder
 from headwater.demos import stages as demo
 from headwater.toy import tiny_gpt2
 
@@ -92,7 +92,7 @@ def persistent_truth(traj: Trajectory, model, task, stages: dict, behaviours: di
 def run_setting(setting: str, seed: int, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     if setting == "trainer":
-        effects, truth, timings = demo.run_pipeline(workdir, seed)
+        effects, truth, timings = demo.run_pipeline(workdir, seed, hessian=True)
         return {"estimates": {k: v.tolist() for k, v in effects.estimates.items()}, "truth": truth.tolist(), "seconds": timings}
     stages, behaviours = demo.make_data(seed)
     tokenizer = demo.tokenizer_for(stages, behaviours)
@@ -108,7 +108,7 @@ def run_setting(setting: str, seed: int, workdir: Path) -> dict:
     persistent_run(path, model, task, stages, seed)
     train_s, t = time.time() - t, time.time()
     traj = Trajectory(path)
-    effects = StageAttribution(traj, model, task, StageConfig(batch_loss="token-mean"), data=stages).effects(behaviours)
+    effects = demo.stage_effects(traj, model, task, stages, behaviours, hessian=True)
     estimate_s, t = time.time() - t, time.time()
     truth = persistent_truth(traj, model, task, stages, behaviours)
     return {
@@ -124,8 +124,15 @@ def summary(runs: list[dict]) -> dict:
         per_seed = [demo.agreement(np.array(r["estimates"][name]), np.array(r["truth"])) for r in runs]
         pooled = demo.agreement(np.concatenate([np.array(r["estimates"][name]) for r in runs]), np.concatenate([np.array(r["truth"]) for r in runs]))
         pooled["top_stage"] = float(np.nanmean([s["top_stage"] for s in per_seed]))  # a run's top stage: per seed
+        # Skipping the last stage leaves θ_T = θ_start(last), which every estimator gets exactly:
+        # the stages before it are where estimators differ.
+        before = [(np.array(r["estimates"][name])[:-1], np.array(r["truth"])[:-1]) for r in runs]
+        earlier = demo.agreement(np.concatenate([e for e, _ in before]), np.concatenate([t for _, t in before]))
+        errors = np.concatenate([(e - t).ravel() for e, t in before])
+        earlier["rmse"] = float(np.sqrt(np.nanmean(errors**2)))
         out[name] = {
             "pooled": pooled,
+            "before_last": earlier,
             **{f"mean_{k}": float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
             **{f"std_{k}": float(np.std([s[k] for s in per_seed])) for k in per_seed[0]},
         }
@@ -139,14 +146,15 @@ def table(results: dict, seeds: int) -> str:
             f"\n{setting}: {seeds} seeds × 4 stages × 3 behaviours. Correlations and sign agreement pooled over seeds "
             "(per-seed mean ± sd in brackets); top stage: the fraction of seeds × behaviours whose largest estimated effect is the largest true one.",
             "",
-            "| estimator | Pearson | Spearman | sign agreement | names the top stage |",
-            "|---|---|---|---|---|",
+            "| estimator | Pearson | Spearman | sign agreement | names the top stage | stages before the last: Pearson | Spearman | sign | RMSE |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, m in s.items():
-            p = m["pooled"]
+            p, b = m["pooled"], m["before_last"]
             lines.append(
                 f"| {name} | {p['pearson']:.3f} ({m['mean_pearson']:.2f} ± {m['std_pearson']:.2f}) | "
-                f"{p['spearman']:.3f} ({m['mean_spearman']:.2f} ± {m['std_spearman']:.2f}) | {p['sign']:.2f} | {p['top_stage']:.2f} |"
+                f"{p['spearman']:.3f} ({m['mean_spearman']:.2f} ± {m['std_spearman']:.2f}) | {p['sign']:.2f} | {p['top_stage']:.2f} | "
+                f"{b['pearson']:.3f} | {b['spearman']:.3f} | {b['sign']:.2f} | {b['rmse']:.2f} |"
             )
     return "\n".join(lines)
 

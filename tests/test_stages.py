@@ -8,9 +8,12 @@ the curvature-aware estimator are exact and can be checked to round-off.
 import numpy as np
 import pytest
 import torch
+from reference import mlp, mlp_records
 
 import headwater as hw
-from headwater.stages.propagation import adjoint, forward
+from headwater.stages.gauss_newton import curvature_products, output_curvature
+from headwater.stages.propagation import ParamSpace, adjoint, forward
+from headwater.training import Bound
 
 D, N = 4, 24
 
@@ -586,3 +589,73 @@ def test_source_and_tracin_read_the_trajectory(tmp_path, tokenizer, method):
         config = hw.TracInConfig(projection=hw.ProjectionConfig("none"), checkpoint_lr=lrs)
         want = hw.TracIn(ends, task, config).fit(train).score([{"prompt": "the capital of zorblat is", "completion": " quenti"}])
     np.testing.assert_allclose(hw.Scores.load(tmp_path / "s.safetensors").values, want.values, rtol=1e-5, atol=1e-8)
+
+
+def dense_gauss_newton(model, task, batch, normaliser) -> torch.Tensor:
+    """Jᵀ H_z J by dense Jacobians: J of the softmax logits over the flat parameters, H_z = diag(p) − ppᵀ per row."""
+    names = [n for n, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    sizes = [p.numel() for p in model.parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits(flat):
+        params = {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+        return torch.func.functional_call(model, params, (batch["x"],))
+
+    jac = torch.autograd.functional.jacobian(logits, theta)  # [B, C, P]
+    p = logits(theta).softmax(-1)
+    out = torch.zeros(len(theta), len(theta), dtype=torch.float64)
+    for i in range(len(p)):
+        h = torch.diag(p[i]) - torch.outer(p[i], p[i])
+        out += jac[i].T @ h @ jac[i] / normaliser
+    return out
+
+
+def test_gauss_newton_products_equal_the_dense_matrix_and_the_hessian_for_least_squares():
+    model, records = mlp(), mlp_records(n=5)
+    task = hw.ModuleTask("cross_entropy")
+    batch = task.collate([task.whole(r) for r in records])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    space = ParamSpace([n for n, _ in model.named_parameters()], {n: p.shape for n, p in model.named_parameters()})
+
+    def bound(th):
+        return Bound(model, space.unflatten(th))
+
+    v = torch.randn(3, len(theta), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = curvature_products(task, None, lambda th: output_curvature(task, bound(th), batch, 5.0), theta, v, "gauss-newton")
+    torch.testing.assert_close(got, v @ dense_gauss_newton(model, task, batch, 5.0), rtol=1e-10, atol=1e-12)
+
+    # Squared error on a linear model: Gauss–Newton is the Hessian.
+    linear, ls_task, ls_records = problem()
+    batch = ls_task.collate([ls_task.whole(r) for r in ls_records[:6]])
+    theta = torch.cat([linear.weight.detach().reshape(-1), linear.bias.detach()])
+    space = ParamSpace(["weight", "bias"], {"weight": linear.weight.shape, "bias": linear.bias.shape})
+    loss = lambda th: ls_task.loss(Bound(linear, space.unflatten(th)), batch).mean()  # noqa: E731
+    outputs = lambda th: output_curvature(ls_task, Bound(linear, space.unflatten(th)), batch, 6.0)  # noqa: E731
+    gn = curvature_products(ls_task, loss, outputs, theta, v[:, : D + 1], "gauss-newton")
+    torch.testing.assert_close(gn, v[:, : D + 1] @ batch_hessian(ls_records[:6], {r["id"] for r in ls_records[:6]}), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curvature_products(ls_task, loss, outputs, theta, v[:, : D + 1], "hessian"), gn, rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_products_of_a_language_model_weigh_only_target_tokens(tokenizer, lm_records):
+    """Jᵀ H_z J over the target tokens' logits (dense Jacobian of a tiny GPT-2), token-mean normalised."""
+    torch.manual_seed(0)
+    model = hw.toy.tiny_gpt2(len(tokenizer), n_layer=1, n_embd=8, n_head=2, n_positions=32).double()
+    model.config._attn_implementation = "eager"
+    task = hw.LanguageModelTask(tokenizer)
+    batch = task.collate([task.whole(r) for r in lm_records[:2]])
+    named = dict(model.named_parameters())
+    space = ParamSpace(list(named), {n: p.shape for n, p in named.items()})
+    theta = space.flatten(named)
+    mask = batch["target_mask"][:, 1:]
+    n = float(mask.sum())
+
+    def target_logits(flat):
+        return task._logits(Bound(model, space.unflatten(flat)), batch)[mask]  # [targets, V]
+
+    jac = torch.autograd.functional.jacobian(target_logits, theta)  # [targets, V, P]
+    p = target_logits(theta).softmax(-1)
+    dense = sum(jac[i].T @ (torch.diag(p[i]) - torch.outer(p[i], p[i])) @ jac[i] for i in range(len(p))) / n
+    v = torch.randn(2, len(theta), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = curvature_products(task, None, lambda th: output_curvature(task, Bound(model, space.unflatten(th)), batch, n), theta, v, "gauss-newton")
+    torch.testing.assert_close(got, v @ dense, rtol=1e-9, atol=1e-12)

@@ -464,6 +464,12 @@ class StageConfig(Config):
         choices=("token-mean", "example-mean"),
     )
     curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
+    curvature_matrix: str = option(
+        "gauss-newton",
+        "The later steps' curvature: gauss-newton (positive semi-definite; the linearised steps contract as training does) or "
+        "hessian (exact for the linearisation at each stage's end checkpoint, but its negative directions compound over a stage).",
+        choices=("gauss-newton", "hessian"),
+    )
     readout: str = option(
         "both",
         "How a stage's estimated parameter gap e becomes an effect: evaluated (the measurement at the estimated counterfactual "

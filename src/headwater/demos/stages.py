@@ -171,7 +171,18 @@ def agreement(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_pipeline(workdir: Path, seed: int = 0) -> tuple[StageEffects, np.ndarray, dict]:
+def stage_effects(traj: Trajectory, model, task, stages: dict, behaviours: dict, hessian: bool = False) -> StageEffects:
+    """The estimates (token-mean batches, as the Trainer reduces them); with `hessian`, the
+    curvature estimator also with the Hessian instead of Gauss–Newton ("curvature, Hessian")."""
+    effects = StageAttribution(traj, model, task, StageConfig(batch_loss="token-mean"), data=stages).effects(behaviours)
+    if hessian:
+        config = StageConfig(batch_loss="token-mean", curvature_matrix="hessian")
+        other = StageAttribution(traj, model, task, config, data=stages).effects(behaviours)
+        effects.estimates.update({k.replace("curvature", "curvature, Hessian"): v for k, v in other.estimates.items() if k.startswith("curvature")})
+    return effects
+
+
+def run_pipeline(workdir: Path, seed: int = 0, hessian: bool = False) -> tuple[StageEffects, np.ndarray, dict]:
     """Train the four stages (recorded), estimate, retrain for the truth; (effects, truth, timings)."""
     import datasets
     import transformers
@@ -197,8 +208,7 @@ def run_pipeline(workdir: Path, seed: int = 0) -> tuple[StageEffects, np.ndarray
     timings["training"] = time.time() - t
     traj = Trajectory(traj_path)
     t = time.time()
-    attribution = StageAttribution(traj, model, task, StageConfig(batch_loss="token-mean"), data=stages)
-    effects = attribution.effects(behaviours)
+    effects = stage_effects(traj, model, task, stages, behaviours, hessian)
     timings["estimates"] = time.time() - t
     t = time.time()
     print("retraining with each stage skipped (the true effects)", flush=True)

@@ -38,6 +38,7 @@ from ..measurement import Loss, Measurement
 from ..scores import Scores
 from ..task import Task, TokenExample, collated_batches, whole_examples
 from ..training import Bound, twice_differentiable_attention
+from .gauss_newton import curvature_products, output_curvature
 from .propagation import ParamSpace, adjoint, forward, step_maps
 from .trajectory import Trajectory
 
@@ -191,7 +192,8 @@ class StageAttribution:
     # ------------------------------------------------------------------ curvature
 
     def _hvp(self):
-        """(step, V [B, P]) -> H V, H the Hessian of the step's batch loss at its stage's end checkpoint."""
+        """(step, V [B, P]) -> C V, C the curvature (`config.curvature_matrix`) of the step's batch
+        loss at its stage's end checkpoint."""
         twice_differentiable_attention(self.model)
         stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
 
@@ -200,13 +202,15 @@ class StageAttribution:
             batch = self._step_batch(t, k)
             if batch is None:
                 return torch.zeros_like(v)
-            theta = self.boundaries[k][1].clone().requires_grad_(True)
-            with torch.enable_grad():
-                losses = self.task.loss(self._bound(theta), batch)
-                loss = losses.sum() / targets_in(batch) if self.config.batch_loss == "token-mean" else losses.mean()
-                (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-                out = [torch.autograd.grad(g, theta, row, retain_graph=True)[0] for row in v]
-            return torch.stack(out).detach()
+            normaliser = targets_in(batch) if self.config.batch_loss == "token-mean" else len(next(iter(batch.values())))
+            return curvature_products(
+                self.task,
+                lambda th: self.task.loss(self._bound(th), batch).sum() / normaliser,
+                lambda th: output_curvature(self.task, self._bound(th), batch, normaliser),
+                self.boundaries[k][1],
+                v,
+                self.config.curvature_matrix,
+            )
 
         return hvp
 
