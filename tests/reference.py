@@ -26,7 +26,8 @@ def assert_rel_close(got, want, tol=F64):
 
 def module_gradient(tm) -> torch.Tensor:
     """A tracked module's current .grad as [d_out, d_in(+1)], bias as the last column."""
-    w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
+    w = tm.module.weight.grad
+    w = w.T if tm.transposed else w.reshape(w.shape[0], -1)  # Conv2d [C_out, C_in, kh, kw] -> [C_out, C_in·kh·kw]
     return torch.cat([w, tm.module.bias.grad[:, None]], 1) if tm.has_bias else w.clone()
 
 
@@ -72,6 +73,25 @@ def mlp(d_in=6, hidden=16, classes=3, seed=1, bias=True, dtype=torch.float64):
 def mlp_records(n=6, d_in=6, classes=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return [{"x": torch.randn(d_in, generator=g, dtype=dtype), "y": i % classes} for i in range(n)]
+
+
+def cnn(seed=1, dtype=torch.float64):
+    """Convolutions with padding, stride, dilation ("same"), no bias, and a Linear head."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(5, 3, (3, 1), padding="same", dilation=2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 4 * 4, 3),
+    ).to(dtype)
+
+
+def image_records(n=6, side=7, classes=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(2, side, side, generator=g, dtype=dtype), "y": i % classes} for i in range(n)]
 
 
 def ce(model, batch):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import assert_rel_close, ce, mlp, mlp_records, prefix_examples, reference_rows
+from reference import assert_rel_close, ce, cnn, image_records, mlp, mlp_records, prefix_examples, reference_rows
 
 from headwater.collect import GradientCollector, model_fingerprint, tracked_modules
 from headwater.config import ProjectionConfig
@@ -40,6 +40,20 @@ def test_mlp_losses(kind, loss):
     cfg = ProjectionConfig(kind, dim=36, seed=0)
     got = GradientCollector(model, task, cfg)(task.collate(records))
     assert_rel_close(got, reference_rows(model, task, records, cfg))
+
+
+@pytest.mark.parametrize("kind", ["factored", "dense", "none"])
+def test_convolutions_are_tracked_as_linear_maps_of_their_patches(kind):
+    model, task, records = cnn(), ModuleTask("cross_entropy"), image_records(5)
+    assert [tm.d_in for tm in tracked_modules(model).values()] == [2 * 9, 4 * 9, 5 * 3, 48]
+    cfg = ProjectionConfig(kind, dim=40, seed=1)
+    got = GradientCollector(model, task, cfg)(task.collate(records))
+    assert_rel_close(got, reference_rows(model, task, records, cfg))
+
+
+def test_convolutions_unfold_cannot_express_are_not_tracked():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Conv2d(4, 4, 2, padding="same"), torch.nn.Conv2d(4, 4, 3))
+    assert list(tracked_modules(model)) == ["2"]  # grouped; asymmetric "same" padding
 
 
 def test_module_called_twice_sums_both_calls():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import cnn, image_records
 
 from headwater.collect import GradientCollector
 from headwater.config import CurvatureConfig, ProjectionConfig
@@ -33,6 +34,17 @@ def kron_basis(m):
 def test_ekfac_eigenvalues_are_the_dense_diagonal_in_the_kfac_basis(fisher):
     model, task, records = mlp_setup()
     config = CurvatureConfig(fisher=fisher, batch_size=8, seed=3)
+    curv = fit_curvature(model, task, records, config=config, progress=False)
+    dense, _ = dense_fisher(model, task, records, config)
+    for name, m in curv.modules.items():
+        q = kron_basis(m)
+        want = torch.diagonal(q.T @ dense[name] @ q).reshape(m.corrected.shape)
+        torch.testing.assert_close(m.corrected, want, rtol=1e-10, atol=1e-14)
+
+
+def test_ekfac_of_a_convolutional_network_is_the_dense_diagonal_in_its_basis():
+    model, task, records = cnn(), ModuleTask("cross_entropy"), image_records(12)
+    config = CurvatureConfig(fisher="true", batch_size=4, seed=1)
     curv = fit_curvature(model, task, records, config=config, progress=False)
     dense, _ = dense_fisher(model, task, records, config)
     for name, m in curv.modules.items():

@@ -9,7 +9,7 @@ same amplification stays far below TOL."""
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_rel_close, ce, mlp, mlp_records, per_example_grads
+from reference import assert_rel_close, ce, cnn, image_records, mlp, mlp_records, per_example_grads
 
 from headwater import UserError
 from headwater.collect import GradientCollector, tracked_modules
@@ -56,7 +56,7 @@ def normalised_reference(model, opt, tracked, grads, denominator):
     out = {}
     for name, tm in tracked.items():
         d_w = denominator(opt, tm.module.weight)
-        d = d_w.T if tm.transposed else d_w
+        d = d_w.T if tm.transposed else d_w.reshape(d_w.shape[0], -1)
         if tm.has_bias:
             d = torch.cat([d, denominator(opt, tm.module.bias)[:, None]], 1)
         assert d.shape == grads[name].shape[1:]
@@ -69,6 +69,9 @@ def _setup(kind, tokenizer, lm_records):
         model, task, records = mlp(classes=8), ModuleTask(ce), mlp_records(classes=8)
         # named parameters: the saved param_groups carry param_names
         opt = torch.optim.Adam(model.named_parameters(), lr=1e-2)
+    elif kind == "cnn":
+        model, task, records = cnn(), ModuleTask("cross_entropy"), image_records(4)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     else:
         from headwater.toy import tiny_gpt2
 
@@ -80,7 +83,7 @@ def _setup(kind, tokenizer, lm_records):
     return model, task, records, opt
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "gpt2"])
 def test_adam_rows_are_gradients_over_sqrt_second_moment(tmp_path, tokenizer, lm_records, kind):
     model, task, records, opt = _setup(kind, tokenizer, lm_records)
     train(model, task, records, opt, steps=3)

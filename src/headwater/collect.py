@@ -6,6 +6,11 @@ keep each call's input and output; one `torch.autograd.grad` of Σ_b L_b with re
 outputs gives every δ (parameter `.grad` is never touched), and examples do not mix because the
 summed loss's gradient at example b's positions depends only on L_b. The factored projection then
 needs only P_out δ_t and P_in a_t (LoGra); `dense`/`none` form DW_b explicitly.
+
+A 2-d convolution is the same linear map applied at every output position to the input patch
+there: a_t is the unfolded patch [C_in·kh·kw] and δ_t the output gradient [C_out] at position t,
+and DW_b (the weight viewed as [C_out, C_in·kh·kw]) has the same form, so everything downstream
+(projections, KFAC factors, normalisers) treats positions as it treats tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import ProjectionConfig
@@ -34,7 +40,8 @@ DENSE_CACHE_BYTES = 1 << 30
 
 @dataclass
 class TrackedModule:
-    """A linear layer whose gradient is collected. HF `Conv1D` stores its weight transposed."""
+    """A linear layer whose gradient is collected: Linear, HF `Conv1D` (weight stored transposed)
+    or Conv2d (`unfold`: its kernel size, dilation, padding and stride)."""
 
     name: str
     module: torch.nn.Module
@@ -42,6 +49,7 @@ class TrackedModule:
     d_out: int
     has_bias: bool
     transposed: bool
+    unfold: dict | None = None
 
     @property
     def d_in_aug(self) -> int:
@@ -51,8 +59,34 @@ class TrackedModule:
         """Inputs [..., d_in] with the bias's constant 1 appended when the module has a bias: [..., d_in_aug]."""
         return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if self.has_bias else a
 
+    def inputs(self, a: torch.Tensor) -> torch.Tensor:
+        """A call's input as positions × features, [B, T, d_in] (a convolution's patches)."""
+        if self.unfold is not None:
+            a = F.unfold(a, **self.unfold).transpose(1, 2)
+        return a.reshape(a.shape[0], -1, self.d_in)
+
+    def outputs(self, delta: torch.Tensor) -> torch.Tensor:
+        """A call's output gradient as positions × features, [B, T, d_out]."""
+        if self.unfold is not None:
+            delta = delta.flatten(2).transpose(1, 2)
+        return delta.reshape(delta.shape[0], -1, self.d_out)
+
+    def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the weight, as the [d_out, d_in] matrix the gradients use."""
+        return w.T if self.transposed else w.reshape(self.d_out, self.d_in)
+
     def describe(self) -> dict:
         return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias}
+
+
+def _conv_padding(module: torch.nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric padding equal to the module's, or None when `unfold` cannot express it."""
+    if isinstance(module.padding, tuple):
+        return module.padding
+    if module.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]  # "same"
+    return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
 
 
 def _as_linear(name: str, module: torch.nn.Module) -> TrackedModule | None:
@@ -61,14 +95,21 @@ def _as_linear(name: str, module: torch.nn.Module) -> TrackedModule | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
         d_in, d_out = module.weight.shape
         return TrackedModule(name, module, d_in, d_out, module.bias is not None, True)
+    if isinstance(module, torch.nn.Conv2d):
+        padding = _conv_padding(module)
+        if module.groups != 1 or module.padding_mode != "zeros" or padding is None:
+            return None  # grouped, circular/reflect-padded or asymmetric "same": not a patch-wise matmul
+        unfold = {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": padding, "stride": module.stride}
+        d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        return TrackedModule(name, module, d_in, module.out_channels, module.bias is not None, False, unfold)
     return None
 
 
 def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -> dict[str, TrackedModule]:
     """The linear modules to track, in registration order.
 
-    Default: every Linear/Conv1D inside the model's repeated blocks (any `nn.ModuleList`), or every
-    Linear/Conv1D when the model has no such list. `patterns` are fnmatch globs on module names
+    Default: every Linear/Conv1D/Conv2d inside the model's repeated blocks (any `nn.ModuleList`),
+    or every one when the model has no such list (grouped convolutions are not tracked). `patterns` are fnmatch globs on module names
     (e.g. `"*.mlp.*"`, `"transformer.h.1.*"`) and select from all linear modules.
     """
     linear = {n: tm for n, m in model.named_modules() if (tm := _as_linear(n, m)) is not None}
@@ -83,7 +124,7 @@ def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -
             in_blocks.update(n for n in linear if n.startswith(prefix + "."))
     chosen = {n: tm for n, tm in linear.items() if n in in_blocks} or linear
     if not chosen:
-        raise UserError("the model has no Linear or Conv1D module to track")
+        raise UserError("the model has no Linear, Conv1D or Conv2d module to track")
     return chosen
 
 
@@ -199,9 +240,8 @@ class GradientCollector:
         out = []
         for (name, a, o), delta in zip(flat, grads):
             tm = self.modules[name]
-            B = a.shape[0]
             delta = torch.zeros_like(o) if delta is None else delta
-            out.append((tm, at_least_float32(a.detach().reshape(B, -1, tm.d_in)), at_least_float32(delta.reshape(B, -1, tm.d_out))))
+            out.append((tm, at_least_float32(tm.inputs(a.detach())), at_least_float32(tm.outputs(delta))))
         return losses.detach(), out
 
     def __call__(self, batch: Batch, loss_fn=None) -> torch.Tensor:
@@ -239,15 +279,16 @@ class GradientCollector:
                     if delta is not None:
                         start, stop = self.segments[name]
                         n = len(pos)
+                        tm = self.modules[name]
                         rows[lo : lo + n, start:stop] += self._segment(
-                            self.modules[name], a.expand(n, *a.shape[1:]), delta.reshape(n, *delta.shape[2:])
+                            tm, tm.inputs(a).expand(n, -1, -1), tm.outputs(delta.reshape(n, *delta.shape[2:]))
                         )
         return rows
 
     def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """One call's contribution to module `tm`'s segment, [B, segment_dim]."""
+        """One call's contribution to module `tm`'s segment, [B, segment_dim], from a [B, T, d_in] and δ [B, T, d_out]."""
         B = a.shape[0]
-        a, delta = at_least_float32(a.reshape(B, -1, tm.d_in)), at_least_float32(delta.reshape(B, -1, tm.d_out))
+        a, delta = at_least_float32(a), at_least_float32(delta)
         if self.projection.kind == "factored":
             p_out, p_in = (p.to(a.dtype) for p in self._factored(tm))
             pa = a @ p_in[:, : tm.d_in].T

@@ -207,8 +207,7 @@ def module_scales(
             raise UserError(f"optimizer state has no entry for {w_name!r}: the optimizer state does not match the model")
         w_state, group = states[w_name]
         v_w, kind = _second_moment(w_name, tm.module.weight.shape, w_state, group)
-        if tm.transposed:  # HF Conv1D stores weight as [d_in, d_out]
-            v_w = v_w.T
+        v_w = tm.weight_matrix(v_w)  # HF Conv1D stores [d_in, d_out], Conv2d [C_out, C_in, kh, kw]
         full = torch.empty(tm.d_out, tm.d_in_aug, dtype=torch.float64)
         full[:, : tm.d_in] = v_w
         if tm.has_bias:
