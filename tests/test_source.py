@@ -75,3 +75,50 @@ def test_segments_from_trainer_state(tmp_path):
     segs = segments_from_trainer_state(path, {20: a, 50: b})
     assert [(s.steps, s.checkpoints[0]) for s in segs] == [(20, a), (30, b)]
     assert segs[0].lr == pytest.approx(1e-3) and segs[1].lr == pytest.approx((5e-4 + 5e-4 + 1e-4) / 3)
+
+
+def test_adam_with_a_constant_step_scale_is_sgd_with_that_much_larger_rate():
+    model, task, records, queries = setup()
+    scale = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+    a = source_scores(model, task, records, queries, [Segment([model], lr=0.01, steps=40, adam_scale=scale)])
+    b = source_scores(model, task, records, queries, [Segment([model], lr=0.07, steps=40)])
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def test_adam_segments_equal_the_dense_linearised_adam_map():
+    """One-hot inputs make the curvature diagonal in parameter space, where Adam's diagonal P
+    commutes with it: SOURCE's per-eigendirection steps must then equal the dense map
+    Σ_ℓ qᵀ E_later C_ℓ g with C = (PH̄)⁻¹(I − e^{−ηK P H̄})P, E = e^{−ηK P H̄} (matrix exponentials)."""
+    x = torch.eye(4, dtype=torch.float64)
+    counts = [2, 3, 5, 8]  # distinct eigenvalues
+    g = torch.Generator().manual_seed(0)
+    records = [{"x": x[j], "y": float(torch.randn(1, generator=g))} for j, c in enumerate(counts) for _ in range(c)]
+    queries = [{"x": torch.tensor([0.3, -1.0, 0.5, 2.0], dtype=torch.float64), "y": 0.5}]
+    task = ModuleTask("mse")
+    models, scales = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(torch.nn.Linear(4, 1, bias=False).double())
+        scales.append({"weight": torch.rand(1, 4, generator=g, dtype=torch.float64) * 5 + 0.5})
+    segments = [Segment([m], lr=0.02 * (k + 1), steps=30, adam_scale=s) for k, (m, s) in enumerate(zip(models, scales))]
+    method = SOURCE(segments, task, SourceConfig(curvature=CONFIG), final_model=models[-1]).fit(records)
+    got = method.score(queries, dtype=np.float64).values[:, 0]
+
+    def dense(k):
+        curv = method.curvatures[k].modules[""]
+        q_full = torch.kron(curv.q_s, curv.q_a)
+        h = q_full @ torch.diag(curv.eigenvalues().reshape(-1)) @ q_full.T
+        p = torch.diag(scales[k]["weight"].reshape(-1))
+        m = segments[k].lr * segments[k].steps * p @ h
+        e = torch.linalg.matrix_exp(-m)
+        return torch.linalg.solve(p @ h, (torch.eye(4, dtype=torch.float64) - e) @ p), e
+
+    def grad(model, record):
+        model.zero_grad()
+        task.loss(model, task.collate([task.whole(record)])).sum().backward()
+        return model.weight.grad.reshape(-1).clone()
+
+    q = grad(models[-1], queries[0])
+    (c0, _), (c1, e1) = dense(0), dense(1)
+    want = [q @ c1 @ grad(models[1], r) + q @ e1 @ c0 @ grad(models[0], r) for r in records]
+    np.testing.assert_allclose(got, torch.stack(want).numpy(), rtol=1e-9)

@@ -9,7 +9,13 @@ query backwards from the end of training,
     τ(z) = Σ_ℓ r_ℓ · ḡ_ℓ(z),       F(σ) = (1 − e^{−ηKσ}) / σ   (→ ηK as σ → 0).
 
 τ(z) is positive when training on z lowers the query loss (helps). With heavy-ball momentum β
-the effective step is η K / (1 − β). Two limits pin the construction: ηK → 0 gives TracIn at
+the effective step is η K / (1 − β).
+
+Adam steps are θ ← θ − η P ∇L with P = 1/(√v̂ + ε) from the second moments, so the segment's
+linearised map is exp(−ηK P H̄), not exp(−ηK H̄). Keeping only the diagonal of P in H̄'s
+eigenbasis, p̃ = diag(Qᵀ P Q) ((Q_S²)ᵀ P (Q_A²) for a Kronecker basis), each eigendirection
+gets its own step ηK·p̃ in both F and the propagation (the P in front of the gradient cancels
+one p̃: F̃(σ) = (1 − e^{−ηK p̃ σ})/σ). Two limits pin the construction: ηK → 0 gives TracIn at
 one checkpoint (τ = ηK ∇L(q)·∇L(z)); ηK → ∞ gives the influence function ∇L(q)ᵀH⁻¹∇L(z).
 """
 
@@ -36,12 +42,14 @@ from .influence import record_gradients, stream_scores
 @dataclass
 class Segment:
     """Checkpoints of one stretch of training, its learning rate, its number of steps and, when
-    known, its heavy-ball momentum (default: SourceConfig.momentum)."""
+    known, its heavy-ball momentum (default: SourceConfig.momentum) or, for Adam, its per-parameter
+    step scale (`adam_scale`, e.g. from `adam_scale_of`)."""
 
     checkpoints: list[torch.nn.Module]
     lr: float
     steps: int
     momentum: float | None = None
+    adam_scale: dict[str, torch.Tensor] | None = None  # parameter name -> P = 1/(√v̂ + ε), shaped as the parameter
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -69,12 +77,33 @@ def segments_from_trainer_state(path: str | Path, checkpoints: dict[int, torch.n
     return segments
 
 
-def _f(eta_k: float):
-    """F(σ) = (1 − e^{−ηKσ})/σ, with the σ → 0 limit ηK."""
+def adam_scale_of(exp_avg_sq: dict[str, torch.Tensor], step: int, beta2: float, eps: float) -> dict[str, torch.Tensor]:
+    """Adam's step scale P = 1/(√v̂ + ε) per parameter from its second moments after `step` steps."""
+    if step < 1:
+        raise UserError("Adam's step scale needs the second moments after at least one step")
+    return {n: 1 / ((v.double().clamp_min(0) / (1 - beta2**step)).sqrt() + eps) for n, v in exp_avg_sq.items()}
+
+
+def _step_sizes(eta_k: float, seg: Segment, tm, curv) -> float | torch.Tensor:
+    """ηK per eigendirection [d_out, d_in_aug] for Adam segments (ηK·p̃), else the number ηK."""
+    if seg.adam_scale is None:
+        return eta_k
+    weight, bias = (f"{tm.name}.{p}" if tm.name else p for p in ("weight", "bias"))  # a bare Linear model's module is ""
+    missing = [p for p in (weight, bias)[: 1 + tm.has_bias] if p not in seg.adam_scale]
+    if missing:
+        raise UserError(f"the segment's Adam step scale has no entry for {missing[0]!r}")
+    scale = tm.weight_matrix(seg.adam_scale[weight].double())
+    if tm.has_bias:
+        scale = torch.cat([scale, seg.adam_scale[bias].double()[:, None]], 1)
+    return eta_k * (curv.q_s.double().square().T @ scale @ curv.q_a.double().square())
+
+
+def _f(eta_k: float | torch.Tensor):
+    """F(σ) = (1 − e^{−ηKσ})/σ, with the σ → 0 limit ηK (ηK a number or one per eigendirection)."""
 
     def fn(sigma: torch.Tensor) -> torch.Tensor:
         safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-        return torch.where(sigma > 0, -torch.expm1(-eta_k * safe) / safe, torch.full_like(sigma, eta_k))
+        return torch.where(sigma > 0, -torch.expm1(-eta_k * safe) / safe, eta_k * torch.ones_like(sigma))
 
     return fn
 
@@ -121,18 +150,19 @@ class SOURCE(Method):
         data, cfg = self.fitted(), self.config
         records, _ = query_records(queries)
         names = list(self.curvatures[0].modules)
-        q = record_gradients(GradientCollector(self.final_model, self.task, ProjectionConfig("none"), names), records, measurement, cfg.batch_size)
-        q = {n: g.double() for n, g in q.items()}
+        final = GradientCollector(self.final_model, self.task, ProjectionConfig("none"), names)
+        q = {n: g.double() for n, g in record_gradients(final, records, measurement, cfg.batch_size).items()}
         total, ids = 0.0, None
         for seg, curv in zip(reversed(self.segments), reversed(self.curvatures)):
             eta_k = seg.lr * seg.steps / (1 - (cfg.momentum if seg.momentum is None else seg.momentum))
-            r = {n: curv.modules[n].apply(g, _f(eta_k)) for n, g in q.items()}
+            eta = {n: _step_sizes(eta_k, seg, final.modules[n], curv.modules[n]) for n in q}
+            r = {n: curv.modules[n].apply(g, _f(eta[n])) for n, g in q.items()}
             for ckpt in seg.checkpoints:  # ḡ_ℓ(z) = mean over the segment's checkpoints
                 collector = GradientCollector(ckpt, self.task, ProjectionConfig("none"), names)
                 blocks = list(stream_scores(collector, data.records, r, batch_size=cfg.batch_size))
                 ids = np.concatenate([b[1] for b in blocks])
                 total = total + torch.cat([b[2] for b in blocks]).double() / len(seg.checkpoints)
-            q = {n: curv.modules[n].apply(g, lambda e: torch.exp(-eta_k * e)) for n, g in q.items()}
+            q = {n: curv.modules[n].apply(g, lambda e, n=n: torch.exp(-eta[n] * e)) for n, g in q.items()}
         yield 0, ids, total
 
 
@@ -151,12 +181,18 @@ def segments_from_config(checkpoints: list[torch.nn.Module], config: SourceConfi
 
 def segments_from_trajectory(trajectory: Trajectory, model: torch.nn.Module) -> list[Segment]:
     """One segment per recorded stage: its end checkpoint, its mean learning rate (times the
-    clipping factors) over its steps, and its SGD momentum (Adam stages: none; SOURCE's
-    exp(−ηK·H) then treats them as SGD steps, see the method's limits)."""
+    clipping factors) over its steps, and its SGD momentum or, for Adam stages, the step scale
+    from the second moments recorded at the stage's end (Adam's first moment averages gradients,
+    so it does not lengthen the step as heavy-ball momentum does)."""
     segments = []
     for stage in trajectory.stages:
         steps = trajectory.steps[stage.start : stage.stop]
+        last = steps[-1]
         momentum = steps[0].momentum[0] if steps[0].kind == "sgd" else 0.0
+        scale = None
+        if last.kind == "adam":
+            v = trajectory.moments_at(stage.name, True).get("exp_avg_sq", {})
+            scale = adam_scale_of(v, last.count, last.beta2[0], last.eps[0]) if v else None
         lr = trajectory.learning_rate_sum(stage.name) / len(steps)
-        segments.append(Segment([trajectory.checkpoint(stage.name, model)], lr, len(steps), momentum))
+        segments.append(Segment([trajectory.checkpoint(stage.name, model)], lr, len(steps), momentum, scale))
     return segments
