@@ -6,6 +6,8 @@ Comparisons against autograd run in float64 where the reference allows it: batch
 one-at-a-time passes use different kernels, whose float32 round-off (~1e-7 relative, CPU
 dependent) says nothing about the method."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -31,9 +33,25 @@ def module_gradient(tm) -> torch.Tensor:
     return torch.cat([w, tm.module.bias.grad[:, None]], 1) if tm.has_bias else w.clone()
 
 
+def untied(model):
+    """A copy whose weights shared between modules (GPT-2's head and token embedding) are separate
+    parameters: a tracked module's gradient is that of its own use of the weight."""
+    model = copy.deepcopy(model)
+    seen = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.nn.Parameter):
+            if w.data_ptr() in seen:
+                module.weight = torch.nn.Parameter(w.detach().clone())
+            seen[w.data_ptr()] = name
+    return model
+
+
 def per_example_grads(model, task, examples, modules=None, loss=None):
     """{module name: [B, d_out, d_in(+1)]} autograd gradients of each example alone."""
-    tracked = tracked_modules(model, modules)
+    names = list(tracked_modules(model, modules))
+    model = untied(model)
+    tracked = tracked_modules(model, names)
     loss = loss or task.loss
     out = {name: [] for name in tracked}
     for ex in examples:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import assert_rel_close, ce, cnn, image_records, mlp, mlp_records, prefix_examples, reference_rows
+from reference import assert_rel_close, ce, cnn, image_records, mlp, mlp_records, prefix_examples, reference_rows, untied
 
 from headwater.collect import GradientCollector, model_fingerprint, tracked_modules
 from headwater.config import ProjectionConfig
@@ -74,11 +74,16 @@ def test_module_called_twice_sums_both_calls():
     assert_rel_close(got, reference_rows(model, task, records, cfg))
 
 
-def test_default_modules_are_inside_blocks(gpt2):
-    names = list(tracked_modules(gpt2))
+def test_default_modules_are_every_linear_one_but_tied_and_huge_heads(gpt2, monkeypatch):
+    import headwater.collect as collect
+
+    names = list(tracked_modules(gpt2))  # the head shares the token embedding's weight
     assert names and all(n.startswith("transformer.h.") for n in names)
-    assert "lm_head" not in names
     assert list(tracked_modules(gpt2, ["*.mlp.*"])) == [n for n in names if ".mlp." in n]
+    free = untied(gpt2)
+    assert list(tracked_modules(free)) == names + ["lm_head"]
+    monkeypatch.setattr(collect, "MAX_DEFAULT_SIDE", gpt2.config.vocab_size - 1)  # a head over the limit
+    assert "lm_head" not in tracked_modules(free) and "lm_head" in tracked_modules(free, ["lm_head"])
 
 
 def test_token_rows_equal_prefix_examples(gpt2, tokenizer, lm_records):

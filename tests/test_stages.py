@@ -583,7 +583,13 @@ def test_source_and_tracin_read_the_trajectory(tmp_path, tokenizer, method):
     lrs = [sum(traj.steps[t].lr[0] * traj.steps[t].clip for t in range(st.start, st.stop)) for st in traj.stages]
     assert lrs == pytest.approx([1e-2 * n for n in steps])  # constant lr, never clipped
     if method == "source":
-        segments = [hw.Segment([m], lr / n, n, 0.0) for m, lr, n in zip(ends, lrs, steps)]
+        segments = []
+        for m, lr, n, st in zip(ends, lrs, steps, traj.stages):  # Adam: P = 1/(√v̂ + ε) at each stage's end
+            last = traj.steps[st.stop - 1]
+            v = traj.moments_at(st.name, True)["exp_avg_sq"]
+            scale = {k: 1 / ((x.double() / (1 - last.beta2[0] ** last.count)).sqrt() + last.eps[0]) for k, x in v.items()}
+            segments.append(hw.Segment([m], lr / n, n, 0.0, scale))
+        assert traj.steps[0].kind == "adam"
         want = hw.SOURCE(segments, task, final_model=model).fit(train).score([{"prompt": "the capital of zorblat is", "completion": " quenti"}])
     else:
         config = hw.TracInConfig(projection=hw.ProjectionConfig("none"), checkpoint_lr=lrs)

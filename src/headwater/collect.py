@@ -105,12 +105,21 @@ def _as_linear(name: str, module: torch.nn.Module) -> TrackedModule | None:
     return None
 
 
+MAX_DEFAULT_SIDE = 16384  # a 50k-vocabulary output head's Kronecker factor alone would take 20 GB
+
+
 def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -> dict[str, TrackedModule]:
     """The linear modules to track, in registration order.
 
-    Default: every Linear/Conv1D/Conv2d inside the model's repeated blocks (any `nn.ModuleList`),
-    or every one when the model has no such list (grouped convolutions are not tracked). `patterns` are fnmatch globs on module names
-    (e.g. `"*.mlp.*"`, `"transformer.h.1.*"`) and select from all linear modules.
+    Default: every Linear/Conv1D/Conv2d of the model, the output head included, except
+    - a module with a side over MAX_DEFAULT_SIDE (e.g. a large vocabulary's head);
+    - a module whose weight is tied to an earlier module's (GPT-2's head shares the token
+      embedding): its module gradient is only the head's use of the weight, and on a tiny GPT-2
+      the embedding's use cancels much of it (a first-order step moved a query by 0.50 where the
+      head-inclusive score predicted 0.85), so it is not the parameter's gradient.
+    Name such modules in `patterns` to track them anyway. Grouped convolutions are never tracked.
+    `patterns` are fnmatch globs on module names (e.g. `"*.mlp.*"`, `"transformer.h.1.*"`) and
+    select from all linear modules.
     """
     linear = {n: tm for n, m in model.named_modules() if (tm := _as_linear(n, m)) is not None}
     if patterns:
@@ -118,13 +127,15 @@ def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -
         if not chosen:
             raise UserError(f"no linear module matches {patterns}; linear modules are: {', '.join(list(linear)[:20])}")
         return chosen
-    in_blocks = set()
-    for prefix, m in model.named_modules():
-        if isinstance(m, torch.nn.ModuleList):
-            in_blocks.update(n for n in linear if n.startswith(prefix + "."))
-    chosen = {n: tm for n, tm in linear.items() if n in in_blocks} or linear
+    owner: dict[int, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+            owner.setdefault(id(m.weight), n)
+    chosen = {n: tm for n, tm in linear.items() if max(tm.d_out, tm.d_in_aug) <= MAX_DEFAULT_SIDE and owner[id(tm.module.weight)] == n}
     if not chosen:
-        raise UserError("the model has no Linear, Conv1D or Conv2d module to track")
+        raise UserError(
+            "the model has no Linear, Conv1D or Conv2d module to track" + (" of a side ≤ 16384; name modules with --modules" if linear else "")
+        )
     return chosen
 
 

@@ -101,7 +101,10 @@ H_DATA = "Training records: a .jsonl/.csv/.parquet file, a save_to_disk director
 H_INIT_MODEL = "The model the training run started from (MAGIC and retraining replay the run from it)."
 H_BATCH = "Examples per forward/backward pass when computing gradients."
 H_SAMPLE_SEED = "Seed of the random sample a method draws (TrackStar's training rows, the stage estimators' Hessian records)."
-H_MODULES = "Glob of module names to track (repeatable); default: the linear layers inside the model's blocks."
+H_MODULES = (
+    "Glob of module names to track (repeatable); default: every linear layer (Linear, Conv1D, Conv2d), "
+    "the output head included unless it is tied to the token embedding or a side is over 16,384."
+)
 H_DAMPING = (
     "Damping, as a fraction of the mean eigenvalue of the matrix the method inverts "
     "(TrackStar: the gradient autocorrelation; ekfac/kfac: the curvature; trak: the feature kernel)."
