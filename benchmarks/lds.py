@@ -1,14 +1,18 @@
-"""LDS of every attribution method against real retraining, measured in one run.
+"""LDS of every attribution method against real retraining, beside the peer libraries, in one run.
 
-Two settings: (a) a tabular classification task (teacher-labelled Gaussian features, an MLP
-trained by SGD with momentum) and (b) a tiny GPT-2 fine-tuned with AdamW on a generated corpus.
+Four settings: a tabular classifier (teacher-labelled Gaussian features, an MLP), an image-like
+MLP and a small CNN (noisy shifted smooth class prototypes, 10% flipped labels), all trained by
+SGD with momentum and weight decay, and a tiny GPT-2 fine-tuned with AdamW on a generated corpus.
 For each: train the model to attribute, score every training example for each target with each
 method, retrain on m random half-size subsets over several seeds, and report the LDS (Spearman ρ
 between the summed scores of a subset and the negated target loss, averaged over targets), the
-seed-noise ceiling and wall time. Prints a table and writes JSON.
+seed-noise ceiling and wall time. Kronfluence, traker and dattri score the same trained models
+with their documented defaults in their own virtualenv (`lds_peers.py`, `peers_driver.py`; set
+up as in benchmarks/README.md). Prints a table and writes JSON.
 
-    python benchmarks/lds.py                 # both settings, defaults (~15 min on 2 cores)
-    python benchmarks/lds.py --quick         # small sizes, a smoke test
+    python benchmarks/lds.py                           # every setting (~30 min on 2 cores)
+    python benchmarks/lds.py --only image cnn --no-magic
+    python benchmarks/lds.py --quick                   # small sizes, a smoke test
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lds_models  # noqa: E402  (beside this script; the peers' drivers import it too)
+import lds_peers  # noqa: E402
 import numpy as np
 import torch
 
@@ -48,6 +54,7 @@ from headwater import (
     TrainConfig,
     TRAKConfig,
 )
+from headwater.methods.source import adam_scale_of
 from headwater.toy import tiny_gpt2, word_tokenizer
 
 
@@ -60,6 +67,7 @@ class Setting:
     init: Callable[[int], torch.nn.Module]  # seed -> model at the start of the attributed training
     run: TrainConfig
     projection: ProjectionConfig  # for the projected methods (TrackStar, TRAK)
+    spec: dict | None = None  # the lds_models spec of a classifier (for the peers' drivers)
 
     def fit(self, records, seed: int) -> tuple[torch.nn.Module, Replay]:
         model = self.init(seed)
@@ -90,6 +98,13 @@ class Setting:
 # ----------------------------------------------------------------------------------- settings
 
 
+def classification(name: str, spec: dict, records: list[dict], n_train: int, epochs: int) -> Setting:
+    """A classifier from `lds_models` trained by SGD with momentum and weight decay."""
+    run = TrainConfig("sgd", lr=0.05, epochs=epochs, train_batch_size=20, momentum=0.9, weight_decay=1e-3)
+    init = lambda seed: lds_models.seeded(spec, 1000 + seed)  # noqa: E731
+    return Setting(name, ModuleTask(), records[:n_train], records[n_train:], init, run, ProjectionConfig("none"), spec=spec)
+
+
 def tabular(args) -> Setting:
     g = torch.Generator().manual_seed(args.seed)
     d, classes = 8, 3
@@ -98,13 +113,33 @@ def tabular(args) -> Setting:
     x = torch.randn(n, d, generator=g)
     y = torch.multinomial((1.5 * x @ teacher).softmax(1), 1, generator=g).squeeze(1)
     records = [{"x": x[i], "y": int(y[i])} for i in range(n)]
+    return classification("tabular MLP", {"name": "mlp", "d_in": d, "hidden": 32, "classes": classes}, records, args.tab_train, args.tab_epochs)
 
-    def init(seed):
-        torch.manual_seed(1000 + seed)
-        return torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.Tanh(), torch.nn.Linear(32, classes))
 
-    run = TrainConfig("sgd", lr=0.05, epochs=args.tab_epochs, train_batch_size=20, momentum=0.9, weight_decay=1e-3)
-    return Setting("tabular MLP", ModuleTask(), records[: args.tab_train], records[args.tab_train :], init, run, ProjectionConfig("none"))
+def images(args, side: int, classes: int = 4) -> list[dict]:
+    """Noisy, shifted copies of smooth class prototypes, 10% of labels flipped: [1, side, side] images."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    smooth = torch.full((1, 1, 3, 3), 1 / 9)
+    protos = torch.nn.functional.conv2d(torch.randn(classes, 1, side, side, generator=g), smooth, padding=1)
+    protos = protos / protos.std()
+    n = args.image_train + args.tab_targets
+    y = torch.randint(classes, (n,), generator=g)
+    shifts = torch.randint(-1, 2, (n, 2), generator=g)
+    x = torch.stack([torch.roll(protos[y[i]], tuple(shifts[i].tolist()), (1, 2)) for i in range(n)])
+    x = 0.7 * x + torch.randn(x.shape, generator=g)
+    flip = torch.rand(n, generator=g) < 0.1
+    y = torch.where(flip, torch.randint(classes, (n,), generator=g), y)
+    return [{"x": x[i], "y": int(y[i])} for i in range(n)]
+
+
+def image_mlp(args) -> Setting:
+    spec = {"name": "image_mlp", "side": 8, "channels": 1, "hidden": 32, "classes": 4}
+    return classification("image MLP", spec, images(args, 8), args.image_train, args.image_epochs)
+
+
+def small_cnn(args) -> Setting:
+    spec = {"name": "cnn", "side": 10, "channels": 1, "classes": 4, "width": 8}
+    return classification("small CNN", spec, images(args, 10), args.image_train, args.image_epochs)
 
 
 def language_model(args) -> Setting:
@@ -185,11 +220,19 @@ def methods(setting: Setting, args) -> dict[str, tuple[hw.Scores, float]]:
     timed("EK-FAC influence", lambda: EKFAC(final, task, influence).fit(train).score(targets))
     cg = dataclasses.replace(influence, cg_steps=args.cg_steps)
     timed(f"EK-FAC + CG ({args.cg_steps} steps)", lambda: EKFAC(final, task, cg).fit(train).score(targets))
-    segments = [Segment([m], lr=lr, steps=k) for m, lr, k in zip(checkpoints, seg_lr, spacing)]
+    run = setting.run
+    adam = lambda s: adam_scale_of({n[2:]: v for n, v in states[s].items() if n.startswith("v.")}, s, run.beta2, run.adam_eps)  # noqa: E731
+    scales = [adam(s) if run.optimizer == "adamw" else None for s in ckpt_steps]  # AdamW: SOURCE with the recorded second moments
+    segments = [Segment([m], lr=lr, steps=k, adam_scale=p) for m, lr, k, p in zip(checkpoints, seg_lr, spacing, scales)]
     source = hw.SourceConfig(curvature=curvature, momentum=setting.run.momentum if setting.run.optimizer == "sgd" else 0.0, batch_size=32)
     timed(f"SOURCE ({len(ckpt_steps)} segments)", lambda: SOURCE(segments, task, source, final_model=final).fit(train).score(targets))
-    timed("MAGIC (1 run)", lambda: magic([0]))
-    timed(f"MAGIC ({args.seeds}-seed ensemble)", lambda: magic(list(range(args.seeds))))
+    if not args.no_magic:
+        timed("MAGIC (1 run)", lambda: magic([0]))
+        timed(f"MAGIC ({args.seeds}-seed ensemble)", lambda: magic(list(range(args.seeds))))
+    if args.peers_python and Path(args.peers_python).exists():
+        tracin_steps = list(zip(checkpoints, [replay.lr(s - 1) for s in ckpt_steps], spacing))
+        workdir = args.peers_workdir / setting.name.replace(" ", "-")
+        out.update(lds_peers.run(setting, ensemble, tracin_steps, workdir, args.peers_python, train_s))
     return out
 
 
@@ -239,7 +282,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--only", choices=["tabular", "lm"], help="run one setting")
+    p.add_argument("--only", choices=["tabular", "image", "cnn", "lm"], nargs="+", help="run these settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subsets", type=int, default=64)
     p.add_argument("--seeds", type=int, default=4, help="retraining seeds per subset (≥ 2 for the ceiling)")
@@ -249,6 +292,8 @@ def main() -> None:
     p.add_argument("--tab-train", type=int, default=200)
     p.add_argument("--tab-targets", type=int, default=20)
     p.add_argument("--tab-epochs", type=int, default=10)
+    p.add_argument("--image-train", type=int, default=300)
+    p.add_argument("--image-epochs", type=int, default=30)
     p.add_argument("--lm-train", type=int, default=96)
     p.add_argument("--lm-targets", type=int, default=10)
     p.add_argument("--lm-epochs", type=int, default=3)
@@ -259,14 +304,23 @@ def main() -> None:
         help="retrain on each subset (same epochs) or reweight losses 0/1 in the full run (same steps)",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-magic", action="store_true", help="skip MAGIC (the slowest method)")
+    p.add_argument(
+        "--peers-python",
+        default="/work/peers-venv/bin/python",
+        help="a virtualenv's python with kronfluence, traker and dattri (peers_driver.py runs there); skipped when absent",
+    )
+    p.add_argument("--peers-workdir", type=Path, default=Path("/tmp/headwater-lds-peers"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lds.json")
     args = p.parse_args()
     if args.quick:
         args.subsets, args.seeds, args.tab_train, args.tab_targets, args.lm_train, args.lm_targets = 12, 2, 60, 5, 24, 3
-        args.trak_models, args.tab_epochs, args.lm_epochs = 2, 3, 1
+        args.trak_models, args.tab_epochs, args.lm_epochs, args.image_train, args.image_epochs = 2, 3, 1, 60, 3
     torch.set_num_threads(args.threads)
-    settings = {"tabular": tabular, "lm": language_model}
-    results = [evaluate(dataclasses.replace(settings[k](args), protocol=args.protocol), args) for k in settings if args.only in (None, k)]
+    settings = {"tabular": tabular, "image": image_mlp, "cnn": small_cnn, "lm": language_model}
+    results = [
+        evaluate(dataclasses.replace(settings[k](args), protocol=args.protocol), args) for k in settings if args.only is None or k in args.only
+    ]
     text = table(results)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
