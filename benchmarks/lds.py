@@ -218,6 +218,7 @@ def methods(setting: Setting, args) -> dict[str, tuple[hw.Scores, float]]:
         f"TRAK ({args.trak_models} models)", lambda: TRAK(ensemble, task, trak).fit(train).score(targets, hw.Loss()), train_s * (args.trak_models - 1)
     )
     timed("EK-FAC influence", lambda: EKFAC(final, task, influence).fit(train).score(targets))
+    timed("KFAC influence", lambda: hw.KFAC(final, task, influence).fit(train).score(targets))
     cg = dataclasses.replace(influence, cg_steps=args.cg_steps)
     timed(f"EK-FAC + CG ({args.cg_steps} steps)", lambda: EKFAC(final, task, cg).fit(train).score(targets))
     run = setting.run
