@@ -58,35 +58,29 @@ def export(setting, ensemble: list, checkpoints: list[tuple], out: Path) -> Path
             "batch_size": run.train_batch_size,
         },
     }
-    task = setting.task
+    task, data = setting.task, {}
     if setting.spec is not None:
         meta |= {"kind": "classification", "model": setting.spec}
-        data = {}
         for prefix, records in (("train", setting.train), ("target", setting.targets)):
             data[f"{prefix}_x"] = torch.stack([torch.as_tensor(r["x"]) for r in records]).float().contiguous()
             data[f"{prefix}_y"] = torch.tensor([int(r["y"]) for r in records], dtype=torch.int64)
-        for i, model in enumerate(ensemble):
-            save_file(_state(model), out / "models" / f"{i}.safetensors")
-        meta["ensemble"] = [f"models/{i}.safetensors" for i in range(len(ensemble))]
-        ckpt_paths = []
-        for i, (model, _, _) in enumerate(checkpoints):
-            save_file(_state(model), out / "checkpoints" / f"{i}.safetensors")
-            ckpt_paths.append(f"checkpoints/{i}.safetensors")
+
+        def save(model, rel: str) -> str:
+            save_file(_state(model), out / f"{rel}.safetensors")
+            return f"{rel}.safetensors"
     else:
         meta["kind"] = "lm"
-        data = {}
         for prefix, records in (("train", setting.train), ("target", setting.targets)):
             batch = task.collate([task.whole(r) for r in records])
-            data[f"{prefix}_input_ids"] = batch["input_ids"]
-            data[f"{prefix}_attention_mask"] = batch["attention_mask"]
-            data[f"{prefix}_target_mask"] = batch["target_mask"]
-        for i, model in enumerate(ensemble):
-            model.save_pretrained(out / "models" / str(i))
-        meta["ensemble"] = [f"models/{i}" for i in range(len(ensemble))]
-        ckpt_paths = []
-        for i, (model, _, _) in enumerate(checkpoints):
-            model.save_pretrained(out / "checkpoints" / str(i))
-            ckpt_paths.append(f"checkpoints/{i}")
+            for key in ("input_ids", "attention_mask", "target_mask"):
+                data[f"{prefix}_{key}"] = batch[key]
+
+        def save(model, rel: str) -> str:
+            model.save_pretrained(out / rel)
+            return rel
+
+    meta["ensemble"] = [save(model, f"models/{i}") for i, model in enumerate(ensemble)]
+    ckpt_paths = [save(model, f"checkpoints/{i}") for i, (model, _, _) in enumerate(checkpoints)]
     meta["checkpoints"] = [{"path": p, "lr": float(lr), "steps": int(k)} for p, (_, lr, k) in zip(ckpt_paths, checkpoints)]
     save_file(data, out / "data.safetensors")
     (out / "task.json").write_text(json.dumps(meta, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peers_task import Task, lm_token_losses
+from peers_task import NotRun, Task, lm_token_losses
 
 
 def run_dattri(task: Task, record, workdir: Path, args) -> None:
@@ -166,7 +166,7 @@ def run_dattri(task: Task, record, workdir: Path, args) -> None:
         from dattri.algorithm import IFAttributorEKFAC
 
         if lm:
-            raise NotImplementedError("not run for kind 'lm' (dattri's EK-FAC needs nn.Linear modules; GPT-2 uses Conv1D)")
+            raise NotRun("not run for kind 'lm' (dattri's EK-FAC needs nn.Linear modules; GPT-2 uses Conv1D)")
         model = task.fresh()
         t = AttributionTask(loss_func=loss_factory(model), model=model, checkpoints=task.state_any(task.ensemble[0]))
         kw, _, over = split("dattri__if_ekfac")
@@ -191,7 +191,7 @@ def run_dattri(task: Task, record, workdir: Path, args) -> None:
         from dattri.algorithm import TRAKAttributor
 
         if lm:
-            raise NotImplementedError("not run for kind 'lm' (TRAK's margin/correct-probability functions are classification ones)")
+            raise NotRun("not run for kind 'lm' (TRAK's margin/correct-probability functions are classification ones)")
         model = task.fresh()
         f, m = margin_factory(model)
         t = AttributionTask(loss_func=f, model=model, checkpoints=[task.state_any(p) for p in paths])

@@ -100,13 +100,13 @@ def main() -> None:
     args = ap.parse_args()
     sets = []
     for item in args.set:
-        target, _, value = item.partition("=")
-        prefix, _, key = target.rpartition(".")
-        if not prefix or not key or not _:
+        target, equals, value = item.partition("=")
+        prefix, dot, key = target.rpartition(".")
+        if not (prefix and dot and key and equals):
             ap.error(f"--set {item!r}: expected PREFIX.KEY=VALUE")
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # not JSON: the value is the string as given
             pass
         sets.append((prefix, key, value))
     args.overrides = lambda method: {k: v for p, k, v in sets if method.startswith(p)}

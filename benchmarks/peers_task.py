@@ -10,6 +10,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+class NotRun(Exception):
+    """A peer method that does not apply to the task's kind (recorded as its error, never run)."""
+
+
 class Task:
     """task.json + data.safetensors + the models, loaded on CPU."""
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from peers_task import Task
+from peers_task import NotRun, Task
 
 
 def run_traker(task: Task, record, workdir: Path, args) -> None:
     if task.kind != "classification":
 
         def unsupported():
-            raise NotImplementedError("traker ships no language-model output function (only image/text classification, CLIP); not run for kind 'lm'")
+            raise NotRun("traker ships no language-model output function (only image/text classification, CLIP); not run for kind 'lm'")
 
         for m in ("trak_1", "trak_ensemble"):
             record(f"traker__{m}", unsupported)

@@ -202,7 +202,7 @@ class StageAttribution:
             batch = self._step_batch(t, k)
             if batch is None:
                 return torch.zeros_like(v)
-            normaliser = targets_in(batch) if self.config.batch_loss == "token-mean" else len(next(iter(batch.values())))
+            normaliser = self._batch_normaliser(batch)
             return curvature_products(
                 self.task,
                 lambda th: self.task.loss(self._bound(th), batch).sum() / normaliser,
@@ -213,6 +213,10 @@ class StageAttribution:
             )
 
         return hvp
+
+    def _batch_normaliser(self, batch) -> int:
+        """What the run divided a batch's summed loss by: its target tokens or its examples."""
+        return targets_in(batch) if self.config.batch_loss == "token-mean" else len(next(iter(batch.values())))
 
     def _step_batch(self, t: int, k: int):
         """The records of step t (or a seeded sample of its stage's records when not recorded)."""
@@ -319,7 +323,7 @@ class StageAttribution:
                 return
             chosen = [position[str(i)] for i in rec_ids if str(i) in position]
             batch = self.task.collate([self.task.whole(records[i]) for i in chosen])
-            scale = 1 / (targets_in(batch) if self.config.batch_loss == "token-mean" else len(chosen))
+            scale = 1 / self._batch_normaliser(batch)
             for i in chosen:
                 per_record[i] = per_record.get(i, 0) + gamma * scale
 
