@@ -35,7 +35,7 @@ def module_gradient(tm) -> torch.Tensor:
 
 def untied(model):
     """A copy whose weights shared between modules (GPT-2's head and token embedding) are separate
-    parameters: a tracked module's gradient is that of its own use of the weight."""
+    parameters."""
     model = copy.deepcopy(model)
     seen = {}
     for name, module in model.named_modules():
@@ -48,10 +48,9 @@ def untied(model):
 
 
 def per_example_grads(model, task, examples, modules=None, loss=None):
-    """{module name: [B, d_out, d_in(+1)]} autograd gradients of each example alone."""
-    names = list(tracked_modules(model, modules))
-    model = untied(model)
-    tracked = tracked_modules(model, names)
+    """{module name: [B, d_out, d_in(+1)]} autograd gradients of each example alone (of the
+    module's weight parameter, every use of a shared weight included)."""
+    tracked = tracked_modules(model, modules)
     loss = loss or task.loss
     out = {name: [] for name in tracked}
     for ex in examples:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import assert_rel_close, ce, cnn, image_records, mlp, mlp_records, prefix_examples, reference_rows, untied
 
 from headwater.collect import GradientCollector, model_fingerprint, tracked_modules
@@ -74,16 +75,50 @@ def test_module_called_twice_sums_both_calls():
     assert_rel_close(got, reference_rows(model, task, records, cfg))
 
 
-def test_default_modules_are_every_linear_one_but_tied_and_huge_heads(gpt2, monkeypatch):
+def test_default_modules_are_every_linear_one_but_shared_and_huge_ones(gpt2, monkeypatch):
     import headwater.collect as collect
 
-    names = list(tracked_modules(gpt2))  # the head shares the token embedding's weight
-    assert names and all(n.startswith("transformer.h.") for n in names)
+    names = list(tracked_modules(gpt2))  # the head shares the token embedding's weight: tracked with its lookup
+    assert names[-1] == "lm_head" and all(n.startswith("transformer.h.") for n in names[:-1])
+    assert tracked_modules(gpt2)["lm_head"].embedding is gpt2.transformer.wte
     assert list(tracked_modules(gpt2, ["*.mlp.*"])) == [n for n in names if ".mlp." in n]
     free = untied(gpt2)
-    assert list(tracked_modules(free)) == names + ["lm_head"]
+    assert list(tracked_modules(free)) == names and tracked_modules(free)["lm_head"].embedding is None
     monkeypatch.setattr(collect, "MAX_DEFAULT_SIDE", gpt2.config.vocab_size - 1)  # a head over the limit
     assert "lm_head" not in tracked_modules(free) and "lm_head" in tracked_modules(free, ["lm_head"])
+    pair = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    pair[2].weight = pair[0].weight  # two linear uses of one weight: neither one's row is the whole gradient
+    assert list(tracked_modules(pair)) == ["4"]
+
+
+class TiedLM(torch.nn.Module):
+    """A token embedding (with a padding row) tied to a biased output head."""
+
+    def __init__(self, vocab=7, d=5, pad=0):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d, padding_idx=pad)
+        self.mix = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+@pytest.mark.parametrize("kind", ["none", "factored"])
+def test_tied_head_rows_are_the_shared_weights_whole_gradient(kind):
+    """Head + lookup of one tied weight (padding row and bias included) equal autograd's gradient
+    of the parameter, example by example."""
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    assert list(tracked_modules(model)) == ["mix", "head"]
+    task = ModuleTask(lambda m, b: F.cross_entropy(m(b["ids"]).transpose(1, 2), b["y"], reduction="none").sum(1))
+    g = torch.Generator().manual_seed(1)
+    records = [{"ids": torch.randint(0, 7, (6,), generator=g), "y": torch.randint(0, 7, (6,), generator=g)} for _ in range(4)]
+    records[0]["ids"][:3] = 0  # padded positions: the lookup gives the padding row no gradient
+    cfg = ProjectionConfig(kind, dim=16, seed=2)
+    got = GradientCollector(model, task, cfg)(task.collate(records))
+    assert_rel_close(got, reference_rows(model, task, records, cfg))
 
 
 def test_token_rows_equal_prefix_examples(gpt2, tokenizer, lm_records):

@@ -181,9 +181,14 @@ def test_tail_patch_top_proponents_raise_the_target_more_than_random(gpt2, token
     task = LanguageModelTask(tokenizer)
     train = lm_records + [{"text": "the capital of zorblat is quenti ."}, {"text": "zorblat has the capital quenti ."}]
     queries = [{"prompt": "the capital of zorblat is", "completion": " quenti"}]
-    # dot product of full gradients: the first-order change of −loss per unit step
     scores = Dot(gpt2, task, GradientConfig(projection=ProjectionConfig("none"))).fit(train).score(queries)
-    out = tail_patch(gpt2, task, train, queries, scores, k=2, lr=1e-2)
+    out = tail_patch(gpt2, task, train, queries, scores, k=2, lr=1e-4)
     assert out["top_k"] > 0 and out["top_k"] > out["random"], out
-    top2 = np.sort(scores.values[:, 0])[-2:]
-    assert out["top_k"] == pytest.approx(1e-2 * top2.mean(), rel=0.1)  # one small step: first order holds
+
+    def grad(record):  # of every parameter (tail_patch steps them all), by autograd
+        loss = task.loss(gpt2, task.collate([task.whole(record)])).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(gpt2.parameters()))])
+
+    top2 = np.argsort(scores.values[:, 0])[-2:]
+    rate = np.mean([float(grad(train[i]) @ grad(queries[0])) for i in top2])
+    assert out["top_k"] == pytest.approx(1e-4 * rate, rel=0.02)  # one small step: first order holds

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import STORED_F32, assert_rel_close, reference_rows
+from reference import STORED_F32, assert_rel_close, module_gradient, reference_rows
 
 from headwater import BuildConfig, GradientCollector, LanguageModelTask, ProjectionConfig, UserError, build_index
 from headwater.data import fingerprint_records, load_records
@@ -249,11 +249,7 @@ def test_chat_gradient_equals_hand_written_loss(gpt2, tokenizer):
         logits = gpt2(input_ids=ids).logits[0]
         loss = sum(F.cross_entropy(logits[t - 1], ids[0, t]) for t in range(1, len(tokens)) if mask[t])
         loss.backward()
-        parts = []
-        for tm in tracked.values():
-            w = tm.module.weight.grad.T if tm.transposed else tm.module.weight.grad
-            parts.append(torch.cat([w, tm.module.bias.grad[:, None]], 1).reshape(-1))
-        assert_rel_close(row[None], torch.cat(parts)[None])
+        assert_rel_close(row[None], torch.cat([module_gradient(tm).reshape(-1) for tm in tracked.values()])[None])
 
 
 def test_multi_process_build_fails_in_one_line_before_launching(tmp_path):

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from reference import reference_rows, untied
+from reference import reference_rows
 
 from headwater import (
     METHODS,
@@ -229,7 +229,6 @@ def test_span_index_pools_sentence_rows(tmp_path, model, tokenizer, pool):
 def test_sign_convention_by_a_gradient_step(tmp_path, model, tokenizer):
     """Top under "dot": an SGD step on it lowers the query loss; bottom: raises it (first order)."""
     task = LanguageModelTask(tokenizer)
-    model = untied(model)  # a step on the tracked head must not also move the token embedding it is tied to
     index = _build(tmp_path / "none", model, TRAIN, task, ProjectionConfig("none"))
     scores = Dot(model, task).fit(index).score([QUERIES[0]]).values[:, 0]
     top, bottom = int(scores.argmax()), int(scores.argmin())

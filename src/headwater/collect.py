@@ -11,6 +11,12 @@ A 2-d convolution is the same linear map applied at every output position to the
 there: a_t is the unfolded patch [C_in·kh·kw] and δ_t the output gradient [C_out] at position t,
 and DW_b (the weight viewed as [C_out, C_in·kh·kw]) has the same form, so everything downstream
 (projections, KFAC factors, normalisers) treats positions as it treats tokens.
+
+An output head tied to the token embedding (GPT-2) has one weight W [V, d] used twice: by the
+head and by the embedding lookup e_t = W[x_t]. The lookup is the same linear form with the roles
+swapped, DW += Σ_t onehot(x_t) g_tᵀ with g_t the gradient at the lookup's output, so it enters as
+one more call of the head with δ_t = onehot(x_t) and a_t = g_t (and 0 for the bias column); the
+row is then the parameter's whole gradient, as for a module called twice.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -50,33 +56,46 @@ class TrackedModule:
     has_bias: bool
     transposed: bool
     unfold: dict | None = None
+    weight_name: str = ""  # the model's name for the weight parameter (a shared weight's first name)
+    bias_name: str | None = None
+    embedding: torch.nn.Embedding | None = None  # the token embedding sharing this head's weight
+    lookup: bool = False  # this call is that embedding's lookup (see the module docstring)
 
     @property
     def d_in_aug(self) -> int:
         return self.d_in + int(self.has_bias)
 
     def augment(self, a: torch.Tensor) -> torch.Tensor:
-        """Inputs [..., d_in] with the bias's constant 1 appended when the module has a bias: [..., d_in_aug]."""
-        return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1) if self.has_bias else a
+        """Inputs [..., d_in] with the bias's input appended when the module has a bias: [..., d_in_aug]
+        (1, or 0 for a lookup, which does not use the bias)."""
+        return torch.cat([a, a.new_full((*a.shape[:-1], 1), float(not self.lookup))], -1) if self.has_bias else a
 
-    def inputs(self, a: torch.Tensor) -> torch.Tensor:
-        """A call's input as positions × features, [B, T, d_in] (a convolution's patches)."""
+    def inputs(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """A call's a as positions × features, [B, T, d_in] (a convolution's patches; a lookup's
+        output gradient), from the call's input x and the gradient at its output."""
+        if self.lookup:
+            return grad.reshape(grad.shape[0], -1, self.d_in)
         if self.unfold is not None:
-            a = F.unfold(a, **self.unfold).transpose(1, 2)
-        return a.reshape(a.shape[0], -1, self.d_in)
+            x = F.unfold(x, **self.unfold).transpose(1, 2)
+        return x.reshape(x.shape[0], -1, self.d_in)
 
-    def outputs(self, delta: torch.Tensor) -> torch.Tensor:
-        """A call's output gradient as positions × features, [B, T, d_out]."""
+    def outputs(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """A call's δ as positions × features, [B, T, d_out] (a lookup's one-hot tokens)."""
+        if self.lookup:
+            hot = F.one_hot(x.reshape(x.shape[0], -1), self.d_out).to(grad.dtype)
+            pad = self.embedding.padding_idx
+            return hot if pad is None else hot * (x.reshape(x.shape[0], -1, 1) != pad)  # the padding row gets no gradient
         if self.unfold is not None:
-            delta = delta.flatten(2).transpose(1, 2)
-        return delta.reshape(delta.shape[0], -1, self.d_out)
+            grad = grad.flatten(2).transpose(1, 2)
+        return grad.reshape(grad.shape[0], -1, self.d_out)
 
     def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the weight, as the [d_out, d_in] matrix the gradients use."""
         return w.T if self.transposed else w.reshape(self.d_out, self.d_in)
 
     def describe(self) -> dict:
-        return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias}
+        tied = {"tied_embedding": True} if self.embedding is not None else {}
+        return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias, **tied}
 
 
 def _conv_padding(module: torch.nn.Conv2d) -> tuple[int, int] | None:
@@ -108,30 +127,45 @@ def _as_linear(name: str, module: torch.nn.Module) -> TrackedModule | None:
 MAX_DEFAULT_SIDE = 16384  # a 50k-vocabulary output head's Kronecker factor alone would take 20 GB
 
 
+def _lookup_embedding(tm: TrackedModule, sharers: list[torch.nn.Module]) -> torch.nn.Embedding | None:
+    """The plain token embedding that alone shares `tm`'s weight as [V, d], or None."""
+    if len(sharers) != 1 or tm.transposed or tm.unfold is not None:
+        return None
+    (emb,) = sharers
+    plain = type(emb).forward is torch.nn.Embedding.forward and emb.max_norm is None and not emb.scale_grad_by_freq
+    return emb if isinstance(emb, torch.nn.Embedding) and plain and emb.weight.shape == (tm.d_out, tm.d_in) else None
+
+
 def tracked_modules(model: torch.nn.Module, patterns: list[str] | None = None) -> dict[str, TrackedModule]:
     """The linear modules to track, in registration order.
 
     Default: every Linear/Conv1D/Conv2d of the model, the output head included, except
     - a module with a side over MAX_DEFAULT_SIDE (e.g. a large vocabulary's head);
-    - a module whose weight is tied to an earlier module's (GPT-2's head shares the token
-      embedding): its module gradient is only the head's use of the weight, and on a tiny GPT-2
-      the embedding's use cancels much of it (a first-order step moved a query by 0.50 where the
-      head-inclusive score predicted 0.85), so it is not the parameter's gradient.
+    - a module whose weight is shared with another module, other than a head tied to a plain
+      token embedding (GPT-2's), which is tracked with the lookup as a second call so that its
+      row is the shared parameter's whole gradient. Other ties would give only one use's share.
     Name such modules in `patterns` to track them anyway. Grouped convolutions are never tracked.
     `patterns` are fnmatch globs on module names (e.g. `"*.mlp.*"`, `"transformer.h.1.*"`) and
     select from all linear modules.
     """
-    linear = {n: tm for n, m in model.named_modules() if (tm := _as_linear(n, m)) is not None}
+    sharers: dict[int, list[torch.nn.Module]] = {}
+    for m in model.modules():
+        if isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+            sharers.setdefault(id(m.weight), []).append(m)
+    param_name = {id(p): n for n, p in model.named_parameters()}
+    linear = {}
+    for n, m in model.named_modules():
+        if (tm := _as_linear(n, m)) is not None:
+            tm.weight_name, tm.bias_name = param_name[id(m.weight)], param_name[id(m.bias)] if tm.has_bias else None
+            others = [o for o in sharers[id(m.weight)] if o is not m]
+            tm.embedding = _lookup_embedding(tm, others)
+            linear[n] = (tm, not others or tm.embedding is not None)
     if patterns:
-        chosen = {n: tm for n, tm in linear.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        chosen = {n: tm for n, (tm, _) in linear.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
         if not chosen:
             raise UserError(f"no linear module matches {patterns}; linear modules are: {', '.join(list(linear)[:20])}")
         return chosen
-    owner: dict[int, str] = {}
-    for n, m in model.named_modules():
-        if isinstance(getattr(m, "weight", None), torch.nn.Parameter):
-            owner.setdefault(id(m.weight), n)
-    chosen = {n: tm for n, tm in linear.items() if max(tm.d_out, tm.d_in_aug) <= MAX_DEFAULT_SIDE and owner[id(tm.module.weight)] == n}
+    chosen = {n: tm for n, (tm, alone) in linear.items() if alone and max(tm.d_out, tm.d_in_aug) <= MAX_DEFAULT_SIDE}
     if not chosen:
         raise UserError(
             "the model has no Linear, Conv1D or Conv2d module to track" + (" of a side ≤ 16384; name modules with --modules" if linear else "")
@@ -215,11 +249,15 @@ class GradientCollector:
 
     @contextmanager
     def _recording(self):
-        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
+        """Every call of a tracked module (and of a tied head's embedding) in the forward pass:
+        {name: [(the call's TrackedModule, input, output)]}."""
+        calls: dict[str, list[tuple[TrackedModule, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
         handles = []
         for name, tm in self.modules.items():
-            record = lambda mod, args, out, name=name: calls[name].append((args[0], out))
-            handles.append(tm.module.register_forward_hook(record))
+            uses = [(tm.module, tm)] + ([(tm.embedding, replace(tm, lookup=True))] if tm.embedding is not None else [])
+            for module, use in uses:
+                record = lambda mod, args, out, name=name, use=use: calls[name].append((use, args[0], out))
+                handles.append(module.register_forward_hook(record))
         needs_grad = [p for tm in self.modules.values() for p in tm.module.parameters() if not p.requires_grad]
         for p in needs_grad:  # outputs must be in the graph even for a frozen model
             p.requires_grad_(True)
@@ -244,15 +282,14 @@ class GradientCollector:
             losses = loss_fn(self.model, batch)
             if losses.dim() != 1:
                 raise UserError(f"the per-example loss must have shape [B], got {tuple(losses.shape)}")
-            flat = [(name, a, out) for name, cs in calls.items() for a, out in cs]
+            flat = [call for cs in calls.values() for call in cs]
             if not flat:
                 raise UserError("no tracked module ran in the forward pass")
             grads = torch.autograd.grad(losses.sum(), [out for _, _, out in flat], allow_unused=True)
         out = []
-        for (name, a, o), delta in zip(flat, grads):
-            tm = self.modules[name]
-            delta = torch.zeros_like(o) if delta is None else delta
-            out.append((tm, at_least_float32(tm.inputs(a.detach())), at_least_float32(tm.outputs(delta))))
+        for (use, x, o), grad in zip(flat, grads):
+            grad = torch.zeros_like(o) if grad is None else grad
+            out.append((use, at_least_float32(use.inputs(x.detach(), grad)), at_least_float32(use.outputs(x.detach(), grad))))
         return losses.detach(), out
 
     def __call__(self, batch: Batch, loss_fn=None) -> torch.Tensor:
@@ -276,7 +313,7 @@ class GradientCollector:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.enable_grad(), self._recording() as calls:
             losses = self.task.token_loss(self.model, batch)[0]  # [T-1]
-            flat = [(name, a.detach(), out) for name, cs in calls.items() for a, out in cs]
+            flat = [(use, x.detach(), out) for cs in calls.values() for use, x, out in cs]
             positions = torch.nonzero(batch["target_mask"][0, 1:]).squeeze(1)
             rows = torch.zeros(len(positions), self.dim, device=self.device, dtype=at_least_float32(losses).dtype)
             for lo in range(0, len(positions), chunk):
@@ -286,14 +323,13 @@ class GradientCollector:
                 grads = torch.autograd.grad(
                     losses, [out for _, _, out in flat], grad_outputs=cot, is_grads_batched=True, retain_graph=True, allow_unused=True
                 )
-                for (name, a, _), delta in zip(flat, grads):
-                    if delta is not None:
-                        start, stop = self.segments[name]
+                for (use, x, _), grad in zip(flat, grads):
+                    if grad is not None:
+                        start, stop = self.segments[use.name]
                         n = len(pos)
-                        tm = self.modules[name]
-                        rows[lo : lo + n, start:stop] += self._segment(
-                            tm, tm.inputs(a).expand(n, -1, -1), tm.outputs(delta.reshape(n, *delta.shape[2:]))
-                        )
+                        grad = grad.reshape(n, *grad.shape[2:])
+                        x = x.expand(n, *x.shape[1:])
+                        rows[lo : lo + n, start:stop] += self._segment(use, use.inputs(x, grad), use.outputs(x, grad))
         return rows
 
     def _segment(self, tm: TrackedModule, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -303,7 +339,7 @@ class GradientCollector:
         if self.projection.kind == "factored":
             p_out, p_in = (p.to(a.dtype) for p in self._factored(tm))
             pa = a @ p_in[:, : tm.d_in].T
-            if tm.has_bias:  # P_in [a; 1] without materialising [a; 1]
+            if tm.has_bias and not tm.lookup:  # P_in [a; 1] without materialising [a; 1]
                 pa = pa + p_in[:, tm.d_in]
             return torch.einsum("bto,bti->boi", delta @ p_out.T, pa).reshape(B, -1)
         grad = torch.einsum("bto,bti->boi", delta, tm.augment(a))

@@ -102,8 +102,8 @@ H_INIT_MODEL = "The model the training run started from (MAGIC and retraining re
 H_BATCH = "Examples per forward/backward pass when computing gradients."
 H_SAMPLE_SEED = "Seed of the random sample a method draws (TrackStar's training rows, the stage estimators' Hessian records)."
 H_MODULES = (
-    "Glob of module names to track (repeatable); default: every linear layer (Linear, Conv1D, Conv2d), "
-    "the output head included unless it is tied to the token embedding or a side is over 16,384."
+    "Glob of module names to track (repeatable); default: every linear layer (Linear, Conv1D, Conv2d) with "
+    "sides up to 16,384, the output head included (tied to the token embedding, with the lookup's share of the gradient)."
 )
 H_DAMPING = (
     "Damping, as a fraction of the mean eigenvalue of the matrix the method inverts "

@@ -200,10 +200,9 @@ def module_scales(
     keeps only the rank-one factors (all the factored projection uses).
     """
     states = param_states(model, sd)
-    owner = {id(p): n for n, p in model.named_parameters()}  # a tied head's weight is named where it is first registered
     scales = {}
     for name, tm in modules.items():
-        w_name = owner.get(id(tm.module.weight), f"{name}.weight")
+        w_name = tm.weight_name
         if w_name not in states:
             raise UserError(f"optimizer state has no entry for {w_name!r}: the optimizer state does not match the model")
         w_state, group = states[w_name]
@@ -212,7 +211,7 @@ def module_scales(
         full = torch.empty(tm.d_out, tm.d_in_aug, dtype=torch.float64)
         full[:, : tm.d_in] = v_w
         if tm.has_bias:
-            b_name = owner.get(id(tm.module.bias), f"{name}.bias")
+            b_name = tm.bias_name
             b_state, b_group = states[b_name]
             full[:, -1] = _second_moment(b_name, tm.module.bias.shape, b_state, b_group)[0]
         group_eps = group.get("eps")

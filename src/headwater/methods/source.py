@@ -88,7 +88,7 @@ def _step_sizes(eta_k: float, seg: Segment, tm, curv) -> float | torch.Tensor:
     """ηK per eigendirection [d_out, d_in_aug] for Adam segments (ηK·p̃), else the number ηK."""
     if seg.adam_scale is None:
         return eta_k
-    weight, bias = (f"{tm.name}.{p}" if tm.name else p for p in ("weight", "bias"))  # a bare Linear model's module is ""
+    weight, bias = tm.weight_name, tm.bias_name
     missing = [p for p in (weight, bias)[: 1 + tm.has_bias] if p not in seg.adam_scale]
     if missing:
         raise UserError(f"the segment's Adam step scale has no entry for {missing[0]!r}")
