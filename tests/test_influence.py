@@ -86,7 +86,7 @@ def test_cg_refinement_converges_to_the_full_damped_solve():
     damp = torch.cat([torch.full((b - a,), curv.damping_for(n, 0.1)) for n, (a, b) in col.segments.items()]).double()
     errors = []
     for steps in (0, 3, 80):  # condition number ~400: PCG needs ~80 steps to reach the float floor
-        inf = EKFAC(model, task, InfluenceConfig(curvature=curvature, cg_steps=steps), curvature=curv).fit(records)
+        inf = EKFAC(model, task, InfluenceConfig(curvature=curvature, damping=0.1, cg_steps=steps), curvature=curv).fit(records)
         g = record_gradients(inf.collector, queries, hw.Loss())
         flat = lambda d: torch.cat([t.reshape(t.shape[0], -1) for t in d.values()], 1).double()
         want = torch.linalg.solve(Fd + torch.diag(damp), flat(g).T).T

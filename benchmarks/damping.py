@@ -1,0 +1,71 @@
+"""EK-FAC and KFAC influence LDS as the damping varies, on the four settings of `lds.py`: the
+evidence for InfluenceConfig's default damping (a fraction of each module's mean eigenvalue).
+
+    python benchmarks/damping.py                       # ~8 min on 2 cores (retraining dominates)
+    python benchmarks/damping.py --cache /tmp/lds-cache  # reuse retraining outcomes between runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import lds  # noqa: E402  (beside this script)
+import numpy as np
+import torch
+
+import headwater as hw
+
+DAMPINGS = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+
+
+def outcomes(setting: lds.Setting, masks: np.ndarray, seeds: int, cache: Path | None) -> np.ndarray:
+    """Retrained target losses [seeds, subsets, targets], from `cache` when it holds them."""
+    path = cache / f"{setting.name.replace(' ', '-')}.npy" if cache else None
+    if path is not None and path.exists():
+        return np.load(path)
+    losses = hw.retrain_outcomes(setting.train_and_measure, masks, seeds=list(range(seeds)), progress=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, losses)
+    return losses
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", type=Path, help="a folder for the retraining outcomes (reused when present)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "damping.json")
+    args = p.parse_args()
+    defaults = dict(seed=0, subsets=64, seeds=4, tab_train=200, tab_targets=20, tab_epochs=10, image_train=300, image_epochs=30)
+    settings = argparse.Namespace(**defaults, lm_train=96, lm_targets=10, lm_epochs=3)
+    torch.set_num_threads(2)
+    curvature = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
+    results = []
+    for make in (lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model):
+        setting = make(settings)
+        final, _ = setting.fit(setting.train, seed=0)
+        masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)
+        losses = outcomes(setting, masks, settings.seeds, args.cache)
+        row = {"setting": setting.name, "seed_ceiling": hw.seed_ceiling(losses), "lds": {}}
+        for method in (hw.EKFAC, hw.KFAC):
+            fitted = method(final, setting.task, hw.InfluenceConfig(curvature=curvature)).fit(setting.train)
+            for damping in DAMPINGS:
+                fitted.config = dataclasses.replace(fitted.config, damping=damping)  # the factors do not depend on it
+                row["lds"][f"{method.__name__} {damping:g}"] = hw.lds(fitted.score(setting.targets), masks, losses.mean(0))[0]
+        results.append(row)
+        print(f"{setting.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["lds"].items()), flush=True)
+    lines = ["| method | damping | " + " | ".join(r["setting"] for r in results) + " | mean |", "|---" * (3 + len(results)) + "|"]
+    for key in results[0]["lds"]:
+        values = [r["lds"][key] for r in results]
+        name, damping = key.split()
+        lines.append(f"| {name} | {damping} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |")
+    print("\n" + "\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dampings": DAMPINGS, "results": results, "table": "\n".join(lines)}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
