@@ -143,6 +143,37 @@ def test_source_from_trainer_state(ws):
     check(ws, "source.safetensors", hw.SOURCE(segments, task, final_model=final).fit(TRAIN).score(QUERIES), "source")
 
 
+def test_source_reads_adam_second_moments_saved_in_checkpoints(ws, tmp_path):
+    """A Trainer checkpoint folder's optimizer.pt (torch AdamW's own state after real steps) gives
+    SOURCE Adam's step scale 1/(√(v/(1−β2ᵗ)) + ε) per parameter, in step order."""
+    import shutil
+
+    want_scales = {}
+    for name, steps in (("checkpoint-5", 3), ("checkpoint-2", 2)):  # given out of step order
+        shutil.copytree(ws / name, tmp_path / name)
+        model, task = load(ws, name)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-6)
+        for _ in range(steps):
+            opt.zero_grad()
+            task.loss(model, task.collate([task.whole(r) for r in TRAIN])).sum().backward()
+            opt.step()
+        torch.save(opt.state_dict(), tmp_path / name / "optimizer.pt")
+        state = {n: opt.state[p]["exp_avg_sq"] for n, p in model.named_parameters()}
+        want_scales[name] = {n: 1 / ((v.double() / (1 - 0.95**steps)).sqrt() + 1e-6) for n, v in state.items()}
+    for f in ("train.jsonl", "q.jsonl", "trainer_state.json"):
+        shutil.copy(ws / f, tmp_path / f)
+    args = ("--checkpoint", "checkpoint-5", "--checkpoint", "checkpoint-2", "--trainer-state", "trainer_state.json", *COMMON)
+    run(tmp_path, "attribute", "--method", "source", "--model", "checkpoint-5", *args, "--out", "source.safetensors")
+    (final, task), (c2, _) = load(ws, "checkpoint-5"), load(ws, "checkpoint-2")
+    segments = [
+        hw.Segment([c2], 1e-2, 2, adam_scale=want_scales["checkpoint-2"]),
+        hw.Segment([final], 5e-3, 3, adam_scale=want_scales["checkpoint-5"]),
+    ]
+    got = check(tmp_path, "source.safetensors", hw.SOURCE(segments, task, final_model=final).fit(TRAIN).score(QUERIES), "source")
+    plain = hw.SOURCE([hw.Segment([c2], 1e-2, 2), hw.Segment([final], 5e-3, 3)], task, final_model=final).fit(TRAIN).score(QUERIES)
+    assert not np.allclose(got.values, plain.values, rtol=1e-2)  # the second moments changed the propagation
+
+
 def test_magic_replays_the_recipe(ws):
     run(
         ws,

@@ -424,7 +424,11 @@ class AttributeConfig(Config):
     )
     model: str | None = option(None, H_MODEL)
     data: str | None = option(None, H_DATA)
-    checkpoint: list[str] | None = option(None, "A checkpoint of the training run, in training order (repeatable; TracIn and SOURCE).")
+    checkpoint: list[str] | None = option(
+        None,
+        "A checkpoint of the training run, in training order (repeatable; TracIn and SOURCE). "
+        "SOURCE reads Adam's second moments from an optimizer state saved in the folder (the HF Trainer's optimizer.pt).",
+    )
     ensemble: list[str] | None = option(None, "A further independently trained model (repeatable; TRAK's ensemble).")
     init_model: str | None = option(None, H_INIT_MODEL)
     trajectory: str | None = option(

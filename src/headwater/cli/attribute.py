@@ -173,12 +173,17 @@ def _method(a: AttributeConfig, cls, config, model, task):
     if a.method == "trak":
         return cls(([model] if model is not None else []) + [load(p) for p in a.ensemble or []] or None, task, config)
     if a.method == "source":
-        from ..methods.source import segments_from_config
+        from ..methods.source import adam_scale_from_checkpoint, segments_from_config
 
         if not a.checkpoint:
             raise UserError("SOURCE needs the run's checkpoints (--checkpoint, repeatable)")
         steps = [checkpoint_step(c) for c in a.checkpoint] if config.trainer_state else None
-        return cls(segments_from_config([load(c) for c in a.checkpoint], config, steps), task, config, final_model=model)
+        models = [load(c) for c in a.checkpoint]
+        scales = {id(m): adam_scale_from_checkpoint(m, c) for m, c in zip(models, a.checkpoint)}  # where the optimizer state was saved
+        segments = segments_from_config(models, config, steps)  # (sorted by step with --trainer-state)
+        for seg in segments:
+            seg.adam_scale = scales[id(seg.checkpoints[0])]
+        return cls(segments, task, config, final_model=model)
     if a.method == "magic":
         if not a.init_model:
             raise UserError("MAGIC replays the training run from its initial model (--init-model)")

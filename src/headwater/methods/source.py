@@ -33,6 +33,7 @@ from ..config import ProjectionConfig, SourceConfig
 from ..curvature import fit_curvature
 from ..errors import UserError
 from ..measurement import Measurement
+from ..normalizer import OPTIMIZER_FILES, load_optimizer_state, param_states
 from ..stages.trajectory import Trajectory
 from ..task import Task
 from .base import Blocks, Method, query_records, training_data
@@ -82,6 +83,22 @@ def adam_scale_of(exp_avg_sq: dict[str, torch.Tensor], step: int, beta2: float, 
     if step < 1:
         raise UserError("Adam's step scale needs the second moments after at least one step")
     return {n: 1 / ((v.double().clamp_min(0) / (1 - beta2**step)).sqrt() + eps) for n, v in exp_avg_sq.items()}
+
+
+def adam_scale_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict[str, torch.Tensor] | None:
+    """Adam's step scale P at a checkpoint, from the optimizer state saved with it (a Hugging Face
+    Trainer `checkpoint-<step>` folder's optimizer.pt, or a state file); None when the folder holds
+    no optimizer state or the optimizer kept no second moments (SGD, Adafactor)."""
+    path = Path(path)
+    if path.is_dir() and not any((path / f).exists() for f in OPTIMIZER_FILES):
+        return None
+    scale = {}
+    for name, (state, group) in param_states(model, load_optimizer_state(path)).items():
+        if "exp_avg_sq" not in state or "step" not in state:
+            return None
+        step = int(float(state["step"]))  # a tensor, a number or a numpy scalar, as optimizers save it
+        scale.update(adam_scale_of({name: state["exp_avg_sq"]}, step, group["betas"][1], group["eps"]))
+    return scale
 
 
 def _step_sizes(eta_k: float, seg: Segment, tm, curv) -> float | torch.Tensor:
