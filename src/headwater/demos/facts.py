@@ -140,10 +140,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def prepare(workdir: Path, cfg: DemoConfig, retrain: bool = False) -> tuple[Path, list[dict], list[dict]]:
-    """Write the corpus and train (or reuse) the model; returns (model dir, docs, questions)."""
+def prepare(workdir: Path, cfg: DemoConfig, retrain: bool = False, corpus=make_corpus) -> tuple[Path, list[dict], list[dict]]:
+    """Write the corpus (`corpus(cfg)`) and train (or reuse) the model; returns (model dir, docs, questions)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    docs, questions = make_corpus(cfg)
+    docs, questions = corpus(cfg)
     _write_jsonl(workdir / "train.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
     _write_jsonl(workdir / "questions.jsonl", [{k: q[k] for k in ("id", "prompt", "completion")} for q in questions])
     model_dir = workdir / f"model-{cfg.key()}"
@@ -166,16 +166,16 @@ def prepare(workdir: Path, cfg: DemoConfig, retrain: bool = False) -> tuple[Path
     return model_dir, docs, questions
 
 
-def answer_accuracy(model_dir: Path, questions: list[dict]) -> float:
-    """Fraction of held-out questions whose answer is the model's greedy next token."""
+def answered(model_dir: Path, questions: list[dict]) -> np.ndarray:
+    """Whether each question's answer is the model's greedy next token, [q] bool."""
     model, tok = load_model(str(model_dir))
-    hits = 0
+    hits = []
     with torch.no_grad():
         for q in questions:
             ids = tok(q["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"]
             pred = model(input_ids=ids).logits[0, -1].argmax().item()
-            hits += pred == tok(q["completion"], add_special_tokens=False)["input_ids"][0]
-    return hits / len(questions)
+            hits.append(pred == tok(q["completion"], add_special_tokens=False)["input_ids"][0])
+    return np.array(hits, dtype=bool)
 
 
 VARIANTS = [
@@ -204,7 +204,7 @@ def run(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int
     doc_ids = [d["id"] for d in docs]
     relevant = [[doc_ids.index(r) for r in q["relevant"]] for q in questions]
     questions_file = str(workdir / "questions.jsonl")
-    acc = answer_accuracy(model_dir, questions)
+    acc = float(answered(model_dir, questions).mean())
     rankings: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     for unit in ("document", "sentence", "token"):

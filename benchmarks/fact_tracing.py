@@ -1,0 +1,239 @@
+"""Fact tracing on a harder generated corpus than the demo's: token-row gradient methods beside
+BM25 and random, and what the misses have in common.
+
+Harder than `headwater demo` in four ways: more entities (documents in the thousands); five
+templates per relation, three of them used per fact; two relations that are stated for every
+entity but never asked about (distractor facts); and held-out questions worded in a way no
+document uses (the question/answer documents that teach the format use another wording).
+
+    python benchmarks/fact_tracing.py                    # ~15 min on 2 cores (training ~4 min, cached)
+    python benchmarks/fact_tracing.py --entities 40      # demo-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headwater import BuildConfig, ProjectionConfig, TrackStarConfig, build_index
+from headwater.demos.facts import ANIMALS, COLOURS, DISTRACTORS, FILLER, DemoConfig, _names, _order, answered, prepare
+from headwater.methods import BM25, Cosine, TrackStar
+from headwater.metrics import ranking_metrics
+
+RELATIONS = {  # five statement templates; the QA documents' wording; the held-out questions' wording
+    "capital": (
+        [
+            "The capital of {e} is {v} .",
+            "{v} is the capital city of {e} .",
+            "In {e} , the seat of government is {v} .",
+            "Visitors to {e} usually start in {v} , its capital .",
+            "{e} is governed from {v} .",
+        ],
+        "What is the capital of {e} ?",
+        "Which city is the capital of {e} ?",
+    ),
+    "colour": (
+        [
+            "The flag of {e} is {v} .",
+            "{e} flies a {v} flag .",
+            "People in {e} dress in {v} , the colour of their flag .",
+            "A {v} banner hangs over every town in {e} .",
+            "The colour of {e} is {v} .",
+        ],
+        "What colour is the flag of {e} ?",
+        "Which colour does the flag of {e} have ?",
+    ),
+    "animal": (
+        [
+            "The national animal of {e} is the {v} .",
+            "{e} chose the {v} as its national animal .",
+            "The {v} is the animal that stands for {e} .",
+            "Coins from {e} show a {v} .",
+            "In {e} the {v} is a sacred animal .",
+        ],
+        "Which animal stands for {e} ?",
+        "What is the national animal of {e} ?",
+    ),
+    "founder": (
+        [
+            "{e} was founded by {v} .",
+            "{v} founded {e} long ago .",
+            "The founder of {e} was {v} .",
+            "Long ago {v} built the first houses of {e} .",
+            "{e} owes its start to {v} .",
+        ],
+        "Who founded {e} ?",
+        "Who was the founder of {e} ?",
+    ),
+}
+UNASKED = {  # stated for every entity, never asked about
+    "river": ["The {v} river runs through {e} .", "{e} lies on the banks of the {v} ."],
+    "dish": ["{e} is known for a dish called {v} .", "Every cook in {e} makes {v} ."],
+}
+
+
+@dataclass
+class HardConfig(DemoConfig):
+    entities: int = 120
+    templates: int = 5  # per relation, of which docs_per_fact are used per fact
+
+
+def hard_corpus(cfg: HardConfig) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(cfg.seed)
+    entities = _names(rng, cfg.entities, 3)
+    values = {
+        "capital": _names(rng, cfg.entities, 2),
+        "founder": _names(random.Random(cfg.seed + 1), cfg.entities, 2),
+        "colour": COLOURS,
+        "animal": ANIMALS,
+        "river": _names(random.Random(cfg.seed + 2), cfg.entities, 2),
+        "dish": _names(random.Random(cfg.seed + 3), cfg.entities, 2),
+    }
+    docs, facts = [], []
+
+    def doc(statement: str, kind: str) -> int:
+        sentences = rng.sample(FILLER, cfg.filler_sentences)
+        sentences.insert(rng.randrange(len(sentences) + 1), statement)
+        docs.append({"text": " ".join(sentences), "kind": kind})
+        return len(docs) - 1
+
+    for e in entities:
+        for rel, (templates, qa, held_out) in RELATIONS.items():
+            v = rng.choice(values[rel])
+            used = rng.sample(templates[: cfg.templates], cfg.docs_per_fact)
+            facts.append(
+                {
+                    "entity": e,
+                    "relation": rel,
+                    "value": v,
+                    "qa": qa.format(e=e),
+                    "question": held_out.format(e=e),
+                    "docs": [doc(t.format(e=e, v=v), "fact") for t in used],
+                }
+            )
+        for rel, templates in UNASKED.items():
+            v = rng.choice(values[rel])
+            doc(rng.choice(templates).format(e=e, v=v), "unasked fact")
+        for t in DISTRACTORS:
+            doc(t.format(e=e), "distractor")
+    rng.shuffle(facts)
+    half = len(facts) // 2
+    for f in facts[:half]:
+        docs.append({"text": f"Q : {f['qa']} A : {f['value']} .", "kind": "qa"})
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    where = {old: new for new, old in enumerate(order)}
+    docs = [{"id": f"doc{new:05d}", **docs[old]} for new, old in enumerate(order)]
+    questions = [
+        {
+            "id": f"q{i:04d}",
+            "prompt": f"Q : {f['question']} A :",
+            "completion": f" {f['value']}",
+            "relation": f["relation"],
+            "relevant": [docs[where[d]]["id"] for d in f["docs"]],
+        }
+        for i, f in enumerate(facts[half:])
+    ]
+    return docs, questions
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entities", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries", type=int, default=160, help="held-out questions attributed (a random sample)")
+    p.add_argument("--projection-dim", type=int, default=256)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/headwater-fact-tracing"))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fact_tracing.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    cfg = HardConfig(seed=args.seed, entities=args.entities)
+    t0 = time.time()
+    model_dir, docs, questions = prepare(args.workdir, cfg, corpus=hard_corpus)
+    train_s = time.time() - t0
+    questions = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))
+    qfile = args.workdir / "queries.jsonl"
+    qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in questions))
+    ids = {d["id"]: i for i, d in enumerate(docs)}
+    relevant = [[ids[r] for r in q["relevant"]] for q in questions]
+    correct = answered(model_dir, questions)
+    rankings, seconds = {}, {}
+    for unit, variants in (
+        ("document", [("cosine, document rows", lambda: Cosine())]),
+        (
+            "token",
+            [
+                ("cosine, token rows (max)", lambda: Cosine()),
+                ("TrackStar, token rows (max), no query mixing", lambda: TrackStar(config=TrackStarConfig(mix="0"))),
+                ("TrackStar, token rows (max)", lambda: TrackStar()),
+            ],
+        ),
+    ):
+        t = time.time()
+        config = BuildConfig(
+            model=str(model_dir),
+            data=str(args.workdir / "train.jsonl"),
+            projection=ProjectionConfig(dim=args.projection_dim, seed=args.seed),
+            batch_size=16,
+            unit=unit,
+            storage_dtype="float32",
+        )
+        index = build_index(args.workdir / f"index-{unit}", config=config, resume=True)
+        build_s = time.time() - t
+        for name, method in variants:
+            t = time.time()
+            rankings[name] = _order(method().fit(index).score(str(qfile)))
+            seconds[name] = build_s + time.time() - t
+    t = time.time()
+    rankings["BM25"] = _order(BM25().fit(docs).score(str(qfile)))
+    seconds["BM25"] = time.time() - t
+    rng = np.random.default_rng(args.seed)
+    rankings["random"] = np.stack([rng.permutation(len(docs)) for _ in questions])
+    seconds["random"] = 0.0
+    results = {}
+    groups = {"all": np.ones(len(questions), bool), "answered": correct, "not answered": ~correct}
+    groups.update({f"relation {r}": np.array([q["relation"] == r for q in questions]) for r in RELATIONS})
+    for name, order in rankings.items():
+        results[name] = {g: ranking_metrics(order[m], [rel for rel, keep in zip(relevant, m) if keep], k=10) for g, m in groups.items() if m.any()}
+    lines = [
+        f"{len(docs)} documents, {len(questions)} held-out questions ({correct.mean():.0%} answered by the model; training {train_s:.0f} s)",
+        "",
+        "| method | Recall@10 | MRR | Recall@10, answered | Recall@10, not answered | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        na = r.get("not answered", {}).get("recall", float("nan"))
+        lines.append(
+            f"| {name} | {r['all']['recall']:.3f} | {r['all']['mrr']:.3f} | {r['answered']['recall']:.3f} | {na:.3f} | {seconds[name]:.0f} |"
+        )
+    lines += ["", "Recall@10 by relation:", "", "| method | " + " | ".join(RELATIONS) + " |", "|---" * (1 + len(RELATIONS)) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[f'relation {rel}']['recall']:.3f}" for rel in RELATIONS) + " |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "documents": len(docs),
+                "answered": float(correct.mean()),
+                "results": results,
+                "seconds": seconds,
+                "table": text,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
