@@ -1,5 +1,6 @@
-"""EK-FAC and KFAC influence LDS as the damping varies, on the four settings of `lds.py`: the
-evidence for InfluenceConfig's default damping (a fraction of each module's mean eigenvalue).
+"""EK-FAC, KFAC and TrackStar LDS as the damping varies, on the four settings of `lds.py`: the
+evidence for InfluenceConfig's and TrackStarConfig's default damping (a fraction of the mean
+eigenvalue of the matrix each inverts).
 
     python benchmarks/damping.py                       # ~8 min on 2 cores (retraining dominates)
     python benchmarks/damping.py --cache /tmp/lds-cache  # reuse retraining outcomes between runs
@@ -54,6 +55,10 @@ def main() -> None:
             for damping in DAMPINGS:
                 fitted.config = dataclasses.replace(fitted.config, damping=damping)  # the factors do not depend on it
                 row["lds"][f"{method.__name__} {damping:g}"] = hw.lds(fitted.score(setting.targets), masks, losses.mean(0))[0]
+        for damping in DAMPINGS:
+            config = hw.TrackStarConfig(projection=setting.projection, batch_size=32, damping=damping)
+            scores = hw.TrackStar(final, setting.task, config).fit(setting.train).score(setting.targets)
+            row["lds"][f"TrackStar {damping:g}"] = hw.lds(scores, masks, losses.mean(0))[0]
         results.append(row)
         print(f"{setting.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["lds"].items()), flush=True)
     lines = ["| method | damping | " + " | ".join(r["setting"] for r in results) + " | mean |", "|---" * (3 + len(results)) + "|"]

@@ -92,7 +92,7 @@ def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def np_trackstar(train, queries, blocks, k, mix="auto", damping=0.1):
+def np_trackstar(train, queries, blocks, k, mix="auto", damping=1.0):
     """Per block: R_train, R_eval autocorrelations; λ from the k-th eigenvalues (descending);
     R = λ R_eval + (1-λ) R_train; both sides times R^{-1/2} with σ → (σ + d·mean σ)^{-1/2}; cosine."""
     t, q = train.copy(), queries.copy()

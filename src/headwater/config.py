@@ -245,7 +245,8 @@ class TrackStarConfig(GradientConfig):
         "Weight of the queries' autocorrelation in TrackStar's R: auto (eigenvalue matching), "
         "or a number in [0, 1] (0: training rows alone, fitted once per index).",
     )
-    damping: float = option(0.1, H_DAMPING)
+    # 1.0, not 0.1: higher LDS on 3 of 4 tasks and higher fact-tracing recall (benchmarks/damping.py, docs/benchmarks.md)
+    damping: float = option(1.0, H_DAMPING)
     fit_rows: int = option(8192, "Training rows sampled to fit TrackStar's autocorrelation.")
     mix_rank: int = option(1000, "Eigenvalue index at which TrackStar's automatic mixing matches the two autocorrelations.")
     sample_seed: int = option(0, H_SAMPLE_SEED)
