@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from headwater import BuildConfig, ProjectionConfig, TrackStarConfig, build_index
-from headwater.demos.facts import ANIMALS, COLOURS, DISTRACTORS, FILLER, DemoConfig, _names, _order, answered, prepare
+from headwater.demos.facts import ANIMALS, COLOURS, DISTRACTORS, FILLER, DemoConfig, _names, _order, answered, held_out_questions, prepare
 from headwater.methods import BM25, Cosine, TrackStar
 from headwater.metrics import ranking_metrics
 
@@ -124,26 +124,7 @@ def hard_corpus(cfg: HardConfig) -> tuple[list[dict], list[dict]]:
             doc(rng.choice(templates).format(e=e, v=v), "unasked fact")
         for t in DISTRACTORS:
             doc(t.format(e=e), "distractor")
-    rng.shuffle(facts)
-    half = len(facts) // 2
-    for f in facts[:half]:
-        docs.append({"text": f"Q : {f['qa']} A : {f['value']} .", "kind": "qa"})
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    where = {old: new for new, old in enumerate(order)}
-    docs = [{"id": f"doc{new:05d}", **docs[old]} for new, old in enumerate(order)]
-    questions = [
-        {
-            "id": f"q{i:04d}",
-            "prompt": f"Q : {f['question']} A :",
-            "completion": f" {f['value']}",
-            "relation": f["relation"],
-            "entity": f["entity"],
-            "relevant": [docs[where[d]]["id"] for d in f["docs"]],
-        }
-        for i, f in enumerate(facts[half:])
-    ]
-    return docs, questions
+    return held_out_questions(rng, docs, facts)
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ def make_corpus(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     for e in entities:
         for attr, (templates, question) in ATTRIBUTES.items():
             v = rng.choice(values[attr])
-            fact = {"entity": e, "attribute": attr, "value": v, "question": question.format(e=e), "docs": []}
+            fact = {"entity": e, "relation": attr, "value": v, "question": question.format(e=e), "docs": []}
             for t in rng.sample(templates, cfg.docs_per_fact):
                 sentences = rng.sample(FILLER, cfg.filler_sentences)
                 sentences.insert(rng.randrange(len(sentences) + 1), t.format(e=e, v=v))
@@ -116,19 +116,30 @@ def make_corpus(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
             facts.append(fact)
         for t in DISTRACTORS:
             docs.append({"text": " ".join([t.format(e=e), *rng.sample(FILLER, cfg.filler_sentences)]), "kind": "distractor"})
+    return held_out_questions(rng, docs, facts)
+
+
+def held_out_questions(rng: random.Random, docs: list[dict], facts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Half of the facts get a question/answer document that teaches the format (worded by the
+    fact's `qa`, else its `question`); the other half become held-out questions (worded by
+    `question`) that list the ids of the documents stating them (`docs`, positions in `docs`).
+    Returns the shuffled, numbered documents and the questions."""
     rng.shuffle(facts)
     half = len(facts) // 2
-    for f in facts[:half]:  # QA documents teach the question format, for the facts not asked about
-        docs.append({"text": f"Q : {f['question']} A : {f['value']} .", "kind": "qa"})
+    for f in facts[:half]:
+        docs.append({"text": f"Q : {f.get('qa', f['question'])} A : {f['value']} .", "kind": "qa"})
     order = list(range(len(docs)))
     rng.shuffle(order)
     where = {old: new for new, old in enumerate(order)}
-    docs = [{"id": f"doc{new:04d}", **docs[old]} for new, old in enumerate(order)]
+    width = max(4, len(str(len(docs))))
+    docs = [{"id": f"doc{new:0{width}d}", **docs[old]} for new, old in enumerate(order)]
     questions = [
         {
             "id": f"q{i:03d}",
             "prompt": f"Q : {f['question']} A :",
             "completion": f" {f['value']}",
+            "entity": f["entity"],
+            "relation": f["relation"],
             "relevant": [docs[where[d]]["id"] for d in f["docs"]],
         }
         for i, f in enumerate(facts[half:])
