@@ -1,0 +1,145 @@
+"""Conjugate-gradient influence against EK-FAC on the four settings of `lds.py`: CG from zero on
+the damped Hessian of the mean training loss over the tracked weights (dattri's recipe), at three
+dampings, LDS after 1, 2, 3, 5 and 10 steps; and headwater's own refinement (PCG on the sampled
+Fisher from the EK-FAC solve). The evidence for keeping CG off by default (docs/benchmarks.md).
+
+    python benchmarks/cg.py --cache /tmp/lds-cache     # retraining outcomes shared with damping.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import damping  # noqa: E402  (beside this script)
+import lds  # noqa: E402
+import torch
+
+import headwater as hw
+from headwater.collect import tracked_modules
+
+STEPS = [1, 2, 3, 5, 10]
+
+
+def hessian_products(model, task, records, names):
+    """v ↦ H v per query, {module: [q, d_out, d_in_aug]}, H the Hessian of the mean training loss
+    over the tracked weights (float64 autograd, double backward)."""
+    model = copy.deepcopy(model).double()
+    tms = list(tracked_modules(model, names).values())
+    params = [p for tm in tms for p in ([tm.module.weight] + ([tm.module.bias] if tm.has_bias else []))]
+    batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in task.collate([task.whole(r) for r in records]).items()}
+    grads = torch.autograd.grad(task.loss(model, batch).mean(), params, create_graph=True)
+
+    def as_params(v):  # one query's {module: [d_out, d_in_aug]} as the parameters' shapes
+        out = []
+        for tm in tms:
+            w = v[tm.name][:, : tm.d_in]
+            out.append((w.T if tm.transposed else w).reshape(tm.module.weight.shape))
+            if tm.has_bias:
+                out.append(v[tm.name][:, tm.d_in])
+        return out
+
+    def product(v):
+        out = {n: torch.zeros_like(t) for n, t in v.items()}
+        for q in range(next(iter(v.values())).shape[0]):
+            hv = iter(torch.autograd.grad(grads, params, as_params({n: t[q] for n, t in v.items()}), retain_graph=True))
+            for tm in tms:
+                w = next(hv)
+                w = (w.T if tm.transposed else w).reshape(tm.d_out, tm.d_in)
+                out[tm.name][q] = torch.cat([w, next(hv)[:, None]], 1) if tm.has_bias else w
+        return out
+
+    return product
+
+
+def cg_iterates(product, b, damping_of, steps):
+    """CG from zero on (H + λ) x = b, per query; the iterates after 1..steps steps."""
+    dot = lambda u, w: sum((u[n] * w[n]).flatten(1).sum(1) for n in u)  # noqa: E731
+    x = {n: torch.zeros_like(t) for n, t in b.items()}
+    r = {n: t.clone() for n, t in b.items()}
+    p, rr, out = {n: t.clone() for n, t in r.items()}, dot(r, r), []
+    for _ in range(steps):
+        hp = product(p)
+        ap = {n: hp[n] + damping_of(n) * p[n] for n in p}
+        alpha = (rr / dot(p, ap)).view(-1, 1, 1)
+        x = {n: x[n] + alpha * p[n] for n in x}
+        r = {n: r[n] - alpha * ap[n] for n in r}
+        rr_new = dot(r, r)
+        p = {n: r[n] + (rr_new / rr).view(-1, 1, 1) * p[n] for n in p}
+        rr = rr_new
+        out.append(x)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", type=Path, help="a folder for the retraining outcomes (reused when present)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cg.json")
+    args = p.parse_args()
+    settings = argparse.Namespace(
+        seed=0,
+        subsets=64,
+        seeds=4,
+        tab_train=200,
+        tab_targets=20,
+        tab_epochs=10,
+        image_train=300,
+        image_epochs=30,
+        lm_train=96,
+        lm_targets=10,
+        lm_epochs=3,
+    )
+    torch.set_num_threads(2)
+    curvature = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
+    results, lines = [], []
+    for make in (lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model):
+        setting = make(settings)
+        final, _ = setting.fit(setting.train, seed=0)
+        masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)
+        target = damping.outcomes(setting, masks, settings.seeds, args.cache).mean(0)
+        method = hw.EKFAC(final, setting.task, hw.InfluenceConfig(curvature=curvature)).fit(setting.train)
+        seen = {}
+        inverse = method._inverse
+        method._inverse = lambda g: (seen.setdefault("b", g), inverse(g))[1]  # capture the query gradients
+        row = {"setting": setting.name, "EK-FAC": hw.lds(method.score(setting.targets), masks, target)[0]}
+        method._inverse = inverse
+        b = {n: t.double() for n, t in seen["b"].items()}
+
+        def lds_of(x):
+            method.preconditioned_queries = lambda q, m: {n: t.float() for n, t in x.items()}
+            value = hw.lds(method.score(setting.targets), masks, target)[0]
+            del method.preconditioned_queries
+            return value
+
+        for k in STEPS:
+            method.config = dataclasses.replace(method.config, cg_steps=k)
+            row[f"headwater PCG (Fisher, from EK-FAC) {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
+        method.config = dataclasses.replace(method.config, cg_steps=0)
+        product = hessian_products(final, setting.task, setting.train, list(b))
+        for label, damping_of in (
+            ("0.01 absolute", lambda n: 0.01),
+            ("0.1 absolute", lambda n: 0.1),
+            ("1 × mean eigenvalue", lambda n: method.curvature.damping_for(n, 1.0, "relative", True)),
+        ):
+            iterates = cg_iterates(product, b, damping_of, max(STEPS))
+            for k in STEPS:
+                row[f"Hessian CG from zero, {label} {k}"] = lds_of(iterates[k - 1])
+        results.append(row)
+        print(setting.name, {k: round(v, 3) for k, v in row.items() if k != "setting"}, flush=True)
+    variants = sorted({k.rsplit(" ", 1)[0] for r in results for k in r if k not in ("setting", "EK-FAC")})
+    lines = ["| setting | EK-FAC | " + " | ".join(f"{v}, {STEPS} steps" for v in variants) + " |", "|---" * (2 + len(variants)) + "|"]
+    for r in results:
+        cells = [" / ".join(f"{r[f'{v} {k}']:.3f}" for k in STEPS) for v in variants]
+        lines.append(f"| {r['setting']} | {r['EK-FAC']:.3f} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"steps": STEPS, "results": results, "table": text}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
