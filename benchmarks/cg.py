@@ -79,19 +79,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, help="a folder for the retraining outcomes (reused when present)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cg.json")
     args = p.parse_args()
-    settings = argparse.Namespace(
-        seed=0,
-        subsets=64,
-        seeds=4,
-        tab_train=200,
-        tab_targets=20,
-        tab_epochs=10,
-        image_train=300,
-        image_epochs=30,
-        lm_train=96,
-        lm_targets=10,
-        lm_epochs=3,
-    )
+    settings = lds.parser().parse_args([])  # lds.py's default sizes
     torch.set_num_threads(2)
     curvature = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
     results, lines = [], []

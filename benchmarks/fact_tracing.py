@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from headwater import BuildConfig, ProjectionConfig, TrackStarConfig, build_index
-from headwater.demos.facts import ANIMALS, COLOURS, DISTRACTORS, FILLER, DemoConfig, _names, _order, answered, held_out_questions, prepare
+from headwater.demos.facts import DISTRACTORS, FILLER, DemoConfig, _order, answered, entities_and_values, held_out_questions, prepare
 from headwater.methods import BM25, Cosine, TrackStar
 from headwater.metrics import ranking_metrics
 
@@ -88,15 +88,7 @@ class HardConfig(DemoConfig):
 
 def hard_corpus(cfg: HardConfig) -> tuple[list[dict], list[dict]]:
     rng = random.Random(cfg.seed)
-    entities = _names(rng, cfg.entities, 3)
-    values = {
-        "capital": _names(rng, cfg.entities, 2),
-        "founder": _names(random.Random(cfg.seed + 1), cfg.entities, 2),
-        "colour": COLOURS,
-        "animal": ANIMALS,
-        "river": _names(random.Random(cfg.seed + 2), cfg.entities, 2),
-        "dish": _names(random.Random(cfg.seed + 3), cfg.entities, 2),
-    }
+    entities, values = entities_and_values(rng, cfg, ("capital", "founder", "river", "dish"))
     docs, facts = [], []
 
     def doc(statement: str, kind: str) -> int:

@@ -280,7 +280,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line, whose defaults are also the settings `damping.py` and `cg.py` rebuild."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--only", choices=["tabular", "image", "cnn", "lm"], nargs="+", help="run these settings")
@@ -313,7 +314,11 @@ def main() -> None:
     )
     p.add_argument("--peers-workdir", type=Path, default=Path("/tmp/headwater-lds-peers"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lds.json")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.quick:
         args.subsets, args.seeds, args.tab_train, args.tab_targets, args.lm_train, args.lm_targets = 12, 2, 60, 5, 24, 3
         args.trak_models, args.tab_epochs, args.lm_epochs, args.image_train, args.image_epochs = 2, 3, 1, 60, 3

@@ -92,17 +92,21 @@ def _names(rng: random.Random, n: int, syllables: int) -> list[str]:
     return sorted(out)
 
 
+def entities_and_values(rng: random.Random, cfg: DemoConfig, named: tuple[str, ...] = ("capital", "founder")) -> tuple[list[str], dict]:
+    """`cfg.entities` entity names and each relation's possible values: generated names for the
+    `named` relations (the first drawn from `rng`, the others from their own seeds), colours, animals."""
+    entities = _names(rng, cfg.entities, 3)
+    values = {"colour": COLOURS, "animal": ANIMALS}
+    for i, relation in enumerate(named):
+        values[relation] = _names(rng if i == 0 else random.Random(cfg.seed + i), cfg.entities, 2)
+    return entities, values
+
+
 def make_corpus(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     """(training documents, held-out questions). Each question lists the ids of the documents
     that state its fact (`relevant`)."""
     rng = random.Random(cfg.seed)
-    entities = _names(rng, cfg.entities, 3)
-    values = {
-        "capital": _names(rng, cfg.entities, 2),
-        "founder": _names(random.Random(cfg.seed + 1), cfg.entities, 2),
-        "colour": COLOURS,
-        "animal": ANIMALS,
-    }
+    entities, values = entities_and_values(rng, cfg)
     docs, facts = [], []
     for e in entities:
         for attr, (templates, question) in ATTRIBUTES.items():
