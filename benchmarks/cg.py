@@ -20,6 +20,7 @@ import torch
 
 import headwater as hw
 from headwater.collect import tracked_modules
+from headwater.methods.influence import record_gradients
 
 STEPS = [1, 2, 3, 5, 10]
 
@@ -89,12 +90,8 @@ def main() -> None:
         masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)
         target = damping.outcomes(setting, masks, settings.seeds, args.cache).mean(0)
         method = hw.EKFAC(final, setting.task, hw.InfluenceConfig(curvature=curvature)).fit(setting.train)
-        seen = {}
-        inverse = method._inverse
-        method._inverse = lambda g: (seen.setdefault("b", g), inverse(g))[1]  # capture the query gradients
         row = {"setting": setting.name, "EK-FAC": hw.lds(method.score(setting.targets), masks, target)[0]}
-        method._inverse = inverse
-        b = {n: t.double() for n, t in seen["b"].items()}
+        b = {n: t.double() for n, t in record_gradients(method.collector, setting.targets, hw.Loss(), method.config.batch_size).items()}
 
         def lds_of(x):
             method.preconditioned_queries = lambda q, m: {n: t.float() for n, t in x.items()}
