@@ -10,11 +10,16 @@ behaviour, "repair" partly undoes it; the world and data of `headwater demo stag
   stage's gap into the next, which only the propagated and curvature estimators model.
 
 For every seed, stage and behaviour the true effect is f(θ_T) − f(θ_T with the stage skipped),
-by retraining the later stages as recorded. Prints, per setting and estimator, the Pearson and
-Spearman correlation with the truth over stages × behaviours (pooled over seeds, and the mean of
-the per-seed values), sign agreement and how often the stage with the largest effect is named.
+by retraining the later stages as recorded; and the same with only 1% of the stage taken out
+(θ_end − 0.01·Δ, the moments likewise), the local question, where first-order estimates are
+exact in the limit. Both runs are recorded with a checkpoint every step; the estimators run on
+that recording and on the same recording with only the stage boundaries (the default). Prints,
+per setting, removed fraction and estimator, the Pearson and Spearman correlation with the truth
+over stages × behaviours (pooled over seeds, and the mean of the per-seed values), sign
+agreement, how often the stage with the largest effect is named, and the error over the stages
+before the last.
 
-    python benchmarks/stages.py                # 5 seeds × 2 settings, ~3 min on 2 cores
+    python benchmarks/stages.py                # 5 seeds × 2 settings, ~5 min on 2 cores
     python benchmarks/stages.py --seeds 2      # quicker
 """
 
@@ -23,15 +28,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from headwater import LanguageModelTask, Trajectory, TrajectoryRecorder
+from headwater import LanguageModelTask, StageAttribution, StageConfig, Trajectory, TrajectoryRecorder
 from headwater.demos import stages as demo
 from headwater.toy import tiny_gpt2
+
+REMOVED = (1.0, 0.01)
+ESTIMATORS = {  # name: (which recording, curvature matrix); naive and propagated come with each
+    "curvature": ("boundaries", "gauss-newton"),  # the default
+    "curvature, Hessian": ("boundaries", "hessian"),
+    "curvature, Hessian, checkpoint every step": ("every", "hessian"),
+}
 
 PERSISTENT_LR = {"pretrain": 0.03, "sft": 0.01, "inject": 0.01, "repair": 0.005}
 PERSISTENT_EPOCHS = {"pretrain": 3, "sft": 3, "inject": 2, "repair": 2}
@@ -40,7 +53,7 @@ PERSISTENT_EPOCHS = {"pretrain": 3, "sft": 3, "inject": 2, "repair": 2}
 def persistent_run(path: Path, model, task, stages: dict, seed: int) -> None:
     """All stages with one SGD optimizer (its momentum buffer carries across stages)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    recorder = TrajectoryRecorder(path, model)
+    recorder = TrajectoryRecorder(path, model, checkpoint_every=1)
     g = torch.Generator().manual_seed(seed)
     for plan in demo.PLANS:
         for group in opt.param_groups:
@@ -62,20 +75,23 @@ def step(model, task, records) -> None:
     (task.loss(model, batch).sum() / batch["target_mask"][:, 1:].sum()).backward()
 
 
-def persistent_truth(traj: Trajectory, model, task, stages: dict, behaviours: dict) -> np.ndarray:
-    """Retrain with each stage skipped: from the stage's start (parameters and momentum buffer),
-    the later stages' recorded batches and learning rates, torch.optim.SGD's update."""
+def persistent_truth(traj: Trajectory, model, task, stages: dict, behaviours: dict, removed: float) -> np.ndarray:
+    """Retrain with `removed` of each stage taken out: from its end moved that fraction back to
+    its start (parameters and momentum buffer), the later stages' recorded batches and learning
+    rates, torch.optim.SGD's update."""
     final = demo.behaviour_values(model, task, behaviours)
     out = np.zeros((len(traj.stages), len(behaviours)))
     for k, stage in enumerate(traj.stages):
         skipped = copy.deepcopy(model)
         params = dict(skipped.named_parameters())
+        start, end = traj.params_at(stage.name, False), traj.params_at(stage.name, True)
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(traj.params_at(stage.name, False)[n])
+                p.copy_(end[n] - removed * (end[n] - start[n]))
         opt = torch.optim.SGD(skipped.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-        for n, buf in traj.moments_at(stage.name, False).get("momentum_buffer", {}).items():
-            opt.state[params[n]]["momentum_buffer"] = buf.clone()
+        buf_start, buf_end = (traj.moments_at(stage.name, e).get("momentum_buffer", {}) for e in (False, True))
+        for n, buf in buf_end.items():
+            opt.state[params[n]]["momentum_buffer"] = buf - removed * (buf - buf_start.get(n, torch.zeros_like(buf)))
         by_id = {r["id"]: r for rs in stages.values() for r in rs}
         for later in traj.stages[k + 1 :]:
             for t in range(later.start, later.stop):
@@ -89,44 +105,71 @@ def persistent_truth(traj: Trajectory, model, task, stages: dict, behaviours: di
     return out
 
 
+def boundaries_only(traj: Trajectory, path: Path) -> Trajectory:
+    """The same recording without its every-step checkpoints (stage boundaries only)."""
+    if path.exists():
+        shutil.rmtree(path)
+    shutil.copytree(traj.path, path, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((path / "trajectory.json").read_text())
+    meta.pop("checkpoints", None)
+    (path / "trajectory.json").write_text(json.dumps(meta))
+    return Trajectory(path)
+
+
+def estimates(recordings: dict, model, task, stages: dict, behaviours: dict, removed: float) -> dict:
+    out = {}
+    for name, (which, matrix) in ESTIMATORS.items():
+        config = StageConfig(batch_loss="token-mean", curvature_matrix=matrix, removed=removed)
+        effects = StageAttribution(recordings[which], model, task, config, data=stages).effects(behaviours)
+        if not out:
+            out.update({k: v for k, v in effects.estimates.items() if not k.startswith("curvature")})
+        out.update({k.replace("curvature", name): v for k, v in effects.estimates.items() if k.startswith("curvature")})
+    return out
+
+
 def run_setting(setting: str, seed: int, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    if setting == "trainer":
-        effects, truth, timings = demo.run_pipeline(workdir, seed, hessian=True)
-        return {"estimates": {k: v.tolist() for k, v in effects.estimates.items()}, "truth": truth.tolist(), "seconds": timings}
-    stages, behaviours = demo.make_data(seed)
-    tokenizer = demo.tokenizer_for(stages, behaviours)
-    task = LanguageModelTask(tokenizer)
-    torch.manual_seed(seed)
-    model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=32)
-    path = workdir / "trajectory"
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
     t = time.time()
-    persistent_run(path, model, task, stages, seed)
-    train_s, t = time.time() - t, time.time()
-    traj = Trajectory(path)
-    effects = demo.stage_effects(traj, model, task, stages, behaviours, hessian=True)
-    estimate_s, t = time.time() - t, time.time()
-    truth = persistent_truth(traj, model, task, stages, behaviours)
-    return {
-        "estimates": {k: v.tolist() for k, v in effects.estimates.items()},
-        "truth": truth.tolist(),
-        "seconds": {"training": train_s, "estimates": estimate_s, "retraining": time.time() - t},
-    }
+    if setting == "trainer":
+        traj, model, task, stages, behaviours, _ = demo.train_pipeline(workdir, seed, checkpoint_every=1)
+        truth = lambda removed: demo.true_effects(traj, model, task, stages, behaviours, workdir, seed, removed)  # noqa: E731
+    else:
+        stages, behaviours = demo.make_data(seed)
+        tokenizer = demo.tokenizer_for(stages, behaviours)
+        task = LanguageModelTask(tokenizer)
+        torch.manual_seed(seed)
+        model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=32)
+        path = workdir / "trajectory"
+        if path.exists():
+            shutil.rmtree(path)
+        persistent_run(path, model, task, stages, seed)
+        traj = Trajectory(path)
+        truth = lambda removed: persistent_truth(traj, model, task, stages, behaviours, removed)  # noqa: E731
+    seconds = {"training": time.time() - t}
+    recordings = {"every": traj, "boundaries": boundaries_only(traj, workdir / "boundaries")}
+    out = {"seconds": seconds}
+    for removed in REMOVED:
+        t = time.time()
+        est = estimates(recordings, model, task, stages, behaviours, removed)
+        seconds[f"estimates {removed}"], t = time.time() - t, time.time()
+        true = truth(removed)
+        seconds[f"retraining {removed}"] = time.time() - t
+        out[str(removed)] = {"estimates": {k: v.tolist() for k, v in est.items()}, "truth": true.tolist()}
+    return out
 
 
-def summary(runs: list[dict]) -> dict:
+def summary(runs: list[dict], removed: float) -> dict:
+    """Agreement of each estimator with the truth; effects divided by the fraction removed, so
+    that the errors of the local question read per unit of the stage."""
+    runs = [{"truth": np.array(r["truth"]) / removed, "estimates": {k: np.array(v) / removed for k, v in r["estimates"].items()}} for r in runs]
     out = {}
     for name in runs[0]["estimates"]:
-        per_seed = [demo.agreement(np.array(r["estimates"][name]), np.array(r["truth"])) for r in runs]
-        pooled = demo.agreement(np.concatenate([np.array(r["estimates"][name]) for r in runs]), np.concatenate([np.array(r["truth"]) for r in runs]))
+        per_seed = [demo.agreement(r["estimates"][name], r["truth"]) for r in runs]
+        pooled = demo.agreement(np.concatenate([r["estimates"][name] for r in runs]), np.concatenate([r["truth"] for r in runs]))
         pooled["top_stage"] = float(np.nanmean([s["top_stage"] for s in per_seed]))  # a run's top stage: per seed
         # Skipping the last stage leaves θ_T = θ_start(last), which every estimator gets exactly:
         # the stages before it are where estimators differ.
-        before = [(np.array(r["estimates"][name])[:-1], np.array(r["truth"])[:-1]) for r in runs]
+        before = [(r["estimates"][name][:-1], r["truth"][:-1]) for r in runs]
         earlier = demo.agreement(np.concatenate([e for e, _ in before]), np.concatenate([t for _, t in before]))
         errors = np.concatenate([(e - t).ravel() for e, t in before])
         earlier["rmse"] = float(np.sqrt(np.nanmean(errors**2)))
@@ -141,38 +184,39 @@ def summary(runs: list[dict]) -> dict:
 
 def table(results: dict, seeds: int) -> str:
     lines = []
-    for setting, s in results.items():
-        lines += [
-            f"\n{setting}: {seeds} seeds × 4 stages × 3 behaviours. Correlations and sign agreement pooled over seeds "
-            "(per-seed mean ± sd in brackets); top stage: the fraction of seeds × behaviours whose largest estimated effect is the largest true one.",
-            "",
-            "| estimator | Pearson | Spearman | sign agreement | names the top stage | stages before the last: Pearson | Spearman | sign | RMSE |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, m in s.items():
-            p, b = m["pooled"], m["before_last"]
-            lines.append(
-                f"| {name} | {p['pearson']:.3f} ({m['mean_pearson']:.2f} ± {m['std_pearson']:.2f}) | "
-                f"{p['spearman']:.3f} ({m['mean_spearman']:.2f} ± {m['std_spearman']:.2f}) | {p['sign']:.2f} | {p['top_stage']:.2f} | "
-                f"{b['pearson']:.3f} | {b['spearman']:.3f} | {b['sign']:.2f} | {b['rmse']:.2f} |"
-            )
+    for setting, by_removed in results.items():
+        for removed, s in by_removed.items():
+            what = "each stage skipped" if float(removed) == 1 else f"{float(removed):.0%} of each stage taken out (effects per unit removed)"
+            lines += [
+                f"\n{setting}, {what}: {seeds} seeds × 4 stages × 3 behaviours.",
+                "",
+                "| estimator | Pearson | Spearman | sign agreement | names the top stage | stages before the last: Pearson | Spearman | sign | RMSE |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for name, m in s.items():
+                if float(removed) < 1 and name.endswith("(linear)"):
+                    continue  # the same as the evaluated readout this close to the run
+                p, b = m["pooled"], m["before_last"]
+                lines.append(
+                    f"| {name} | {p['pearson']:.3f} ({m['mean_pearson']:.2f} ± {m['std_pearson']:.2f}) | "
+                    f"{p['spearman']:.3f} ({m['mean_spearman']:.2f} ± {m['std_spearman']:.2f}) | {p['sign']:.2f} | {p['top_stage']:.2f} | "
+                    f"{b['pearson']:.3f} | {b['spearman']:.3f} | {b['sign']:.2f} | {b['rmse']:.2f} |"
+                )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--settings", nargs="+", default=["trainer", "persistent"], choices=["trainer", "persistent"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/headwater-bench-stages"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stages.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    raw = {
-        setting: [run_setting(setting, seed, args.workdir / setting / str(seed)) for seed in range(args.seeds)]
-        for setting in ("trainer", "persistent")
-    }
-    results = {setting: summary(runs) for setting, runs in raw.items()}
+    raw = {setting: [run_setting(setting, seed, args.workdir / setting / str(seed)) for seed in range(args.seeds)] for setting in args.settings}
+    results = {setting: {str(r): summary([run[str(r)] for run in runs], r) for r in REMOVED} for setting, runs in raw.items()}
     text = table(results, args.seeds)
     print(text)
     print(f"\ntotal {time.time() - t0:.0f} s")

@@ -475,9 +475,14 @@ class StageConfig(Config):
     curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
     curvature_matrix: str = option(
         "gauss-newton",
-        "The later steps' curvature: gauss-newton (positive semi-definite; the linearised steps contract as training does) or "
-        "hessian (exact for the linearisation at each stage's end checkpoint, but its negative directions compound over a stage).",
+        "The later steps' curvature, at the run's parameters for each step: gauss-newton (positive semi-definite, robust when "
+        "only stage boundaries are saved) or hessian (exact to first order for SGD-family runs recorded with a checkpoint every step).",
         choices=("gauss-newton", "hessian"),
+    )
+    removed: float = option(
+        1.0,
+        "Fraction of each stage's updates taken out: 1 skips the stage; a small fraction asks how the behaviour responds "
+        "to shrinking the stage, where first-order estimates are exact in the limit.",
     )
     readout: str = option(
         "both",
@@ -490,3 +495,8 @@ class StageConfig(Config):
     probe: str | None = option(None, H_PROBE)
     batch_size: int = option(8, H_BATCH)
     sample_seed: int = option(0, H_SAMPLE_SEED)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.removed <= 1:
+            raise UserError(f"--removed must be a fraction in (0, 1], got {self.removed}")

@@ -137,16 +137,18 @@ def behaviour_values(model, task: LanguageModelTask, behaviours: dict) -> np.nda
         return np.array([float(task.loss(model.eval(), task.collate([task.whole(r) for r in rs])).mean()) for rs in behaviours.values()])
 
 
-def true_effects(traj: Trajectory, model, task, stages: dict, behaviours: dict, workdir: Path, seed: int) -> np.ndarray:
+def true_effects(traj: Trajectory, model, task, stages: dict, behaviours: dict, workdir: Path, seed: int, removed: float = 1.0) -> np.ndarray:
     """E_k = f(θ_T) − f(θ_T with stage k skipped), by retraining the later stages from stage k's
-    start, as recorded (the same data, settings and seeds; each stage a fresh optimizer)."""
+    start, as recorded (the same data, settings and seeds; each stage a fresh optimizer). With
+    `removed` < 1, from θ_end(k) moved that fraction of the way back to θ_start(k)."""
     final = behaviour_values(model, task, behaviours)
     out = np.zeros((len(PLANS), len(behaviours)))
     for k, plan in enumerate(PLANS):
         skipped = copy.deepcopy(model)
+        start, end = traj.params_at(plan.name, False), traj.params_at(plan.name, True)
         with torch.no_grad():
             for n, p in skipped.named_parameters():
-                p.copy_(traj.params_at(plan.name, False)[n])
+                p.copy_(end[n] - removed * (end[n] - start[n]))
         for later in PLANS[k + 1 :]:
             train_stage(skipped, task, stages[later.name], later, workdir, None, seed)
         out[k] = final - behaviour_values(skipped, task, behaviours)
@@ -171,19 +173,9 @@ def agreement(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
-def stage_effects(traj: Trajectory, model, task, stages: dict, behaviours: dict, hessian: bool = False) -> StageEffects:
-    """The estimates (token-mean batches, as the Trainer reduces them); with `hessian`, the
-    curvature estimator also with the Hessian instead of Gauss–Newton ("curvature, Hessian")."""
-    effects = StageAttribution(traj, model, task, StageConfig(batch_loss="token-mean"), data=stages).effects(behaviours)
-    if hessian:
-        config = StageConfig(batch_loss="token-mean", curvature_matrix="hessian")
-        other = StageAttribution(traj, model, task, config, data=stages).effects(behaviours)
-        effects.estimates.update({k.replace("curvature", "curvature, Hessian"): v for k, v in other.estimates.items() if k.startswith("curvature")})
-    return effects
-
-
-def run_pipeline(workdir: Path, seed: int = 0, hessian: bool = False) -> tuple[StageEffects, np.ndarray, dict]:
-    """Train the four stages (recorded), estimate, retrain for the truth; (effects, truth, timings)."""
+def train_pipeline(workdir: Path, seed: int = 0, checkpoint_every: int | None = None):
+    """Train the four stages through the Trainer, recorded; (trajectory, model, task, stage
+    records, behaviour records, seconds)."""
     import datasets
     import transformers
 
@@ -199,16 +191,20 @@ def run_pipeline(workdir: Path, seed: int = 0, hessian: bool = False) -> tuple[S
         import shutil
 
         shutil.rmtree(traj_path)
-    timings = {}
     t = time.time()
-    recorder = TrajectoryRecorder(traj_path)
+    recorder = TrajectoryRecorder(traj_path, checkpoint_every=checkpoint_every)
     for plan in PLANS:
         print(f"training stage {plan.name} ({len(stages[plan.name])} records, {plan.optim}, {plan.schedule})", flush=True)
         train_stage(model, task, stages[plan.name], plan, workdir, recorder, seed)
-    timings["training"] = time.time() - t
-    traj = Trajectory(traj_path)
+    return Trajectory(traj_path), model, task, stages, behaviours, time.time() - t
+
+
+def run_pipeline(workdir: Path, seed: int = 0) -> tuple[StageEffects, np.ndarray, dict]:
+    """Train the four stages (recorded), estimate, retrain for the truth; (effects, truth, timings)."""
+    traj, model, task, stages, behaviours, seconds = train_pipeline(workdir, seed)
+    timings = {"training": seconds}
     t = time.time()
-    effects = stage_effects(traj, model, task, stages, behaviours, hessian)
+    effects = StageAttribution(traj, model, task, StageConfig(batch_loss="token-mean"), data=stages).effects(behaviours)
     timings["estimates"] = time.time() - t
     t = time.time()
     print("retraining with each stage skipped (the true effects)", flush=True)

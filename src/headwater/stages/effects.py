@@ -12,7 +12,11 @@ differ in how e_k is obtained:
   first moment, when the optimizer persists) carried through every later step with the real
   schedule: decay, coupled L2, momentum, Adam's recorded preconditioner, clipping, re-creation;
 - curvature: the same with each later step's curvature (Hessian-vector products of the step's
-  batch at its stage's checkpoint): exact for least squares.
+  batch at the run's parameters for that step, interpolated between the saved checkpoints):
+  exact for least squares, and exact to first order with a checkpoint every step.
+
+`StageConfig.removed` < 1 takes out only that fraction of a stage's updates: the gaps are linear
+in it, and the smaller it is the closer the run's response is to the linearisation.
 
 Each stage's gap is carried forward through the later steps once, for all behaviours. The
 completeness decomposition f(θ_end(k)) − f(θ_start(k)) sums exactly to f(θ_T) − f(θ_0). Within a
@@ -134,6 +138,7 @@ class StageAttribution:
             self.trajectory.stage(name)  # refuses an unknown stage
         self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
         self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
+        self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded
 
     # ------------------------------------------------------------------ the run's recorded states
 
@@ -193,13 +198,12 @@ class StageAttribution:
 
     def _hvp(self):
         """(step, V [B, P]) -> C V, C the curvature (`config.curvature_matrix`) of the step's batch
-        loss at its stage's end checkpoint."""
+        loss at the run's parameters for that step (`_path_point`)."""
         twice_differentiable_attention(self.model)
         stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
 
         def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
-            k = stage_of[t]
-            batch = self._step_batch(t, k)
+            batch = self._step_batch(t, stage_of[t])
             if batch is None:
                 return torch.zeros_like(v)
             normaliser = self._batch_normaliser(batch)
@@ -207,12 +211,30 @@ class StageAttribution:
                 self.task,
                 lambda th: self.task.loss(self._bound(th), batch).sum() / normaliser,
                 lambda th: output_curvature(self.task, self._bound(th), batch, normaliser),
-                self.boundaries[k][1],
+                self._path_point(t),
                 v,
                 self.config.curvature_matrix,
             )
 
         return hvp
+
+    def _path_point(self, t: int) -> torch.Tensor:
+        """θ_t [P], the parameters step t started from: between the nearest saved parameters
+        before and after it (stage boundaries, the recorder's `checkpoint_every` checkpoints),
+        interpolated by the learning rate spent, as the run moves in proportion to it."""
+        saved = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
+        i = max(j for j, b in enumerate(saved) if b <= t)
+        a, b = saved[i], saved[min(i + 1, len(saved) - 1)]
+        if a == t or a == b:
+            return self._saved_point(a)
+        spent = [self.trajectory.steps[s].lr[0] * self.trajectory.steps[s].clip for s in range(a, b)]
+        w = sum(spent[: t - a]) / sum(spent) if sum(spent) > 0 else (t - a) / (b - a)
+        return (1 - w) * self._saved_point(a) + w * self._saved_point(b)
+
+    def _saved_point(self, step: int) -> torch.Tensor:
+        if step not in self._saved:
+            self._saved[step] = self.space.flatten(self.trajectory.params_before(step))
+        return self._saved[step]
 
     def _batch_normaliser(self, batch) -> int:
         """What the run divided a batch's summed loss by: its target tokens or its examples."""
@@ -270,6 +292,7 @@ class StageAttribution:
         if self.config.curvature and self.data:
             hvp = self._hvp()
             gaps["curvature"] = [self.counterfactual_gap(k, hvp) for k in tqdm(range(n), desc="curvature", disable=not progress)]
+        gaps = {name: [self.config.removed * e for e in es] for name, es in gaps.items()}
         estimates = {}
         for name, es in gaps.items():
             if self.config.readout in ("evaluated", "both"):

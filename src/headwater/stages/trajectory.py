@@ -14,7 +14,10 @@ optimizer was re-created), `steps.jsonl` (one line per optimizer step: the learn
 decay, momentum / betas, eps, Nesterov, whether decay is decoupled, the clipping factor actually
 applied, gradient accumulation, the optimizer's step count and the records of the batch), and
 safetensors of the parameters and optimizer state at every stage boundary. Memory and disk are
-O(stages × parameters), never O(steps × parameters).
+O(stages × parameters), never O(steps × parameters), unless `checkpoint_every` asks for the
+parameters every N steps as well (`checkpoints/`): the curvature estimator takes each step's
+curvature at the run's parameters interpolated between the nearest saved ones, so more
+checkpoints make it more exact (every step: exact to first order).
 """
 
 from __future__ import annotations
@@ -90,11 +93,14 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 class TrajectoryRecorder:
     """Records a run's stages into a directory: a plain-loop recorder and a `transformers`
-    `TrainerCallback` (pass `stage=`; each Trainer run appends its stage to the same directory)."""
+    `TrainerCallback` (pass `stage=`; each Trainer run appends its stage to the same directory).
+    `checkpoint_every=N` also saves the parameters every N optimizer steps inside each stage."""
 
-    def __init__(self, path: str | Path, model: torch.nn.Module | None = None, stage: str | None = None):
+    def __init__(self, path: str | Path, model: torch.nn.Module | None = None, stage: str | None = None, checkpoint_every: int | None = None):
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise UserError(f"checkpoint_every must be a positive number of steps, not {checkpoint_every}")
         self.path = Path(path)
-        self.model, self.stage_name = model, stage
+        self.model, self.stage_name, self.checkpoint_every = model, stage, checkpoint_every
         self.meta = self._open()
         self.stage: Stage | None = None
         self._hooks: list = []
@@ -166,6 +172,11 @@ class TrajectoryRecorder:
             fh.write(json.dumps(record.__dict__) + "\n")
         self.meta["steps"] += 1
         self.stage.stop = self.meta["steps"]
+        if self.checkpoint_every and (self.stage.stop - self.stage.start) % self.checkpoint_every == 0:
+            step = self.meta["steps"]  # the parameters the next step starts from
+            (self.path / "checkpoints").mkdir(exist_ok=True)
+            _save_tensors(self.path / "checkpoints" / f"{step:09d}.safetensors", {n: p for n, p in self.model.named_parameters() if p.requires_grad})
+            self.meta.setdefault("checkpoints", []).append(step)
         self._pre_norm2.clear()
         self._backwards.clear()
         self._last_count = count
@@ -299,6 +310,7 @@ class Trajectory:
                 f"{self.path} has {len(self.steps)} recorded steps for stages ending at step {self.stages[-1].stop if self.stages else 0}"
             )
         self.ignores: list[str] = self.meta.get("ignores", [])
+        self.checkpoint_steps: list[int] = self.meta.get("checkpoints", [])
 
     def __repr__(self) -> str:
         return f"Trajectory({str(self.path)!r}, stages={[s.name for s in self.stages]}, steps={len(self.steps)})"
@@ -310,9 +322,11 @@ class Trajectory:
         raise UserError(f"no stage {name!r} in {self.path}; stages: {', '.join(s.name for s in self.stages)}")
 
     def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return self._tensors_at(self.path / "boundaries" / f"{name}.safetensors")
+
+    def _tensors_at(self, path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = self.path / "boundaries" / f"{name}.safetensors"
         if not path.exists():
             raise UserError(f"{path} is missing: the trajectory is incomplete")
         return load_file(str(path))
@@ -320,6 +334,18 @@ class Trajectory:
     def params_at(self, stage: str, end: bool) -> dict[str, torch.Tensor]:
         """Parameters at the start or end of a stage."""
         return self._tensors(f"{stage}-{'end' if end else 'start'}.params")
+
+    def params_before(self, step: int) -> dict[str, torch.Tensor]:
+        """Parameters the (global) step `step` started from: a stage's start, a stage's end (the
+        next stage's start) or one of the recorder's `checkpoint_every` checkpoints."""
+        for s in self.stages:
+            if step == s.start:
+                return self.params_at(s.name, False)
+            if step == s.stop:
+                return self.params_at(s.name, True)
+        if step not in self.checkpoint_steps:
+            raise UserError(f"{self.path} holds no parameters before step {step}")
+        return self._tensors_at(self.path / "checkpoints" / f"{step:09d}.safetensors")
 
     def checkpoint(self, stage: str, model: torch.nn.Module, end: bool = True) -> torch.nn.Module:
         """A copy of `model` holding the parameters at a stage's end (or start)."""
