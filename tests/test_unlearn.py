@@ -79,15 +79,17 @@ def test_item_scores_are_the_hand_computed_gold_logprobs_and_accuracy(world):
     assert 0 < correct.sum() < len(items)  # both outcomes are exercised
 
 
-@pytest.mark.parametrize("objective", ["ascent", "npo"])
-def test_forgetting_the_top_records_hurts_the_aligned_benchmark_more_than_random_ones(world, objective):
+@pytest.mark.parametrize("objective,optimizer,lr", [("ascent", "adamw", 3e-3), ("npo", "adamw", 3e-3), ("npo", "sgd", 1e-2)])
+def test_forgetting_the_top_records_hurts_the_aligned_benchmark_more_than_random_ones(world, objective, optimizer, lr):
     model, tokenizer, records = world
     before = {k: v.clone() for k, v in model.state_dict().items()}
     asked = [1, 4, 6, 9, 14, 19, 23, 30]  # what the aligned benchmark asks about: the planted top records
     scores = np.random.default_rng(0).normal(size=len(records))
     scores[asked] += 10
     members = np.arange(N_ANIMALS)
-    config = UnlearnConfig(forget=ASKED, steps=16, lr=3e-3, train_batch_size=8, retain=32, seeds=[0, 1, 2], bootstrap=1000, objective=objective)
+    config = UnlearnConfig(
+        forget=ASKED, steps=16, lr=lr, train_batch_size=8, retain=32, seeds=[0, 1, 2], bootstrap=1000, objective=objective, optimizer=optimizer
+    )
     result = unlearning_experiment(model, tokenizer, records, members, scores, aligned_items(asked), control_items(), config)
 
     json.dumps(result)  # JSON-able as promised

@@ -37,8 +37,16 @@ class UnlearnConfig(Config):
         "ascent (gradient ascent on the forget set plus a retain term) or npo (negative preference optimisation against the starting model).",
         choices=("ascent", "npo"),
     )
+    optimizer: str = option(
+        "adamw",
+        "adamw (per-coordinate normalised steps: a steady pace, but over a few steps they follow the gradient's direction "
+        "only loosely) or sgd (plain gradient steps, what the attribution scores measure; ascent speeds up as the loss rises, "
+        "so the useful learning rates span a narrow range).",
+        choices=("adamw", "sgd"),
+        flag="--unlearn-optimizer",
+    )
     steps: int = option(20, "Optimizer steps of each unlearning run (the same for every arm and seed).", flag="--unlearn-steps")
-    lr: float = option(1e-5, "Constant AdamW learning rate of each unlearning run.", flag="--unlearn-lr")
+    lr: float = option(1e-5, "Constant learning rate of each unlearning run (calibrate it by the retain perplexity reported).", flag="--unlearn-lr")
     train_batch_size: int = option(8, "Examples per optimizer step of the training run.")
     retain_weight: float = option(1.0, "Weight of the retain set's mean loss in the unlearning objective (0: forget term alone).")
     retain: int = option(256, "Records outside the bin used as the retain set (sampled).")
@@ -217,13 +225,14 @@ def forget_loss(model, task: LanguageModelTask, batch, ref: torch.Tensor, config
 
 
 def unlearned(model, task: LanguageModelTask, forget: list, retain: list, config: UnlearnConfig, seed: int) -> torch.nn.Module:
-    """A copy of `model` after `config.steps` AdamW steps on the unlearning objective (the model is untouched)."""
+    """A copy of `model` after `config.steps` optimizer steps on the unlearning objective (the model is untouched)."""
     device = next(model.parameters()).device
     npo = config.objective == "npo"
     ref = torch.from_numpy(sequence_scores(model, task, forget, config.batch_size)[0] if npo else np.zeros(len(forget))).float().to(device)
     work = copy.deepcopy(model).eval()  # dropout off: the forget set is the only thing that differs between arms
     params = [p for p in work.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: lr = 0 leaves the model exactly as it was
+    # no decay: lr = 0 leaves the model exactly as it was
+    opt = torch.optim.SGD(params, lr=config.lr) if config.optimizer == "sgd" else torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     forget_order = batch_order(len(forget), config.train_batch_size, config.steps, seed)
     retain_order = batch_order(len(retain), config.train_batch_size, config.steps, seed)
     use_retain = bool(retain) and config.retain_weight > 0

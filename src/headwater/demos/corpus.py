@@ -238,6 +238,11 @@ def recovered(cmap, bench: str) -> tuple[list[str], int, int]:
     return [f"{r.bin} (z {r.z:+.1f}, q {r.q:.1g})" for r in by_z[by_z["significant"] & (by_z["z"] > 0)].itertuples()], rank("z"), rank("enrichment")
 
 
+def asked_facts(records: list[dict], chosen) -> int:
+    """How many of the chosen records state a zoology fact the benchmark asks (every other one)."""
+    return sum(1 for i in chosen if records[i]["fact"].startswith("zoology:") and int(records[i]["fact"].split(":")[1]) % 2 == 0)
+
+
 def summarise(cmap, records, frame, summary, result, seconds) -> str:
     items = ", ".join(f"{b} ({len(cmap.info['benchmarks'][b]['queries'])} items)" for b in cmap.benchmarks)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
@@ -271,5 +276,10 @@ def summarise(cmap, records, frame, summary, result, seconds) -> str:
         f"| difference-in-differences | | | {ci(eff, 'did')} |",
         "",
         f"Reading: {result['notes'][-1]}.",
+        "",
+        "Ground truth: records stating a fact the zoology benchmark asks, among the top records "
+        f"{asked_facts(records, result['sets']['top'])} of {result['forget']}, among the random records "
+        f"{np.mean([asked_facts(records, r) for r in result['sets']['random']]):.1f} on average (random sets are matched in tokens, "
+        "and fact records are the longer ones).",
     ]
     return "\n".join(lines) + "\n"
