@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -161,7 +162,8 @@ def prepare(workdir: Path, cfg: DemoConfig, retrain: bool = False, corpus=make_c
     docs, questions = corpus(cfg)
     _write_jsonl(workdir / "train.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
     _write_jsonl(workdir / "questions.jsonl", [{k: q[k] for k in ("id", "prompt", "completion")} for q in questions])
-    model_dir = workdir / f"model-{cfg.key()}"
+    corpus_key = hashlib.sha256("\n".join(d["text"] for d in docs).encode()).hexdigest()[:8]  # a changed generator retrains
+    model_dir = workdir / f"model-{cfg.key()}-{corpus_key}"
     if (model_dir / "config.json").exists() and not retrain:
         print(f"using the cached demo model in {model_dir}")
         return model_dir, docs, questions
