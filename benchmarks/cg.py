@@ -94,10 +94,7 @@ def main() -> None:
         b = {n: t.double() for n, t in record_gradients(method.collector, setting.targets, hw.Loss(), method.config.batch_size).items()}
 
         def lds_of(x):
-            method.preconditioned_queries = lambda q, m: {n: t.float() for n, t in x.items()}
-            value = hw.lds(method.score(setting.targets), masks, target)[0]
-            del method.preconditioned_queries
-            return value
+            return hw.lds(method.score_solution(setting.targets, x), masks, target)[0]
 
         for k in STEPS:
             method.config = dataclasses.replace(method.config, cg_steps=k)

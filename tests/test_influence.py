@@ -94,6 +94,15 @@ def test_cg_refinement_converges_to_the_full_damped_solve():
         errors.append(((got - want).norm() / want.norm()).item())
     assert errors[1] < errors[0]
     assert errors[2] < 1e-4, errors
+    # a solve made elsewhere (here the dense one) scores through score_solution: its dot products
+    # with each training record's gradient
+    shapes = {n: t.shape[1:] for n, t in g.items()}
+    sizes = [int(np.prod(sh)) for sh in shapes.values()]
+    solution = {n: part.reshape(-1, *shapes[n]) for n, part in zip(shapes, want.split(sizes, dim=1))}
+    train = per_example_grads(model, task, [task.whole(r) for r in records])
+    expected = flat(train) @ want.T
+    got = inf.score_solution(queries, solution).values
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("rank", [None, 9, 1])

@@ -100,12 +100,17 @@ class Method(ABC):
         """Scores [n_train records, q] of every training record for every query (`queries=None`
         for the probe methods, which score records against a concept directly: q = 1); with `by`
         ("module", "checkpoint": see `breakdowns`), [k, records, q] kept apart along that axis."""
-        data = self.fitted()
+        self.fitted()  # refuses an unfitted method before any work
         if by is not None and by not in self.breakdowns:
             raise UserError(f"{self.name} can keep apart {', '.join(self.breakdowns) or 'nothing'}, not {by!r}")
         measurement = measurement or self.default_measurement()
         qids = [measurement.name] if queries is None else query_records(queries)[1]  # a concept method's one column
-        blocks = list(self.score_blocks(queries, measurement, by))
+        return self.scores_of_blocks(self.score_blocks(queries, measurement, by), qids, measurement, by, dtype)
+
+    def scores_of_blocks(self, blocks: Blocks, qids: list, measurement: Measurement, by: str | None = None, dtype=np.float32) -> Scores:
+        """The `Scores` of streamed (start, ids, rows) blocks, pooled to records."""
+        data = self.fitted()
+        blocks = list(blocks)
         rows = torch.cat([b for _, _, b in blocks], dim=-2) if blocks else torch.zeros(0, len(qids))
         row_records = np.concatenate([ids[:, 0] for _, ids, _ in blocks]) if blocks else np.zeros(0, np.int64)
         pool = getattr(self.config, "pool", "max")

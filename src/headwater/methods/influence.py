@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..index import Index
 from ..measurement import Measurement, objective_fn
 from ..projection import project
+from ..scores import Scores
 from ..task import ModuleTask, Task, collated_batches, whole_examples
 from .base import Blocks, Method, query_records, training_data
 
@@ -256,8 +257,17 @@ class InfluenceFunction(Method):
         return list(self.collector.modules)
 
     def score_blocks(self, queries, measurement: Measurement, by: str | None = None) -> Blocks:
+        return self.solution_blocks(self.preconditioned_queries(queries, measurement), by)
+
+    def score_solution(self, queries, solution: Grads, measurement: Measurement | None = None) -> Scores:
+        """Scores [n_train records, q] of a query-side solve computed elsewhere (CG on another
+        curvature, an exact inverse): `solution[module]` [q, d_out, d_in(+1)] takes the place of
+        (G + λI)⁻¹ ∇f(q); `queries` only name the columns."""
+        measurement = measurement or self.default_measurement()
+        return self.scores_of_blocks(self.solution_blocks({n: t.float() for n, t in solution.items()}), query_records(queries)[1], measurement)
+
+    def solution_blocks(self, h: Grads, by: str | None = None) -> Blocks:
         data = self.fitted()
-        h = self.preconditioned_queries(queries, measurement)
         index = data.index
         if index is None:
             yield from stream_scores(self.collector, data.records, h, self.config.query_rank, self.config.batch_size, by_module=by == "module")
