@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headwater import LanguageModelTask, StageAttribution, StageConfig, Trajectory, TrajectoryRecorder
+from headwater import StageAttribution, StageConfig, Trajectory, TrajectoryRecorder
 from headwater.demos import stages as demo
-from headwater.toy import tiny_gpt2
 
 REMOVED = (1.0, 0.01)
 ESTIMATORS = {  # name: (which recording, curvature matrix); naive and propagated come with each
@@ -134,14 +133,7 @@ def run_setting(setting: str, seed: int, workdir: Path) -> dict:
         traj, model, task, stages, behaviours, _ = demo.train_pipeline(workdir, seed, checkpoint_every=1)
         truth = lambda removed: demo.true_effects(traj, model, task, stages, behaviours, workdir, seed, removed)  # noqa: E731
     else:
-        stages, behaviours = demo.make_data(seed)
-        tokenizer = demo.tokenizer_for(stages, behaviours)
-        task = LanguageModelTask(tokenizer)
-        torch.manual_seed(seed)
-        model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=32)
-        path = workdir / "trajectory"
-        if path.exists():
-            shutil.rmtree(path)
+        stages, behaviours, task, model, path = demo.fresh_run(workdir, seed)
         persistent_run(path, model, task, stages, seed)
         traj = Trajectory(path)
         truth = lambda removed: persistent_truth(traj, model, task, stages, behaviours, removed)  # noqa: E731

@@ -173,6 +173,18 @@ def agreement(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
+def fresh_run(workdir: Path, seed: int):
+    """(stage records, behaviour records, task, an untrained tiny GPT-2, an emptied trajectory path)."""
+    import shutil
+
+    stages, behaviours = make_data(seed)
+    task = LanguageModelTask(tokenizer_for(stages, behaviours))
+    torch.manual_seed(seed)
+    model = tiny_gpt2(len(task.tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=32)
+    shutil.rmtree(workdir / "trajectory", ignore_errors=True)
+    return stages, behaviours, task, model, workdir / "trajectory"
+
+
 def train_pipeline(workdir: Path, seed: int = 0, checkpoint_every: int | None = None):
     """Train the four stages through the Trainer, recorded; (trajectory, model, task, stage
     records, behaviour records, seconds)."""
@@ -181,16 +193,7 @@ def train_pipeline(workdir: Path, seed: int = 0, checkpoint_every: int | None = 
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    stages, behaviours = make_data(seed)
-    tokenizer = tokenizer_for(stages, behaviours)
-    task = LanguageModelTask(tokenizer)
-    torch.manual_seed(seed)
-    model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=32)
-    traj_path = workdir / "trajectory"
-    if traj_path.exists():
-        import shutil
-
-        shutil.rmtree(traj_path)
+    stages, behaviours, task, model, traj_path = fresh_run(workdir, seed)
     t = time.time()
     recorder = TrajectoryRecorder(traj_path, checkpoint_every=checkpoint_every)
     for plan in PLANS:
