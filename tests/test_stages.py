@@ -351,7 +351,7 @@ class Spy:
     """A second callback: what the optimizer actually used at each step."""
 
     def __init__(self):
-        self.steps = []
+        self.steps, self.params = [], []
 
     def __getattr__(self, name):
         if name.startswith("on_"):
@@ -361,9 +361,10 @@ class Spy:
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         g = optimizer.param_groups
         self.steps.append({"lr": [x["lr"] for x in g], "weight_decay": [x["weight_decay"] for x in g], "betas": [x["betas"] for x in g]})
+        self.params.append({n: p.detach().clone() for n, p in kwargs["model"].named_parameters()})
 
 
-def hf_stage(tmp_path, model, tokenizer, texts, name, recorder_path, lr, clip=0.05, save=False):
+def hf_stage(tmp_path, model, tokenizer, texts, name, recorder_path, lr, clip=0.05, save=False, checkpoint_every=None):
     import datasets
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -372,7 +373,7 @@ def hf_stage(tmp_path, model, tokenizer, texts, name, recorder_path, lr, clip=0.
         {"id": f"{name}-{i}", "input_ids": ids, "attention_mask": mask, "labels": ids}
         for i, (ids, mask) in enumerate(zip(enc["input_ids"], enc["attention_mask"]))
     ]
-    recorder, spy = hw.TrajectoryRecorder(recorder_path, stage=name), Spy()
+    recorder, spy = hw.TrajectoryRecorder(recorder_path, stage=name, checkpoint_every=checkpoint_every), Spy()
     args = TrainingArguments(
         output_dir=str(tmp_path / f"out-{name}"),
         max_steps=5,
@@ -419,10 +420,16 @@ def test_the_trainer_callback_records_the_optimizers_real_values(tmp_path, token
         "the mountain is red",
     ]
     path = tmp_path / "traj"
-    trainer, spy, rows = hf_stage(tmp_path, model, tokenizer, texts, "sft-1", path, 1e-3)  # 4 batches: 2 steps an epoch
-    trainer2, spy2, rows2 = hf_stage(tmp_path, model, tokenizer, texts[::-1], "sft-2", path, 5e-4)
+    trainer, spy, rows = hf_stage(tmp_path, model, tokenizer, texts, "sft-1", path, 1e-3, checkpoint_every=2)  # 4 batches: 2 steps an epoch
+    trainer2, spy2, rows2 = hf_stage(tmp_path, model, tokenizer, texts[::-1], "sft-2", path, 5e-4, checkpoint_every=2)
     traj = hw.Trajectory(path)
     assert [(s.name, s.start, s.stop, s.recreated) for s in traj.stages] == [("sft-1", 0, 5, True), ("sft-2", 5, 10, True)]
+    # the checkpoints inside each stage hold the parameters the Trainer's model had after those steps
+    after = spy.params + spy2.params
+    assert traj.checkpoint_steps == [2, 4, 7, 9]
+    for step in [2, 4, 7, 9, 5, 10]:  # and the stage boundaries read the same way
+        saved = traj.params_before(step)
+        assert all(torch.equal(saved[n], after[step - 1][n]) for n in saved)
     for rec, seen in zip(traj.steps, spy.steps + spy2.steps):
         assert rec.lr == pytest.approx(seen["lr"], rel=1e-12) and rec.weight_decay == seen["weight_decay"]
         assert rec.momentum == [b[0] for b in seen["betas"]] and rec.beta2 == [b[1] for b in seen["betas"]]
