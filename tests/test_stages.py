@@ -364,7 +364,7 @@ class Spy:
         self.params.append({n: p.detach().clone() for n, p in kwargs["model"].named_parameters()})
 
 
-def hf_stage(tmp_path, model, tokenizer, texts, name, recorder_path, lr, clip=0.05, save=False, checkpoint_every=None):
+def hf_stage(tmp_path, model, tokenizer, texts, name, recorder_path, lr, clip=0.05, save=False, checkpoint_every=None, save_steps=5):
     import datasets
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -387,7 +387,7 @@ def hf_stage(tmp_path, model, tokenizer, texts, name, recorder_path, lr, clip=0.
         logging_steps=1,
         report_to=[],
         save_strategy="steps" if save else "no",
-        save_steps=5,
+        save_steps=save_steps,
         use_cpu=True,
         seed=0,
         remove_unused_columns=False,
@@ -470,12 +470,19 @@ def test_a_trajectory_reconstructed_from_trainer_checkpoints(tmp_path, tokenizer
         "vask is a river",
         "the mountain is red",
     ]
-    hf_stage(tmp_path, model, tokenizer, texts, "sft-1", tmp_path / "traj", 1e-3, clip=0.0, save=True)
+    hf_stage(tmp_path, model, tokenizer, texts, "sft-1", tmp_path / "traj", 1e-3, clip=0.0, save=True, checkpoint_every=2, save_steps=2)
     hf_stage(tmp_path, model, tokenizer, texts[::-1], "sft-2", tmp_path / "traj", 5e-4, clip=0.0, save=True)
     recorded = hw.Trajectory(tmp_path / "traj")
-    rebuilt = hw.stages.reconstruct(
-        tmp_path / "rebuilt", start, [("sft-1", tmp_path / "out-sft-1" / "checkpoint-5"), ("sft-2", tmp_path / "out-sft-2" / "checkpoint-5")]
-    )
+    sft1 = [tmp_path / "out-sft-1" / f"checkpoint-{k}" for k in (2, 4, 5)]  # every save_steps, and the end
+    rebuilt = hw.stages.reconstruct(tmp_path / "rebuilt", start, [*(("sft-1", f) for f in sft1), ("sft-2", tmp_path / "out-sft-2" / "checkpoint-5")])
+    # the folders inside sft-1 are its checkpoints, as the recorder saved them
+    assert rebuilt.checkpoint_steps == recorded.checkpoint_steps == [2, 4]
+    for step in (2, 4):
+        assert all(torch.equal(rebuilt.params_before(step)[n], t) for n, t in recorded.params_before(step).items())
+    with pytest.raises(hw.UserError, match="listed twice"):
+        hw.stages.reconstruct(tmp_path / "bad", start, [("sft-1", sft1[0]), ("sft-2", tmp_path / "out-sft-2" / "checkpoint-5"), ("sft-1", sft1[2])])
+    with pytest.raises(hw.UserError, match="not a checkpoint inside"):  # out of training order
+        hw.stages.reconstruct(tmp_path / "bad2", start, [("sft-1", sft1[1]), ("sft-1", sft1[0]), ("sft-1", sft1[2])])
     assert [(s.name, s.start, s.stop, s.recreated, s.groups) for s in rebuilt.stages] == [
         (s.name, s.start, s.stop, s.recreated, s.groups) for s in recorded.stages
     ]

@@ -381,7 +381,9 @@ class Trajectory:
 def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list[tuple[str, str | Path]]) -> Trajectory:
     """A coarse trajectory from stage-boundary Hugging Face checkpoint folders, when nothing was
     recorded: `start_model` holds θ_0, `checkpoints` are (stage name, folder with the model's
-    `model.safetensors`, `optimizer.pt` and `trainer_state.json`) in training order.
+    `model.safetensors`, `optimizer.pt` and `trainer_state.json`) in training order. A stage may
+    list several folders (the Trainer's `checkpoint-N` every `save_steps`): all but its last become
+    checkpoints inside the stage, where the curvature estimator takes its path.
 
     What it cannot know, and assumes (listed in `Trajectory.ignores`): learning rates between
     logged steps (interpolated), clipping (taken as 1), decoupled weight decay for Adam-family
@@ -395,6 +397,7 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
     if (out / "trajectory.json").exists():
         raise UserError(f"{out} already holds a trajectory")
     (out / "boundaries").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
     names = [n for n, p in start_model.named_parameters() if p.requires_grad]
     meta = {
         "format": FORMAT,
@@ -411,8 +414,16 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
     previous = {n: p.detach() for n, p in start_model.named_parameters() if p.requires_grad}
     prev_moments: dict = {}
     prev_global, steps = 0, []
+    stages: list[tuple[str, list[Path]]] = []  # consecutive folders of one stage: checkpoints inside it, then its end
     for name, folder in checkpoints:
-        folder = Path(folder)
+        if stages and stages[-1][0] == name:
+            stages[-1][1].append(Path(folder))
+        elif any(name == n for n, _ in stages):
+            raise UserError(f"stage {name!r} is listed twice with another stage between")
+        else:
+            stages.append((name, [Path(folder)]))
+    for name, folders in stages:
+        folder = folders[-1]
         for needed in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
             if not (folder / needed).exists():
                 raise UserError(f"{folder} has no {needed}: not a Hugging Face checkpoint folder")
@@ -456,6 +467,13 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
                     count=base + i + 1,
                 ).__dict__
             )
+        for inner in folders[:-1]:
+            at = start + int(json.loads((inner / "trainer_state.json").read_text())["global_step"]) - (global_step - n_steps)
+            if not start < at < start + n_steps or at <= max(meta.get("checkpoints", [start])):
+                raise UserError(f"{inner} is not a checkpoint inside stage {name!r} (list a stage's folders in training order)")
+            inner_weights = load_file(str(inner / "model.safetensors"))
+            _save_tensors(out / "checkpoints" / f"{at:09d}.safetensors", {n: inner_weights.get(n, previous[n]) for n in names})
+            meta.setdefault("checkpoints", []).append(at)
         meta["stages"].append(Stage(name, start, start + n_steps, recreated, list(groups.values()), base).__dict__)
         meta["steps"] += n_steps
         previous, prev_moments, prev_global = params, moments, global_step
