@@ -316,6 +316,30 @@ def test_with_a_checkpoint_every_step_the_curvature_estimator_is_exact_to_first_
     assert errors[None] > 10 * errors[1]
 
 
+def test_a_removed_fraction_scales_the_linear_estimates_and_is_checked(tmp_path):
+    """The gaps are linear in the fraction taken out: the linear readouts scale with it exactly;
+    a fraction outside (0, 1] is refused with one line."""
+    model, task, records = record_run(tmp_path / "traj", persist=True)
+    traj = hw.Trajectory(tmp_path / "traj")
+    probe = {"a": [{"x": torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64), "y": torch.tensor(0.0, dtype=torch.float64)}]}
+    effects = {
+        r: hw.StageAttribution(
+            traj,
+            model,
+            task,
+            hw.StageConfig(measurement="prediction", batch_loss="example-mean", removed=r),
+            data={s.name: records for s in traj.stages},
+        ).effects(probe)
+        for r in (1.0, 0.25)
+    }
+    for name in ("naive (linear)", "propagated (linear)", "curvature (linear)"):
+        np.testing.assert_allclose(effects[0.25].estimates[name], 0.25 * effects[1.0].estimates[name], rtol=1e-12)
+    np.testing.assert_allclose(effects[0.25].completeness, effects[1.0].completeness)  # what each stage did is unchanged
+    for bad in (0.0, 1.5):
+        with pytest.raises(hw.UserError, match="--removed must be a fraction"):
+            hw.StageConfig(removed=bad)
+
+
 def curvature_without_moment_gap(attribution, behaviours):
     """Stage "pre"'s curvature estimate with its momentum-buffer gap left out."""
     batches = attribution._behaviour_batches(behaviours)
