@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import damping  # noqa: E402  (beside this script)
-import lds  # noqa: E402
 import torch
 
 import headwater as hw
@@ -80,16 +79,11 @@ def main() -> None:
     p.add_argument("--cache", type=Path, help="a folder for the retraining outcomes (reused when present)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cg.json")
     args = p.parse_args()
-    settings = lds.parser().parse_args([])  # lds.py's default sizes
     torch.set_num_threads(2)
-    curvature = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
     results, lines = [], []
-    for make in (lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model):
-        setting = make(settings)
-        final, _ = setting.fit(setting.train, seed=0)
-        masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)
-        target = damping.outcomes(setting, masks, settings.seeds, args.cache).mean(0)
-        method = hw.EKFAC(final, setting.task, hw.InfluenceConfig(curvature=curvature)).fit(setting.train)
+    for setting, final, masks, losses in damping.trained_tasks(args.cache):
+        target = losses.mean(0)
+        method = hw.EKFAC(final, setting.task, hw.InfluenceConfig(curvature=damping.CURVATURE)).fit(setting.train)
         row = {"setting": setting.name, "EK-FAC": hw.lds(method.score(setting.targets), masks, target)[0]}
         b = {n: t.double() for n, t in record_gradients(method.collector, setting.targets, hw.Loss(), method.config.batch_size).items()}
 

@@ -34,23 +34,31 @@ def outcomes(setting: lds.Setting, masks: np.ndarray, seeds: int, cache: Path | 
     return losses
 
 
+CURVATURE = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
+
+
+def trained_tasks(cache: Path | None):
+    """lds.py's four settings at its default sizes, one at a time: (setting, trained model, subset
+    masks [subsets, n], retrained target losses [seeds, subsets, targets])."""
+    settings = lds.parser().parse_args([])
+    for make in (lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model):
+        setting = make(settings)
+        final, _ = setting.fit(setting.train, seed=0)
+        masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)
+        yield setting, final, masks, outcomes(setting, masks, settings.seeds, cache)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, help="a folder for the retraining outcomes (reused when present)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "damping.json")
     args = p.parse_args()
-    settings = lds.parser().parse_args([])  # lds.py's default sizes
     torch.set_num_threads(2)
-    curvature = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
     results = []
-    for make in (lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model):
-        setting = make(settings)
-        final, _ = setting.fit(setting.train, seed=0)
-        masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)
-        losses = outcomes(setting, masks, settings.seeds, args.cache)
+    for setting, final, masks, losses in trained_tasks(args.cache):
         row = {"setting": setting.name, "seed_ceiling": hw.seed_ceiling(losses), "lds": {}}
         for method in (hw.EKFAC, hw.KFAC):
-            fitted = method(final, setting.task, hw.InfluenceConfig(curvature=curvature)).fit(setting.train)
+            fitted = method(final, setting.task, hw.InfluenceConfig(curvature=CURVATURE)).fit(setting.train)
             for damping in DAMPINGS:
                 fitted.config = dataclasses.replace(fitted.config, damping=damping)  # the factors do not depend on it
                 row["lds"][f"{method.__name__} {damping:g}"] = hw.lds(fitted.score(setting.targets), masks, losses.mean(0))[0]
