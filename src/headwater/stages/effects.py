@@ -25,6 +25,7 @@ stage, `records` resolves the (linear) effect to the stage's training records by
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,8 @@ class StageAttribution:
         self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
         self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
         self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded
+        # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
+        self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
 
     # ------------------------------------------------------------------ the run's recorded states
 
@@ -222,8 +225,8 @@ class StageAttribution:
         """θ_t [P], the parameters step t started from: between the nearest saved parameters
         before and after it (stage boundaries, the recorder's `checkpoint_every` checkpoints),
         interpolated by the learning rate spent, as the run moves in proportion to it."""
-        saved = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
-        i = max(j for j, b in enumerate(saved) if b <= t)
+        saved = self._saved_steps
+        i = bisect.bisect_right(saved, t) - 1
         a, b = saved[i], saved[min(i + 1, len(saved) - 1)]
         if a == t or a == b:
             return self._saved_point(a)

@@ -422,11 +422,13 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
             raise UserError(f"stage {name!r} is listed twice with another stage between")
         else:
             stages.append((name, [Path(folder)]))
+    for _, folders in stages:  # before anything is written; a stage's inner folders need no optimizer state
+        for folder in folders:
+            for needed in ("model.safetensors", "trainer_state.json") + (("optimizer.pt",) if folder == folders[-1] else ()):
+                if not (folder / needed).exists():
+                    raise UserError(f"{folder} has no {needed}: not a Hugging Face checkpoint folder")
     for name, folders in stages:
         folder = folders[-1]
-        for needed in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
-            if not (folder / needed).exists():
-                raise UserError(f"{folder} has no {needed}: not a Hugging Face checkpoint folder")
         weights = load_file(str(folder / "model.safetensors"))
         params = {n: weights[n] if n in weights else previous[n] for n in names}
         state = json.loads((folder / "trainer_state.json").read_text())
