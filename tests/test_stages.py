@@ -507,6 +507,11 @@ def test_a_trajectory_reconstructed_from_trainer_checkpoints(tmp_path, tokenizer
         hw.stages.reconstruct(tmp_path / "bad", start, [("sft-1", sft1[0]), ("sft-2", tmp_path / "out-sft-2" / "checkpoint-5"), ("sft-1", sft1[2])])
     with pytest.raises(hw.UserError, match="not a checkpoint inside"):  # out of training order
         hw.stages.reconstruct(tmp_path / "bad2", start, [("sft-1", sft1[1]), ("sft-1", sft1[0]), ("sft-1", sft1[2])])
+    assert not [p for p in tmp_path.iterdir() if "bad" in p.name]  # found half-way: nothing was left behind
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("x")
+    with pytest.raises(hw.UserError, match="not empty"):
+        hw.stages.reconstruct(tmp_path / "used", start, [("sft-1", sft1[2])])
     assert [(s.name, s.start, s.stop, s.recreated, s.groups) for s in rebuilt.stages] == [
         (s.name, s.start, s.stop, s.recreated, s.groups) for s in recorded.stages
     ]

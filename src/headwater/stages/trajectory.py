@@ -25,6 +25,8 @@ from __future__ import annotations
 import collections
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -389,15 +391,47 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
     logged steps (interpolated), clipping (taken as 1), decoupled weight decay for Adam-family
     states (the Trainer's AdamW), a new optimizer per stage when the step count restarts, and
     the batches' records (unknown: record-level scores weight a stage's records alike)."""
+    out = Path(out)
+    if (out / "trajectory.json").exists():
+        raise UserError(f"{out} already holds a trajectory")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty: reconstruct writes a new trajectory folder")
+    stages: list[tuple[str, list[Path]]] = []  # consecutive folders of one stage: checkpoints inside it, then its end
+    for name, folder in checkpoints:
+        if stages and stages[-1][0] == name:
+            stages[-1][1].append(Path(folder))
+        elif any(name == n for n, _ in stages):
+            raise UserError(f"stage {name!r} is listed twice with another stage between")
+        else:
+            stages.append((name, [Path(folder)]))
+    for _, folders in stages:  # before anything is written; a stage's inner folders need no optimizer state
+        for folder in folders:
+            for needed in ("model.safetensors", "trainer_state.json") + (("optimizer.pt",) if folder == folders[-1] else ()):
+                if not (folder / needed).exists():
+                    raise UserError(f"{folder} has no {needed}: not a Hugging Face checkpoint folder")
+    # Written beside `out` and renamed into place at the end: an error half-way (a folder out of
+    # order, an unreadable state) leaves nothing behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_reconstruction(work, start_model, stages)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    work.rename(out)
+    return Trajectory(out)
+
+
+def _write_reconstruction(out: Path, start_model: torch.nn.Module, stages: list[tuple[str, list[Path]]]) -> None:
+    """`reconstruct`'s files in `out`: boundaries, inner checkpoints, steps.jsonl, trajectory.json."""
     from safetensors.torch import load_file
 
     from ..normalizer import load_optimizer_state, param_states
 
-    out = Path(out)
-    if (out / "trajectory.json").exists():
-        raise UserError(f"{out} already holds a trajectory")
-    (out / "boundaries").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "boundaries").mkdir()
+    (out / "checkpoints").mkdir()
     names = [n for n, p in start_model.named_parameters() if p.requires_grad]
     meta = {
         "format": FORMAT,
@@ -414,19 +448,6 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
     previous = {n: p.detach() for n, p in start_model.named_parameters() if p.requires_grad}
     prev_moments: dict = {}
     prev_global, steps = 0, []
-    stages: list[tuple[str, list[Path]]] = []  # consecutive folders of one stage: checkpoints inside it, then its end
-    for name, folder in checkpoints:
-        if stages and stages[-1][0] == name:
-            stages[-1][1].append(Path(folder))
-        elif any(name == n for n, _ in stages):
-            raise UserError(f"stage {name!r} is listed twice with another stage between")
-        else:
-            stages.append((name, [Path(folder)]))
-    for _, folders in stages:  # before anything is written; a stage's inner folders need no optimizer state
-        for folder in folders:
-            for needed in ("model.safetensors", "trainer_state.json") + (("optimizer.pt",) if folder == folders[-1] else ()):
-                if not (folder / needed).exists():
-                    raise UserError(f"{folder} has no {needed}: not a Hugging Face checkpoint folder")
     for name, folders in stages:
         folder = folders[-1]
         weights = load_file(str(folder / "model.safetensors"))
@@ -481,7 +502,6 @@ def reconstruct(out: str | Path, start_model: torch.nn.Module, checkpoints: list
         previous, prev_moments, prev_global = params, moments, global_step
     (out / "steps.jsonl").write_text("".join(json.dumps(st) + "\n" for st in steps))
     write_json(out / "trajectory.json", meta)
-    return Trajectory(out)
 
 
 def _interpolate(logged: list[tuple[int, float]], step: int) -> float:
