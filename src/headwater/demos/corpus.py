@@ -3,15 +3,16 @@
 1. Generate a corpus over a small taxonomy (4 topics × 3 formats, bins of very different sizes).
    Two capabilities are planted in known bins: animal diets ("zoology") are stated only in
    nature documents, of every format; which city lies by which landmark ("geography") only in
-   travel guides. A benchmark asks half of each capability's facts (multiple choice); the other
-   half are stated but never asked, and most records of a supporting bin state no fact at all,
-   so a bin's records differ in how much they support its benchmark and unlearning has a
+   travel guides. A benchmark asks half of each capability's facts (multiple choice, each question
+   opening as a document of a format its facts are stated in); the other half are stated but
+   never asked (with answers of their own), and most records of a supporting bin state no fact
+   at all, so a bin's records differ in how much they support its benchmark and unlearning has a
    within-bin baseline to beat.
 2. Train a tiny GPT-2 on it (cached after the first run) and index per-token gradients.
 3. Label the index from the records' own topic and format columns, score both benchmarks with
    TrackStar and aggregate per bin (`corpus_map`); contrast the benchmarks.
 4. Unlearn the top-scoring nature records for zoology versus as many random nature records,
-   over three seeds, and measure both benchmarks (geography is the control).
+   over 16 seeds, and measure both benchmarks (geography is the control).
 5. Write the HTML report with the map, the contrast and the unlearning result.
 """
 
@@ -98,9 +99,12 @@ def make_corpus(cfg: CorpusDemoConfig) -> tuple[list[dict], dict[str, list[dict]
     rng = random.Random(cfg.seed)
     slots = [(t, f) for (t, f), n in SIZES.items() for _ in range(n)]
     rng.shuffle(slots)
+    # Asked facts (even j) and unasked ones draw their values from disjoint halves: a record that
+    # states "the owl eats mice" raises "mice" after any "eats", so with shared values the unasked
+    # facts would support the benchmark's answers too and the ground truth would be blurred.
     facts = {
-        "zoology": [(f"the {a} eats", f" {rng.choice(FOODS)}") for a in ANIMALS],
-        "geography": [(f"{c} lies by the", f" {rng.choice(LANDMARKS)}") for c in CITIES],
+        "zoology": [(f"the {a} eats", f" {rng.choice(FOODS[j % 2 :: 2])}") for j, a in enumerate(ANIMALS)],
+        "geography": [(f"{c} lies by the", f" {rng.choice(LANDMARKS[j % 2 :: 2])}") for j, c in enumerate(CITIES)],
     }
     hosts = {cap: [i for i, (t, f) in enumerate(slots) if bin_of(t, f, cap)] for cap in facts}
     stated: dict[int, tuple[str, int]] = {}
@@ -130,10 +134,14 @@ def make_corpus(cfg: CorpusDemoConfig) -> tuple[list[dict], dict[str, list[dict]
     benchmarks = {}
     for cap, items in facts.items():
         options = FOODS if cap == "zoology" else LANDMARKS
+        # Each question opens as a document of a format its facts were stated in (zoology's
+        # cycle through all three): asked bare, outside any format the model met them in, the
+        # questions' gradients miss the stating documents (docs/corpus.md).
+        heads = [FORMATS[f][0] for f in FORMATS if any(bin_of(t, f, cap) for t in FILLER)]
         benchmarks[cap] = [
             {
                 "id": f"{cap}{j}",
-                "prompt": p,
+                "prompt": f"{heads[j % len(heads)]} {p}",
                 "completion": v,
                 "choices": [v, *(" " + o for o in rng.sample([o for o in options if " " + o != v], 3))],
                 "answer": 0,
@@ -210,7 +218,8 @@ def run(workdir: Path, seed: int = 0, retrain: bool = False) -> dict:
     members = bin_members(labels, cmap, "topic", "nature")
     # NPO at a budget that keeps the retain set's perplexity within a few percent: a stronger
     # budget wipes the capability out whatever is forgotten, and the arms no longer differ.
-    unlearn_cfg = UnlearnConfig(objective="npo", forget=30, steps=20, lr=4e-4, retain=200, seeds=list(range(8)))
+    # Random forget sets vary a lot, hence 16 seeds (docs/corpus.md has the sweep).
+    unlearn_cfg = UnlearnConfig(objective="npo", forget=30, steps=20, lr=2e-3, retain=200, seeds=list(range(16)))
     result = unlearning_experiment(
         model, tokenizer, records, members, scores, benchmarks["zoology"], benchmarks["geography"], unlearn_cfg, progress=True
     )
