@@ -115,3 +115,47 @@ def test_seed_ensemble_is_the_mean_of_single_runs():
     both = score(MagicConfig(run=run, replay_seeds=[3, 4]))
     np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-12)
     assert not np.allclose(a, b)  # another data order is another run
+
+
+@pytest.mark.parametrize("name", ["tanh", "Tensor.tanh", "softmax", "softmax float64", "Tensor.softmax", "layer_norm", "layer_norm over two dims"])
+def test_batchable_ops_equal_the_kernels_to_second_order(name, monkeypatch):
+    """The elementary forms MAGIC's batched reverse pass uses have the kernels' values, gradients
+    and second derivatives (float64; tanh at 0 and at ±40 included), and are the ones called."""
+    import headwater.training as training
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64) * 4
+    x[0, 0, :3] = torch.tensor([0.0, 40.0, -40.0])
+    w, b, v = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64), torch.randn_like(x)
+    f = {
+        "tanh": torch.tanh,
+        "Tensor.tanh": lambda x: x.tanh(),
+        "softmax": lambda x: F.softmax(x, dim=-1),
+        "softmax float64": lambda x: F.softmax(x.float(), dim=1, dtype=torch.float64),
+        "Tensor.softmax": lambda x: x.softmax(-1),
+        "layer_norm": lambda x: F.layer_norm(x, (7,), w, b, 1e-5),
+        "layer_norm over two dims": lambda x: F.layer_norm(x, (5, 7)),
+    }[name]
+    calls = []
+
+    def counted(op):
+        def call(*args, **kwargs):
+            calls.append(op.__name__)
+            return op(*args, **kwargs)
+
+        return call
+
+    for name_ in ("_tanh", "_softmax", "_layer_norm"):
+        monkeypatch.setattr(training, name_, counted(getattr(training, name_)))
+
+    def derivatives(batchable: bool):
+        xx = x.clone().requires_grad_(True)
+        with training.BatchableOps() if batchable else torch.enable_grad():
+            y = f(xx)
+            (g,) = torch.autograd.grad((y * v).sum(), xx, create_graph=True)
+            (h,) = torch.autograd.grad((g * v).sum(), xx)
+        return y.detach().double(), g.detach(), h
+
+    for kernel, elementary in zip(derivatives(False), derivatives(True)):
+        torch.testing.assert_close(elementary, kernel, rtol=1e-6 if name == "softmax float64" else 1e-12, atol=1e-12)
+    assert calls, "the elementary form was not used"
