@@ -81,7 +81,7 @@ def token_queries(questions: list[dict]) -> tuple[list[dict], np.ndarray, np.nda
 
 
 def surprisal(model_dir: Path, queries: list[dict]) -> np.ndarray:
-    """−log p(completion | prompt) of each query under the model [p]."""
+    """The model's loss on each query's completion [p]: −log p(word | prompt), one token per word here."""
     model, tokenizer = load_model(str(model_dir))
     task = LanguageModelTask(tokenizer)
     model.eval()

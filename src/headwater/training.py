@@ -64,7 +64,7 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
 
     Masks by multiplication, not `torch.where`: MAGIC's batched reverse pass differentiates this
     twice under vmap, where `where`'s backward falls back to a loop over the queries (q = 100
-    cost 7.5× q = 1 on the tiny GPT-2; 3.8× with the mask)."""
+    cost 7.5× q = 1 on the tiny GPT-2; 5.2× with the mask, benchmarks/magic.py)."""
     pos = (v > 0).to(v.dtype)
     return torch.sqrt(v * pos + (1 - pos)) * pos
 
