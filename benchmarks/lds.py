@@ -2,7 +2,8 @@
 
 Four settings: a tabular classifier (teacher-labelled Gaussian features, an MLP), an image-like
 MLP and a small CNN (noisy shifted smooth class prototypes, 10% flipped labels), all trained by
-SGD with momentum and weight decay, and a tiny GPT-2 fine-tuned with AdamW on a generated corpus.
+SGD with momentum and weight decay (or AdamW, `--adamw`), and a tiny GPT-2 fine-tuned with AdamW on a
+generated corpus.
 For each: train the model to attribute, score every training example for each target with each
 method, retrain on m random half-size subsets over several seeds, and report the LDS (Spearman ρ
 between the summed scores of a subset and the negated target loss, averaged over targets), the
@@ -98,9 +99,12 @@ class Setting:
 # ----------------------------------------------------------------------------------- settings
 
 
-def classification(name: str, spec: dict, records: list[dict], n_train: int, epochs: int) -> Setting:
-    """A classifier from `lds_models` trained by SGD with momentum and weight decay."""
+def classification(name: str, spec: dict, records: list[dict], n_train: int, epochs: int, adamw_lr: float | None = None) -> Setting:
+    """A classifier from `lds_models` trained by SGD with momentum and weight decay or, given
+    `adamw_lr`, by AdamW (the setting's name then says so)."""
     run = TrainConfig("sgd", lr=0.05, epochs=epochs, train_batch_size=20, momentum=0.9, weight_decay=1e-3)
+    if adamw_lr is not None:
+        name, run = f"{name} (AdamW)", TrainConfig("adamw", lr=adamw_lr, epochs=epochs, train_batch_size=20, weight_decay=0.01)
     init = lambda seed: lds_models.seeded(spec, 1000 + seed)  # noqa: E731
     return Setting(name, ModuleTask(), records[:n_train], records[n_train:], init, run, ProjectionConfig("none"), spec=spec)
 
@@ -113,7 +117,8 @@ def tabular(args) -> Setting:
     x = torch.randn(n, d, generator=g)
     y = torch.multinomial((1.5 * x @ teacher).softmax(1), 1, generator=g).squeeze(1)
     records = [{"x": x[i], "y": int(y[i])} for i in range(n)]
-    return classification("tabular MLP", {"name": "mlp", "d_in": d, "hidden": 32, "classes": classes}, records, args.tab_train, args.tab_epochs)
+    spec = {"name": "mlp", "d_in": d, "hidden": 32, "classes": classes}
+    return classification("tabular MLP", spec, records, args.tab_train, args.tab_epochs, 1e-2 if args.adamw else None)
 
 
 def images(args, side: int, classes: int = 4) -> list[dict]:
@@ -134,12 +139,12 @@ def images(args, side: int, classes: int = 4) -> list[dict]:
 
 def image_mlp(args) -> Setting:
     spec = {"name": "image_mlp", "side": 8, "channels": 1, "hidden": 32, "classes": 4}
-    return classification("image MLP", spec, images(args, 8), args.image_train, args.image_epochs)
+    return classification("image MLP", spec, images(args, 8), args.image_train, args.image_epochs, 3e-3 if args.adamw else None)
 
 
 def small_cnn(args) -> Setting:
     spec = {"name": "cnn", "side": 10, "channels": 1, "classes": 4, "width": 8}
-    return classification("small CNN", spec, images(args, 10), args.image_train, args.image_epochs)
+    return classification("small CNN", spec, images(args, 10), args.image_train, args.image_epochs, 3e-3 if args.adamw else None)
 
 
 def language_model(args) -> Setting:
@@ -304,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
         choices=["subset", "reweight"],
         default="subset",
         help="retrain on each subset (same epochs) or reweight losses 0/1 in the full run (same steps)",
+    )
+    p.add_argument(
+        "--adamw",
+        action="store_true",
+        help="train the classifiers with AdamW (lr 1e-2 tabular, 3e-3 image MLP and CNN, weight decay 0.01) instead of SGD with momentum",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-magic", action="store_true", help="skip MAGIC (the slowest method)")

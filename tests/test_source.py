@@ -9,6 +9,7 @@ from reference import per_example_grads
 
 from headwater import EKFAC, SOURCE, InfluenceConfig, ModuleTask, Segment, SourceConfig, segments_from_trainer_state
 from headwater.config import CurvatureConfig
+from headwater.methods.source import adam_scale_of
 
 
 def setup():
@@ -122,3 +123,18 @@ def test_adam_segments_equal_the_dense_linearised_adam_map():
     (c0, _), (c1, e1) = dense(0), dense(1)
     want = [q @ c1 @ grad(models[1], r) + q @ e1 @ c0 @ grad(models[0], r) for r in records]
     np.testing.assert_allclose(got, torch.stack(want).numpy(), rtol=1e-9)
+
+
+def test_adam_scale_floors_second_moments_that_stayed_at_zero():
+    """A key bias's gradient is zero (softmax ignores a shift), so its v̂ stays near 0 and P near
+    1/ε; each tensor's v̂ is floored at 1e-3 of its mean, the rest untouched."""
+    v = {"w": torch.tensor([[4e-4, 1e-4, 1e-21, 9e-4]]), "b": torch.tensor([2e-6, 3e-6])}
+    step, beta2, eps = 5, 0.99, 1e-8
+    got = adam_scale_of(v, step, beta2, eps)
+    for name, raw in v.items():
+        v_hat = raw.double().numpy() / (1 - beta2**step)
+        want = 1 / (np.sqrt(np.maximum(v_hat, 1e-3 * v_hat.mean())) + eps)
+        np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-12)
+    assert got["w"][0, 2] < 40 * got["w"][0, 0]  # unfloored it is ≈ 1e8, 10⁶ times its neighbours'
+    unfloored = adam_scale_of(v, step, beta2, eps, floor=0.0)["w"][0, 2]
+    assert unfloored == pytest.approx(1 / (np.sqrt(1e-21 / (1 - beta2**step)) + eps), rel=1e-6)  # 1e-21 is stored in float32

@@ -697,8 +697,8 @@ def test_source_and_tracin_read_the_trajectory(tmp_path, tokenizer, method):
         segments = []
         for m, lr, n, st in zip(ends, lrs, steps, traj.stages):  # Adam: P = 1/(√v̂ + ε) at each stage's end
             last = traj.steps[st.stop - 1]
-            v = traj.moments_at(st.name, True)["exp_avg_sq"]
-            scale = {k: 1 / ((x.double() / (1 - last.beta2[0] ** last.count)).sqrt() + last.eps[0]) for k, x in v.items()}
+            v_hat = {k: x.double() / (1 - last.beta2[0] ** last.count) for k, x in traj.moments_at(st.name, True)["exp_avg_sq"].items()}
+            scale = {k: 1 / (x.clamp_min(1e-3 * x.mean()).sqrt() + last.eps[0]) for k, x in v_hat.items()}  # v̂ floored at 1e-3 of its mean
             segments.append(hw.Segment([m], lr / n, n, 0.0, scale))
         assert traj.steps[0].kind == "adam"
         want = hw.SOURCE(segments, task, final_model=model).fit(train).score([{"prompt": "the capital of zorblat is", "completion": " quenti"}])

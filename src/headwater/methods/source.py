@@ -11,8 +11,9 @@ query backwards from the end of training,
 τ(z) is positive when training on z lowers the query loss (helps). With heavy-ball momentum β
 the effective step is η K / (1 − β).
 
-Adam steps are θ ← θ − η P ∇L with P = 1/(√v̂ + ε) from the second moments, so the segment's
-linearised map is exp(−ηK P H̄), not exp(−ηK H̄). Keeping only the diagonal of P in H̄'s
+Adam steps are θ ← θ − η P ∇L with P = 1/(√v̂ + ε) from the second moments (v̂ floored, see
+`adam_scale_of`), so the segment's linearised map is exp(−ηK P H̄), not exp(−ηK H̄). Keeping
+only the diagonal of P in H̄'s
 eigenbasis, p̃ = diag(Qᵀ P Q) ((Q_S²)ᵀ P (Q_A²) for a Kronecker basis), each eigendirection
 gets its own step ηK·p̃ in both F and the propagation (the P in front of the gradient cancels
 one p̃: F̃(σ) = (1 − e^{−ηK p̃ σ})/σ). Two limits pin the construction: ηK → 0 gives TracIn at
@@ -78,11 +79,26 @@ def segments_from_trainer_state(path: str | Path, checkpoints: dict[int, torch.n
     return segments
 
 
-def adam_scale_of(exp_avg_sq: dict[str, torch.Tensor], step: int, beta2: float, eps: float) -> dict[str, torch.Tensor]:
-    """Adam's step scale P = 1/(√v̂ + ε) per parameter from its second moments after `step` steps."""
+V_FLOOR = 1e-3  # v̂ of each tensor floored at this fraction of its mean (see adam_scale_of)
+
+
+def adam_scale_of(exp_avg_sq: dict[str, torch.Tensor], step: int, beta2: float, eps: float, floor: float = V_FLOOR) -> dict[str, torch.Tensor]:
+    """Adam's step scale P = 1/(√v̂ + ε) per parameter from its second moments after `step` steps,
+    with each tensor's v̂ floored at `floor` times its mean.
+
+    The floor is for coordinates whose gradient stays at zero: an attention layer's key bias
+    (softmax ignores a shift of every score) keeps v̂ ≈ 1e-21, so P ≈ 1/ε. Its true effect is nil
+    (its Hessian row is zero too), but SOURCE keeps only the diagonal of P in the curvature's
+    eigenbasis, where such a coordinate's P spreads into every direction of its rows: on the
+    tiny GPT-2 of `benchmarks/lds.py` LDS fell to 0.642 without the floor and is 0.855–0.858 with
+    floors from 1e-6 to 1 (docs/benchmarks.md)."""
     if step < 1:
         raise UserError("Adam's step scale needs the second moments after at least one step")
-    return {n: 1 / ((v.double().clamp_min(0) / (1 - beta2**step)).sqrt() + eps) for n, v in exp_avg_sq.items()}
+    out = {}
+    for n, v in exp_avg_sq.items():
+        v_hat = v.double().clamp_min(0) / (1 - beta2**step)
+        out[n] = 1 / (v_hat.clamp_min(floor * float(v_hat.mean())).sqrt() + eps)
+    return out
 
 
 def adam_scale_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict[str, torch.Tensor] | None:
