@@ -19,6 +19,7 @@ from headwater.projection import project
 from headwater.task import LanguageModelTask, ModuleTask
 
 EPS = 1e-8  # module_scales' default, equal to Adam's default eps
+FLOOR = 1e-3  # each parameter's second moment is raised to at least this fraction of its mean
 TOL = 1e-9  # float64 round-off (1e-16) amplified by at most the range of 1/√v (< 1e7 here)
 
 
@@ -33,10 +34,10 @@ def train(model, task, records, opt, steps):
 
 
 def adam_denominator(opt, p):
-    """√(bias-corrected exp_avg_sq) + eps, straight from the optimizer's state."""
+    """√(bias-corrected exp_avg_sq, floored) + eps, straight from the optimizer's state."""
     state, group = opt.state[p], next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     v = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
-    return v.sqrt() + EPS
+    return torch.maximum(v, FLOOR * v.mean()).sqrt() + EPS
 
 
 def adafactor_denominator(opt, p):
@@ -47,7 +48,7 @@ def adafactor_denominator(opt, p):
         v = row @ col / row.mean(dim=-2, keepdim=True)
     else:
         v = state["variance"].double()
-    return v.sqrt() + EPS
+    return torch.maximum(v, FLOOR * v.mean()).sqrt() + EPS
 
 
 def normalised_reference(model, opt, tracked, grads, denominator):
@@ -304,3 +305,22 @@ def test_several_groups_need_names_or_the_trainers_rule(tmp_path):
     train(model, ModuleTask(ce), mlp_records(classes=8), unnamed, steps=1)
     with pytest.raises(UserError, match="no parameter names"):
         param_states(model, unnamed.state_dict())
+
+
+def test_attention_key_bias_adam_never_moved_gets_a_bounded_scale(tmp_path, tokenizer, lm_records):
+    """GPT-2's key biases get a zero gradient (softmax ignores a shift of every score), so their
+    second moment stays ≈ 0 and 1/√V ≈ 1/ε. Floored, the bias column's scale stays within the
+    range of the moved coordinates, and so does its rank-one factor (the factored projection's)."""
+    model, task, records, opt = _setup("gpt2", tokenizer, lm_records)
+    train(model, task, records, opt, steps=3)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    attn = model.transformer.h[0].attn.c_attn
+    v = opt.state[attn.bias]["exp_avg_sq"].double()
+    d = v.numel() // 3  # query, key, value
+    assert v[d : 2 * d].max() < 1e-20 * v[:d].mean()  # the key biases never moved
+
+    tracked = tracked_modules(model)
+    scale = module_scales(model, tracked, load_optimizer_state(tmp_path / "opt.pt"))["transformer.h.0.attn.c_attn"]
+    v_hat = v / (1 - 0.95**3)
+    assert scale.full[d : 2 * d, -1].max() <= 1 / ((FLOOR * v_hat.mean()).sqrt() + EPS) * (1 + 1e-12)
+    assert scale.col[-1] < 100 * scale.col[:-1].median()  # ≈ 10⁵ times without the floor

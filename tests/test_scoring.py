@@ -263,12 +263,12 @@ def test_sign_convention_by_a_gradient_step(tmp_path, model, tokenizer):
 def _rarely_updated_state(model, path):
     """An AdamW state as after long training in which a third of the weights were rarely
     updated: second moments of 1e-14, so their normalised gradients reach ~1e7 (float16 stops at
-    65504), the others 1e-6."""
+    65504), the others 1e-12 (the floor at 1e-3 of each tensor's mean, 6.7e-16, leaves both)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sum(p.square().sum() for p in model.parameters()).backward()
     opt.step()
     for p in model.parameters():
-        v = opt.state[p]["exp_avg_sq"].fill_(1e-6)
+        v = opt.state[p]["exp_avg_sq"].fill_(1e-12)
         v.view(-1)[::3] = 1e-14
     torch.save(opt.state_dict(), path)
     model.zero_grad()

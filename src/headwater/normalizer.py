@@ -165,8 +165,25 @@ def _trainer_groups(model: torch.nn.Module, named: list, groups: list[dict], sta
     return candidate
 
 
+V_FLOOR = 1e-3  # each parameter's second moment is floored at this fraction of its mean
+
+
+def floored(v: torch.Tensor, floor: float = V_FLOOR) -> torch.Tensor:
+    """A second-moment tensor with every entry raised to at least `floor` times its mean.
+
+    Coordinates whose gradient stays at zero keep V ≈ 0, and 1/√V ≈ 1/ε then swamps everything
+    else: GPT-2's attention key biases (softmax ignores a shift of every score) end a run at
+    V ≈ 1e-21, so their scale is 10⁵–10⁶ times their neighbours'. A rank-one fit of a module's
+    scales (the factored projection) then multiplies the whole bias column by it, and SOURCE,
+    which keeps the diagonal of the scale in the curvature's eigenbasis, spreads it over whole
+    rows. The floor leaves every coordinate the optimizer moved as it was."""
+    v = v.clamp_min(0)
+    return v.clamp_min(floor * float(v.mean()))
+
+
 def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tuple[torch.Tensor, str]:
-    """The (bias-corrected) second-moment estimate V of one parameter, and the optimizer kind."""
+    """The (bias-corrected) second-moment estimate V of one parameter, floored (`floored`), and
+    the optimizer kind."""
     if "exp_avg_sq" in state:
         v = state["exp_avg_sq"].double()
         step = float(state.get("step", 0))
@@ -188,7 +205,7 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tu
             f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: "
             "the optimizer state does not match the model"
         )
-    return v.reshape(shape), kind
+    return floored(v).reshape(shape), kind
 
 
 def module_scales(

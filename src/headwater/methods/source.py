@@ -34,7 +34,7 @@ from ..config import ProjectionConfig, SourceConfig
 from ..curvature import fit_curvature
 from ..errors import UserError
 from ..measurement import Measurement
-from ..normalizer import OPTIMIZER_FILES, load_optimizer_state, param_states
+from ..normalizer import OPTIMIZER_FILES, V_FLOOR, floored, load_optimizer_state, param_states
 from ..stages.trajectory import Trajectory
 from ..task import Task
 from .base import Blocks, Method, query_records, training_data
@@ -79,26 +79,14 @@ def segments_from_trainer_state(path: str | Path, checkpoints: dict[int, torch.n
     return segments
 
 
-V_FLOOR = 1e-3  # v̂ of each tensor floored at this fraction of its mean (see adam_scale_of)
-
-
 def adam_scale_of(exp_avg_sq: dict[str, torch.Tensor], step: int, beta2: float, eps: float, floor: float = V_FLOOR) -> dict[str, torch.Tensor]:
     """Adam's step scale P = 1/(√v̂ + ε) per parameter from its second moments after `step` steps,
-    with each tensor's v̂ floored at `floor` times its mean.
-
-    The floor is for coordinates whose gradient stays at zero: an attention layer's key bias
-    (softmax ignores a shift of every score) keeps v̂ ≈ 1e-21, so P ≈ 1/ε. Its true effect is nil
-    (its Hessian row is zero too), but SOURCE keeps only the diagonal of P in the curvature's
-    eigenbasis, where such a coordinate's P spreads into every direction of its rows: on the
-    tiny GPT-2 of `benchmarks/lds.py` LDS fell to 0.642 without the floor and is 0.855–0.858 with
-    floors from 1e-6 to 1 (docs/benchmarks.md)."""
+    with each tensor's v̂ floored at `floor` times its mean (`normalizer.floored`: on the tiny
+    GPT-2 of `benchmarks/lds.py` SOURCE's LDS is 0.642 without the floor and 0.855–0.858 with any
+    floor from 1e-6 to 1, docs/benchmarks.md)."""
     if step < 1:
         raise UserError("Adam's step scale needs the second moments after at least one step")
-    out = {}
-    for n, v in exp_avg_sq.items():
-        v_hat = v.double().clamp_min(0) / (1 - beta2**step)
-        out[n] = 1 / (v_hat.clamp_min(floor * float(v_hat.mean())).sqrt() + eps)
-    return out
+    return {n: 1 / (floored(v.double() / (1 - beta2**step), floor).sqrt() + eps) for n, v in exp_avg_sq.items()}
 
 
 def adam_scale_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict[str, torch.Tensor] | None:
