@@ -140,16 +140,15 @@ def main() -> None:
     relevant = [[ids[r] for r in q["relevant"]] for q in questions]
     correct = answered(model_dir, questions)
     rankings, seconds = {}, {}
-    for unit, variants in (
-        ("document", [("cosine, document rows", lambda: Cosine())]),
-        (
-            "token",
-            [
-                ("cosine, token rows (max)", lambda: Cosine()),
-                ("TrackStar, token rows (max), no query mixing", lambda: TrackStar(config=TrackStarConfig(mix="0"))),
-                ("TrackStar, token rows (max)", lambda: TrackStar()),
-            ],
-        ),
+    token_variants = [
+        ("cosine, token rows (max)", lambda: Cosine()),
+        ("TrackStar, token rows (max), no query mixing", lambda: TrackStar(config=TrackStarConfig(mix="0"))),
+        ("TrackStar, token rows (max)", lambda: TrackStar()),
+    ]
+    for unit, normalised, variants in (
+        ("document", False, [("cosine, document rows", lambda: Cosine())]),
+        ("token", False, token_variants),
+        ("token", True, [(f"{name}, Adam-normalised", method) for name, method in token_variants]),
     ):
         t = time.time()
         config = BuildConfig(
@@ -159,8 +158,9 @@ def main() -> None:
             batch_size=16,
             unit=unit,
             storage_dtype="float32",
+            optimizer_state=str(model_dir / "optimizer.pt") if normalised else None,
         )
-        index = build_index(args.workdir / f"index-{unit}", config=config, resume=True)
+        index = build_index(args.workdir / f"index-{unit}{'-adamnorm' if normalised else ''}", config=config, resume=True)
         build_s = time.time() - t
         for name, method in variants:
             t = time.time()

@@ -324,3 +324,31 @@ def test_attention_key_bias_adam_never_moved_gets_a_bounded_scale(tmp_path, toke
     v_hat = v / (1 - 0.95**3)
     assert scale.full[d : 2 * d, -1].max() <= 1 / ((FLOOR * v_hat.mean()).sqrt() + EPS) * (1 + 1e-12)
     assert scale.col[-1] < 100 * scale.col[:-1].median()  # ≈ 10⁵ times without the floor
+
+
+def test_an_index_built_before_the_floor_scales_its_queries_without_it(tmp_path, tokenizer, lm_records):
+    """Query rows must be normalised as the stored rows were: an index whose manifest records no
+    floor (built by an earlier release) gets the raw 1/√V on the query side too."""
+    import json
+
+    from headwater import BuildConfig, build_index
+    from headwater.index import Index
+
+    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
+    model.float()
+    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=3)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(tmp_path / "opt.pt"))
+    index = build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
+    assert index.manifest["normalizer"]["floor"] == FLOOR
+    state, tracked = load_optimizer_state(tmp_path / "opt.pt"), tracked_modules(model)
+    name = "transformer.h.0.attn.c_attn"
+    floored = module_scales(model, tracked, state)[name].full
+    torch.testing.assert_close(index.collector(model, task).scales[name].full, floored, rtol=0, atol=0)
+
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    del manifest["normalizer"]["floor"]
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    raw = module_scales(model, tracked, state, floor=0.0)[name].full
+    assert raw.max() > 1e3 * floored.max()  # the key biases: the floor matters here
+    torch.testing.assert_close(Index(tmp_path / "idx").collector(model, task).scales[name].full, raw, rtol=0, atol=0)

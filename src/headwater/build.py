@@ -25,7 +25,7 @@ from .data import fingerprint_records, load_records
 from .errors import UserError
 from .index import Index
 from .models import load_model
-from .normalizer import load_optimizer_state, module_scales
+from .normalizer import V_FLOOR, load_optimizer_state, module_scales
 from .store import DTYPES, BuildLock, ShardWriter, prepare_directory, read_json, sha256_file, write_json, write_manifest
 from .task import LanguageModelTask, Task, warn_encoding_problems
 
@@ -68,7 +68,7 @@ def index_header(config: BuildConfig, collector: GradientCollector, model, task:
     """What identifies an index: compared on resume and on every query."""
     normalizer = None
     if config.optimizer_state:
-        normalizer = {"path": str(config.optimizer_state), "sha256": sha256_file(Path(config.optimizer_state))}
+        normalizer = {"path": str(config.optimizer_state), "sha256": sha256_file(Path(config.optimizer_state)), "floor": V_FLOOR}
     return {
         "model": {"name": config.model, "fingerprint": model_fingerprint(model)},
         "modules": collector.describe()["modules"],

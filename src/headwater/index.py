@@ -116,7 +116,9 @@ class Index:
         scales = None
         if built["normalizer"]:
             tracked = GradientCollector(model, task, proj, names).modules
-            scales = module_scales(model, tracked, load_optimizer_state(built["normalizer"]["path"]), materialise=proj.kind != "factored")
+            state = load_optimizer_state(built["normalizer"]["path"])
+            floor = built["normalizer"].get("floor", 0.0)  # indices built before the floor divided by the raw V
+            scales = module_scales(model, tracked, state, materialise=proj.kind != "factored", floor=floor)
         collector = GradientCollector(model, task, proj, names, scales)
         check_compatible(built, collector)
         return collector

@@ -181,7 +181,7 @@ def floored(v: torch.Tensor, floor: float = V_FLOOR) -> torch.Tensor:
     return v.clamp_min(floor * float(v.mean()))
 
 
-def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tuple[torch.Tensor, str]:
+def _second_moment(name: str, shape: torch.Size, state: dict, group: dict, floor: float) -> tuple[torch.Tensor, str]:
     """The (bias-corrected) second-moment estimate V of one parameter, floored (`floored`), and
     the optimizer kind."""
     if "exp_avg_sq" in state:
@@ -205,13 +205,14 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict) -> tu
             f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: "
             "the optimizer state does not match the model"
         )
-    return floored(v).reshape(shape), kind
+    return floored(v, floor).reshape(shape), kind
 
 
 def module_scales(
-    model: torch.nn.Module, modules: dict[str, object], sd: dict, eps: float | None = None, materialise: bool = True
+    model: torch.nn.Module, modules: dict[str, object], sd: dict, eps: float | None = None, materialise: bool = True, floor: float = V_FLOOR
 ) -> dict[str, ModuleScale]:
-    """Inverse 1/(√V + eps) per tracked module. `modules` maps name → collect.TrackedModule.
+    """Inverse 1/(√V + eps) per tracked module, V floored at `floor` times each parameter's mean
+    (`floored`; an index records the floor it was built with). `modules` maps name → collect.TrackedModule.
 
     `eps=None` uses the optimizer's own epsilon where it is a number (Adam), else 1e-8. `materialise=False`
     keeps only the rank-one factors (all the factored projection uses).
@@ -223,14 +224,14 @@ def module_scales(
         if w_name not in states:
             raise UserError(f"optimizer state has no entry for {w_name!r}: the optimizer state does not match the model")
         w_state, group = states[w_name]
-        v_w, kind = _second_moment(w_name, tm.module.weight.shape, w_state, group)
+        v_w, kind = _second_moment(w_name, tm.module.weight.shape, w_state, group, floor)
         v_w = tm.weight_matrix(v_w)  # HF Conv1D stores [d_in, d_out], Conv2d [C_out, C_in, kh, kw]
         full = torch.empty(tm.d_out, tm.d_in_aug, dtype=torch.float64)
         full[:, : tm.d_in] = v_w
         if tm.has_bias:
             b_name = tm.bias_name
             b_state, b_group = states[b_name]
-            full[:, -1] = _second_moment(b_name, tm.module.bias.shape, b_state, b_group)[0]
+            full[:, -1] = _second_moment(b_name, tm.module.bias.shape, b_state, b_group, floor)[0]
         group_eps = group.get("eps")
         e = eps if eps is not None else (group_eps if isinstance(group_eps, float) else 1e-8)
         inv = 1.0 / (full.clamp_min(0).sqrt() + e)

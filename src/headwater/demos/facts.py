@@ -202,6 +202,7 @@ VARIANTS = [
     ("cosine, sentence rows (max)", "sentence", False, lambda: Cosine()),
     ("TrackStar, sentence rows (max)", "sentence", True, lambda: TrackStar()),
     ("cosine, token rows (max)", "token", False, lambda: Cosine()),
+    ("cosine, token rows (max), Adam-normalised", "token", True, lambda: Cosine()),
     ("TrackStar, token rows (max), no query mixing", "token", True, lambda: TrackStar(config=TrackStarConfig(mix="0"))),
     ("TrackStar, token rows (max)", "token", True, lambda: TrackStar()),
 ]
