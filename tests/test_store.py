@@ -452,3 +452,28 @@ def test_lock_from_another_host_is_never_taken(baseline, tmp_path):
     with pytest.raises(UserError, match="delete the lock file"):
         child.build(path, resume=True)
     assert lock.exists() and journal(path).read_bytes() == before
+
+
+def test_resume_compares_contents_not_paths(tmp_path):
+    """A build interrupted, then moved with its model and data, resumes; another model does not."""
+    from headwater.build import _check_same_build
+
+    header = {
+        "model": {"name": "/old/model", "fingerprint": "aaaa"},
+        "data": {"source": "/old/train.jsonl", "fingerprint": "dddd", "records": 60},
+        "normalizer": {"path": "/old/optimizer.pt", "sha256": "ssss", "floor": 1e-3},
+        "dim": 64,
+    }
+    (tmp_path / "header.json").write_text(json.dumps(header))
+    moved = {
+        "model": {"name": "/new/model", "fingerprint": "aaaa"},
+        "data": {"source": "/new/train.jsonl", "fingerprint": "dddd", "records": 60},
+        "normalizer": {"path": "/new/optimizer.pt", "sha256": "ssss", "floor": 1e-3},
+        "dim": 64,
+    }
+    _check_same_build(tmp_path, moved)
+    for key, field, value in (("model", "fingerprint", "bbbb"), ("data", "records", 61), ("normalizer", "floor", 0.0)):
+        other = json.loads(json.dumps(moved))
+        other[key][field] = value
+        with pytest.raises(UserError, match=f"its {key} differs"):
+            _check_same_build(tmp_path, other)

@@ -167,10 +167,22 @@ def _required(value, name: str):
     return value
 
 
+def _identity(key: str, value):
+    """What a resumed build must share with the interrupted one: the model's, data's and optimizer
+    state's contents, not the paths they were read from (a moved folder resumes)."""
+    if value and key == "model":
+        return value["fingerprint"]
+    if value and key == "data":
+        return value["fingerprint"], value["records"]
+    if value and key == "normalizer":
+        return value["sha256"], value.get("floor")
+    return value
+
+
 def _check_same_build(path: Path, header: dict) -> None:
     old = read_json(path / "header.json")
     for key in ("model", "modules", "projection", "normalizer", "task", "data", "dim", "dtype", "world_size"):
-        if old.get(key) != header.get(key):
+        if _identity(key, old.get(key)) != _identity(key, header.get(key)):
             raise UserError(f"cannot resume {path}: its {key} differs from this build's ({old.get(key)} vs {header.get(key)})")
 
 
