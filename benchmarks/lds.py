@@ -323,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
         help="a virtualenv's python with kronfluence, traker and dattri (peers_driver.py runs there); skipped when absent",
     )
     p.add_argument("--peers-workdir", type=Path, default=Path("/tmp/headwater-lds-peers"))
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lds.json")
+    p.add_argument("--out", type=Path, help="the JSON written (default results/lds.json, results/lds_adamw.json with --adamw)")
     return p
 
 
@@ -332,6 +332,7 @@ def main() -> None:
     if args.quick:
         args.subsets, args.seeds, args.tab_train, args.tab_targets, args.lm_train, args.lm_targets = 12, 2, 60, 5, 24, 3
         args.trak_models, args.tab_epochs, args.lm_epochs, args.image_train, args.image_epochs = 2, 3, 1, 60, 3
+    args.out = args.out or Path(__file__).parent / "results" / ("lds_adamw.json" if args.adamw else "lds.json")
     torch.set_num_threads(args.threads)
     settings = {"tabular": tabular, "image": image_mlp, "cnn": small_cnn, "lm": language_model}
     results = [

@@ -352,3 +352,53 @@ def test_an_index_built_before_the_floor_scales_its_queries_without_it(tmp_path,
     raw = module_scales(model, tracked, state, floor=0.0)[name].full
     assert raw.max() > 1e3 * floored.max()  # the key biases: the floor matters here
     torch.testing.assert_close(Index(tmp_path / "idx").collector(model, task).scales[name].full, raw, rtol=0, atol=0)
+
+
+def test_a_checkpoint_folder_as_optimizer_state_builds(tmp_path, tokenizer, lm_records):
+    """`--optimizer-state` takes a Trainer checkpoint folder; the index records its file's hash."""
+    import hashlib
+
+    from headwater import BuildConfig, build_index
+
+    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
+    model.float()
+    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=2)
+    (tmp_path / "checkpoint-2").mkdir()
+    torch.save(opt.state_dict(), tmp_path / "checkpoint-2" / "optimizer.pt")
+    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(tmp_path / "checkpoint-2"))
+    index = build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
+    want = hashlib.sha256((tmp_path / "checkpoint-2" / "optimizer.pt").read_bytes()).hexdigest()
+    assert index.manifest["normalizer"]["sha256"] == want
+
+
+def test_floored_adafactor_second_moment_stays_rank_one():
+    """Adafactor's factored V = r cᵀ / mean(r): flooring each factor at √floor of its mean keeps
+    it rank one (the factored projection's fold stays exact) and V ≥ floor · mean(V)."""
+    from headwater.normalizer import _second_moment
+
+    row = torch.tensor([1e-20, 2e-4, 3e-4, 5e-4])
+    col = torch.tensor([4e-4, 1e-22, 1e-4])
+    v, kind = _second_moment("w", torch.Size([4, 3]), {"row_var": row, "col_var": col}, {}, FLOOR)
+    assert kind == "adafactor"
+    assert torch.linalg.matrix_rank(v / v.max()).item() == 1
+    raw = torch.outer(row.double(), col.double()) / row.double().mean()
+    assert v.min() >= FLOOR * raw.mean() * (1 - 1e-12)
+    untouched = (row.double()[:, None] >= FLOOR**0.5 * row.double().mean()) & (col.double()[None] >= FLOOR**0.5 * col.double().mean())
+    torch.testing.assert_close(v[untouched], raw[untouched], rtol=1e-12, atol=0)
+
+
+def test_a_changed_optimizer_state_fails_the_query(tmp_path, tokenizer, lm_records):
+    from headwater import BuildConfig, build_index
+
+    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
+    model.float()
+    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=2)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(tmp_path / "opt.pt"))
+    index = build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
+    state = opt.state_dict()
+    state["state"][0]["exp_avg_sq"] = state["state"][0]["exp_avg_sq"] * 2
+    torch.save(state, tmp_path / "opt.pt")  # overwritten by a later save
+    with pytest.raises(UserError, match="changed since the index was built") as err:
+        index.collector(model, task)
+    assert "\n" not in str(err.value)

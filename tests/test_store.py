@@ -455,25 +455,34 @@ def test_lock_from_another_host_is_never_taken(baseline, tmp_path):
 
 
 def test_resume_compares_contents_not_paths(tmp_path):
-    """A build interrupted, then moved with its model and data, resumes; another model does not."""
+    """An interrupted build, moved with its model and data folders, resumes from the new paths
+    (and the index then loads them from there); another model, data or optimizer state does not."""
     from headwater.build import _check_same_build
 
-    header = {
-        "model": {"name": "/old/model", "fingerprint": "aaaa"},
-        "data": {"source": "/old/train.jsonl", "fingerprint": "dddd", "records": 60},
-        "normalizer": {"path": "/old/optimizer.pt", "sha256": "ssss", "floor": 1e-3},
-        "dim": 64,
-    }
-    (tmp_path / "header.json").write_text(json.dumps(header))
-    moved = {
-        "model": {"name": "/new/model", "fingerprint": "aaaa"},
-        "data": {"source": "/new/train.jsonl", "fingerprint": "dddd", "records": 60},
-        "normalizer": {"path": "/new/optimizer.pt", "sha256": "ssss", "floor": 1e-3},
-        "dim": 64,
-    }
-    _check_same_build(tmp_path, moved)
-    for key, field, value in (("model", "fingerprint", "bbbb"), ("data", "records", 61), ("normalizer", "floor", 0.0)):
-        other = json.loads(json.dumps(moved))
+    src, dst = tmp_path / "a", tmp_path / "b"
+    tok = child.tokenizer()
+    child.model(len(tok)).save_pretrained(src / "model")
+    tok.save_pretrained(src / "model")
+    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in child.corpus(12)))
+    at = lambda root: dataclasses.replace(child.config(), model=str(root / "model"), data=str(root / "train.jsonl"))  # noqa: E731
+    whole = build_index(tmp_path / "whole", config=at(src), progress=False)
+    build_index(tmp_path / "idx", config=at(src), progress=False)
+    (tmp_path / "idx" / "manifest.json").unlink()  # killed before the manifest
+    shutil.move(src, dst)
+    index = build_index(tmp_path / "idx", config=at(dst), resume=True, progress=False)
+    assert index.config.model == str(dst / "model") and index.config.data == str(dst / "train.jsonl")
+    np.testing.assert_array_equal(next(index.store.blocks()).rows.numpy(), next(whole.store.blocks()).rows.numpy())
+
+    header = json.loads((tmp_path / "idx" / "header.json").read_text())
+    header["normalizer"] = {"path": "/old/optimizer.pt", "sha256": "ssss"}  # built before the floor
+    (tmp_path / "idx" / "header.json").write_text(json.dumps(header))
+    for key, field, value in (("model", "fingerprint", "bbbb"), ("data", "records", 13), ("normalizer", "sha256", "tttt")):
+        other = json.loads(json.dumps(header))
         other[key][field] = value
         with pytest.raises(UserError, match=f"its {key} differs"):
-            _check_same_build(tmp_path, other)
+            _check_same_build(tmp_path / "idx", other)
+    floored = json.loads(json.dumps(header))
+    floored["normalizer"]["floor"] = 1e-3
+    _check_same_build(tmp_path / "idx", floored, complete=True)  # a finished index stays usable
+    with pytest.raises(UserError, match="its normalizer differs"):  # an unfinished one is not continued
+        _check_same_build(tmp_path / "idx", floored)

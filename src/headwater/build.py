@@ -25,7 +25,7 @@ from .data import fingerprint_records, load_records
 from .errors import UserError
 from .index import Index
 from .models import load_model
-from .normalizer import V_FLOOR, load_optimizer_state, module_scales
+from .normalizer import V_FLOOR, load_optimizer_state, module_scales, optimizer_state_file
 from .store import DTYPES, BuildLock, ShardWriter, prepare_directory, read_json, sha256_file, write_json, write_manifest
 from .task import LanguageModelTask, Task, warn_encoding_problems
 
@@ -68,7 +68,8 @@ def index_header(config: BuildConfig, collector: GradientCollector, model, task:
     """What identifies an index: compared on resume and on every query."""
     normalizer = None
     if config.optimizer_state:
-        normalizer = {"path": str(config.optimizer_state), "sha256": sha256_file(Path(config.optimizer_state)), "floor": V_FLOOR}
+        state_file = optimizer_state_file(config.optimizer_state)  # a checkpoint folder's optimizer.pt
+        normalizer = {"path": str(config.optimizer_state), "sha256": sha256_file(state_file), "floor": V_FLOOR}
     return {
         "model": {"name": config.model, "fingerprint": model_fingerprint(model)},
         "modules": collector.describe()["modules"],
@@ -128,7 +129,8 @@ def build_index(
             created = created or not (path / "header.json").exists()
             path.mkdir(parents=True, exist_ok=True)
             if (path / "header.json").exists():
-                _check_same_build(path, header)
+                _check_same_build(path, header, complete)
+                _record_moved_sources(path, config)
             else:  # config.json first marks the directory as an index, header.json last as set up
                 write_json(path / "config.json", config.to_dict())
                 if config.data is None or not isinstance(data, (str, os.PathLike)) and data is not None:
@@ -167,22 +169,33 @@ def _required(value, name: str):
     return value
 
 
-def _identity(key: str, value):
+def _identity(key: str, value, complete: bool):
     """What a resumed build must share with the interrupted one: the model's, data's and optimizer
-    state's contents, not the paths they were read from (a moved folder resumes)."""
+    state's contents, not the paths they were read from (a moved folder resumes). A complete index
+    built before the second-moment floor stays usable (its queries use the floor it was built
+    with); an unfinished one must not be continued with another floor."""
     if value and key == "model":
         return value["fingerprint"]
     if value and key == "data":
         return value["fingerprint"], value["records"]
     if value and key == "normalizer":
-        return value["sha256"], value.get("floor")
+        return value["sha256"] if complete else (value["sha256"], value.get("floor"))
     return value
 
 
-def _check_same_build(path: Path, header: dict) -> None:
+def _record_moved_sources(path: Path, config: BuildConfig) -> None:
+    """config.json keeps where the model, data and optimizer state now are (the same contents,
+    checked), so the index loads them from there; in-memory ones (None) leave the old entries."""
+    saved = read_json(path / "config.json")
+    moved = {k: v for k, v in config.to_dict().items() if k in ("model", "data", "optimizer_state") and v is not None}
+    if any(saved.get(k) != v for k, v in moved.items()):
+        write_json(path / "config.json", {**saved, **moved})
+
+
+def _check_same_build(path: Path, header: dict, complete: bool = False) -> None:
     old = read_json(path / "header.json")
     for key in ("model", "modules", "projection", "normalizer", "task", "data", "dim", "dtype", "world_size"):
-        if _identity(key, old.get(key)) != _identity(key, header.get(key)):
+        if _identity(key, old.get(key), complete) != _identity(key, header.get(key), complete):
             raise UserError(f"cannot resume {path}: its {key} differs from this build's ({old.get(key)} vs {header.get(key)})")
 
 

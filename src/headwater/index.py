@@ -21,8 +21,8 @@ from .data import fingerprint_records, load_records, record_ids, record_text
 from .errors import UserError
 from .measurement import Loss, Measurement, objective_fn
 from .models import load_model
-from .normalizer import load_optimizer_state, module_scales
-from .store import GradientStore, read_json
+from .normalizer import load_optimizer_state, module_scales, optimizer_state_file
+from .store import GradientStore, read_json, sha256_file
 from .task import LanguageModelTask, Task, collated_batches, whole_examples
 
 
@@ -116,7 +116,12 @@ class Index:
         scales = None
         if built["normalizer"]:
             tracked = GradientCollector(model, task, proj, names).modules
-            state = load_optimizer_state(built["normalizer"]["path"])
+            state_file = optimizer_state_file(built["normalizer"]["path"])
+            if sha256_file(state_file) != built["normalizer"]["sha256"]:
+                raise UserError(
+                    f"{state_file} changed since the index was built (its sha256 differs): queries would be normalised differently from its rows"
+                )
+            state = load_optimizer_state(state_file)
             floor = built["normalizer"].get("floor", 0.0)  # indices built before the floor divided by the raw V
             scales = module_scales(model, tracked, state, materialise=proj.kind != "factored", floor=floor)
         collector = GradientCollector(model, task, proj, names, scales)

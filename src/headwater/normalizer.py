@@ -49,11 +49,7 @@ def load_optimizer_state(path: str | Path) -> dict:
     checkpoint folder holding one of `OPTIMIZER_FILES`. States keyed by parameter names (FSDP's
     full state dict, flattened `state.<name>.<key>` dicts) are accepted; partitioned DeepSpeed
     ZeRO shards and sharded distributed checkpoints are refused with what to do instead."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"optimizer state {path} does not exist")
-    if path.is_dir():
-        path = _file_in_checkpoint(path)
+    path = optimizer_state_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -79,6 +75,14 @@ def load_optimizer_state(path: str | Path) -> dict:
     if "state" not in sd and any(k.startswith("state.") for k in sd):
         return _unflatten(sd, path)
     return sd
+
+
+def optimizer_state_file(path: str | Path) -> Path:
+    """The file holding the optimizer state: `path` itself, or the one a checkpoint folder holds."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"optimizer state {path} does not exist")
+    return _file_in_checkpoint(path) if path.is_dir() else path
 
 
 def _file_in_checkpoint(folder: Path) -> Path:
@@ -176,7 +180,9 @@ def floored(v: torch.Tensor, floor: float = V_FLOOR) -> torch.Tensor:
     V ≈ 1e-21, so their scale is 10⁵–10⁶ times their neighbours'. A rank-one fit of a module's
     scales (the factored projection) then multiplies the whole bias column by it, and SOURCE,
     which keeps the diagonal of the scale in the curvature's eigenbasis, spreads it over whole
-    rows. The floor leaves every coordinate the optimizer moved as it was."""
+    rows. Entries at or above the floor keep their own value. On the demo's GPT-2 the floor raises
+    2.5% of the entries, 99% of them with V below 1e-12 of the mean: parameters whose gradient
+    was always zero (key biases, unused token and position embeddings)."""
     v = v.clamp_min(0)
     return v.clamp_min(floor * float(v.mean()))
 
@@ -194,7 +200,9 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict, floor
     elif "row_var" in state or "exp_avg_sq_row" in state:
         row = state.get("row_var", state.get("exp_avg_sq_row")).double().reshape(-1)
         col = state.get("col_var", state.get("exp_avg_sq_col")).double().reshape(-1)
-        v = torch.outer(row, col) / row.mean()
+        # each factor floored at √floor of its mean keeps V rank one (the factored fold stays exact)
+        # and V ≥ floor·mean(V), since mean(V) = mean(col)
+        v = torch.outer(floored(row, floor**0.5), floored(col, floor**0.5)) / row.mean()
         kind = "adafactor"
     elif "variance" in state:  # torch Adafactor keeps vectors' second moment unfactored
         v, kind = state["variance"].double(), "adafactor"
@@ -205,7 +213,7 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict, floor
             f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: "
             "the optimizer state does not match the model"
         )
-    return floored(v, floor).reshape(shape), kind
+    return (v if kind == "adafactor" and v.dim() == 2 else floored(v, floor)).reshape(shape), kind
 
 
 def module_scales(
