@@ -195,7 +195,9 @@ class BuildConfig(Config):
         choices=("document", "sentence", "token"),
     )
     optimizer_state: str | None = option(
-        None, "Optimizer state (torch.save'd state_dict, safetensors, or a Hugging Face checkpoint folder): divide gradients by √(second moment)."
+        None,
+        "Optimizer state (torch.save'd state_dict, safetensors, or a Hugging Face checkpoint folder): divide gradients by "
+        "√(second moment), each parameter's floored at 1e-3 of its mean.",
     )
     shard_rows: int | None = option(None, "Rows per shard (default: about 128 MiB per shard).")
     device: str = option("cpu", H_DEVICE)
