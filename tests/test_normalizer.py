@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from reference import assert_rel_close, ce, cnn, image_records, mlp, mlp_records, per_example_grads
 
-from headwater import UserError
+from headwater import BuildConfig, UserError, build_index
 from headwater.collect import GradientCollector, tracked_modules
 from headwater.config import ProjectionConfig
 from headwater.normalizer import load_optimizer_state, module_scales
@@ -82,6 +82,19 @@ def _setup(kind, tokenizer, lm_records):
         records = [e for r in lm_records for e in task.encode(r)]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
     return model, task, records, opt
+
+
+def _index_of_trained_gpt2(tmp_path, tokenizer, lm_records, state_path, steps):
+    """A tiny GPT-2 trained `steps` AdamW steps, its optimizer state saved at `state_path` (a file,
+    or `optimizer.pt` inside a folder), and an unprojected index built with that state."""
+    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
+    model.float()
+    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=steps)
+    target = state_path / "optimizer.pt" if state_path.suffix == "" else state_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(opt.state_dict(), target)
+    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(state_path))
+    return model, task, opt, build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "gpt2"])
@@ -331,15 +344,9 @@ def test_an_index_built_before_the_floor_scales_its_queries_without_it(tmp_path,
     floor (built by an earlier release) gets the raw 1/√V on the query side too."""
     import json
 
-    from headwater import BuildConfig, build_index
     from headwater.index import Index
 
-    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
-    model.float()
-    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=3)
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(tmp_path / "opt.pt"))
-    index = build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
+    model, task, _, index = _index_of_trained_gpt2(tmp_path, tokenizer, lm_records, tmp_path / "opt.pt", steps=3)
     assert index.manifest["normalizer"]["floor"] == FLOOR
     state, tracked = load_optimizer_state(tmp_path / "opt.pt"), tracked_modules(model)
     name = "transformer.h.0.attn.c_attn"
@@ -358,15 +365,7 @@ def test_a_checkpoint_folder_as_optimizer_state_builds(tmp_path, tokenizer, lm_r
     """`--optimizer-state` takes a Trainer checkpoint folder; the index records its file's hash."""
     import hashlib
 
-    from headwater import BuildConfig, build_index
-
-    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
-    model.float()
-    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=2)
-    (tmp_path / "checkpoint-2").mkdir()
-    torch.save(opt.state_dict(), tmp_path / "checkpoint-2" / "optimizer.pt")
-    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(tmp_path / "checkpoint-2"))
-    index = build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
+    *_, index = _index_of_trained_gpt2(tmp_path, tokenizer, lm_records, tmp_path / "checkpoint-2", steps=2)
     want = hashlib.sha256((tmp_path / "checkpoint-2" / "optimizer.pt").read_bytes()).hexdigest()
     assert index.manifest["normalizer"]["sha256"] == want
 
@@ -388,14 +387,7 @@ def test_floored_adafactor_second_moment_stays_rank_one():
 
 
 def test_a_changed_optimizer_state_fails_the_query(tmp_path, tokenizer, lm_records):
-    from headwater import BuildConfig, build_index
-
-    model, task, _, opt = _setup("gpt2", tokenizer, lm_records)
-    model.float()
-    train(model, task, [e for r in lm_records for e in task.encode(r)], opt, steps=2)
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    config = BuildConfig(projection=ProjectionConfig("none"), optimizer_state=str(tmp_path / "opt.pt"))
-    index = build_index(tmp_path / "idx", model, lm_records, task=task, config=config, progress=False)
+    model, task, opt, index = _index_of_trained_gpt2(tmp_path, tokenizer, lm_records, tmp_path / "opt.pt", steps=2)
     state = opt.state_dict()
     state["state"][0]["exp_avg_sq"] = state["state"][0]["exp_avg_sq"] * 2
     torch.save(state, tmp_path / "opt.pt")  # overwritten by a later save

@@ -38,6 +38,7 @@ class Index:
         self.config = BuildConfig.from_dict(read_json(self.path / "config.json"))
         self._model = None
         self._tokenizer = None
+        self._state_checked = False  # the optimizer state's hash is checked once, not per query batch
 
     def __repr__(self) -> str:
         return f"Index({str(self.path)!r}, rows={self.store.rows}, dim={self.store.dim}, records={self.n_records})"
@@ -117,10 +118,11 @@ class Index:
         if built["normalizer"]:
             tracked = GradientCollector(model, task, proj, names).modules
             state_file = optimizer_state_file(built["normalizer"]["path"])
-            if sha256_file(state_file) != built["normalizer"]["sha256"]:
+            if not self._state_checked and sha256_file(state_file) != built["normalizer"]["sha256"]:
                 raise UserError(
                     f"{state_file} changed since the index was built (its sha256 differs): queries would be normalised differently from its rows"
                 )
+            self._state_checked = True
             state = load_optimizer_state(state_file)
             floor = built["normalizer"].get("floor", 0.0)  # indices built before the floor divided by the raw V
             scales = module_scales(model, tracked, state, materialise=proj.kind != "factored", floor=floor)

@@ -196,7 +196,7 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict, floor
         beta2 = group.get("betas", (0.9, 0.999))[1]
         if step > 0:
             v = v / (1 - beta2**step)
-        kind = "adam"
+        v, kind = floored(v, floor), "adam"
     elif "row_var" in state or "exp_avg_sq_row" in state:
         row = state.get("row_var", state.get("exp_avg_sq_row")).double().reshape(-1)
         col = state.get("col_var", state.get("exp_avg_sq_col")).double().reshape(-1)
@@ -205,7 +205,7 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict, floor
         v = torch.outer(floored(row, floor**0.5), floored(col, floor**0.5)) / row.mean()
         kind = "adafactor"
     elif "variance" in state:  # torch Adafactor keeps vectors' second moment unfactored
-        v, kind = state["variance"].double(), "adafactor"
+        v, kind = floored(state["variance"].double(), floor), "adafactor"
     else:
         raise UserError(f"optimizer state for {name!r} has no second moment (keys: {sorted(state)})")
     if v.numel() != shape.numel() or (v.dim() > 1 and tuple(v.shape) != tuple(shape)):  # same size, other shape: still wrong
@@ -213,7 +213,7 @@ def _second_moment(name: str, shape: torch.Size, state: dict, group: dict, floor
             f"optimizer state for {name!r} has {tuple(v.shape)} entries, the model's parameter is {tuple(shape)}: "
             "the optimizer state does not match the model"
         )
-    return (v if kind == "adafactor" and v.dim() == 2 else floored(v, floor)).reshape(shape), kind
+    return v.reshape(shape), kind
 
 
 def module_scales(
