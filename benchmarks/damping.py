@@ -1,6 +1,7 @@
 """EK-FAC, KFAC and TrackStar LDS as the damping varies, on the four settings of `lds.py`: the
 evidence for InfluenceConfig's and TrackStarConfig's default damping (a fraction of the mean
-eigenvalue of the matrix each inverts).
+eigenvalue of the matrix each inverts). EK-FAC and KFAC also at absolute dampings ("abs"), with
+each module's mean eigenvalue, to show why the default is relative.
 
     python benchmarks/damping.py                       # ~8 min on 2 cores (retraining dominates)
     python benchmarks/damping.py --cache /tmp/lds-cache  # reuse retraining outcomes between runs
@@ -20,6 +21,7 @@ import torch
 import headwater as hw
 
 DAMPINGS = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+ABSOLUTE = [1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]
 
 
 def outcomes(setting: lds.Setting, masks: np.ndarray, seeds: int, cache: Path | None) -> np.ndarray:
@@ -59,9 +61,13 @@ def main() -> None:
         row = {"setting": setting.name, "seed_ceiling": hw.seed_ceiling(losses), "lds": {}}
         for method in (hw.EKFAC, hw.KFAC):
             fitted = method(final, setting.task, hw.InfluenceConfig(curvature=CURVATURE)).fit(setting.train)
+            row["mean_eigenvalue"] = {n: float(m.eigenvalues(fitted.ekfac).mean()) for n, m in fitted.curvature.modules.items()}
             for damping in DAMPINGS:
                 fitted.config = dataclasses.replace(fitted.config, damping=damping)  # the factors do not depend on it
                 row["lds"][f"{method.__name__} {damping:g}"] = hw.lds(fitted.score(setting.targets), masks, losses.mean(0))[0]
+            for damping in ABSOLUTE:
+                fitted.config = dataclasses.replace(fitted.config, damping=damping, damping_mode="absolute")
+                row["lds"][f"{method.__name__} abs-{damping:g}"] = hw.lds(fitted.score(setting.targets), masks, losses.mean(0))[0]
         for damping in DAMPINGS:
             config = hw.TrackStarConfig(projection=setting.projection, batch_size=32, damping=damping)
             scores = hw.TrackStar(final, setting.task, config).fit(setting.train).score(setting.targets)

@@ -12,9 +12,14 @@ that state the entity first (those retraining says matter, `fact_tracing_reversa
   animal stands for Boithlo ? A :" then " heron"), combined per record by the sum over query
   rows of their best-matching document row (late interaction), all rows alike or weighted by
   the model's surprisal of the token, and, as an oracle that knows which word is the entity, the
-  answer row plus a share of the entity's row.
+  answer row plus a share of the entity's row;
+- a contrastive query: the answer row's scores minus their mean over the same question asked about
+  four other entities (what is specific to this entity, not to predicting the answer word);
+- the Kronecker-factored preconditioners (KFAC, EK-FAC: the inverse input covariance whitens the
+  activations' common part) in place of TrackStar's R^(-1/2), on the same stored token rows, each
+  row's score divided by its norm.
 
-    python benchmarks/fact_tracing_variants.py     # ~2 min on 2 cores once fact_tracing.py has run
+    python benchmarks/fact_tracing_variants.py     # ~1.5 min on 2 cores once fact_tracing.py has run (40 s more the first time: KFAC's factors)
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import fact_tracing
 import numpy as np
 import torch
 
-from headwater.config import TrackStarConfig
+from headwater.config import InfluenceConfig, TrackStarConfig
 from headwater.demos.facts import prepare
 from headwater.index import Index
 from headwater.measurement import Loss
-from headwater.methods import TrackStar
+from headwater.methods import EKFAC, KFAC, TrackStar
 from headwater.models import load_model
+from headwater.store import GradientStore
 from headwater.task import LanguageModelTask
 
 
@@ -80,6 +86,16 @@ def token_queries(questions: list[dict]) -> tuple[list[dict], np.ndarray, np.nda
     return out, np.array(owner), np.array(answer), np.array(entity)
 
 
+def contrast_queries(questions: list[dict], entities: list[str], k: int, seed: int) -> list[dict]:
+    """The questions, then each asked about `k` other entities with the same answer ([q·(1 + k)])."""
+    rng = random.Random(seed)
+    out = [{"id": f"q{j}", "prompt": q["prompt"], "completion": q["completion"]} for j, q in enumerate(questions)]
+    for j, q in enumerate(questions):
+        for i, e in enumerate(rng.sample([e for e in entities if e != q["entity"]], k)):
+            out.append({"id": f"q{j}c{i}", "prompt": q["prompt"].replace(q["entity"], e), "completion": q["completion"]})
+    return out
+
+
 def surprisal(model_dir: Path, queries: list[dict]) -> np.ndarray:
     """The model's loss on each query's completion [p]: −log p(word | prompt), one token per word here."""
     model, tokenizer = load_model(str(model_dir))
@@ -99,6 +115,7 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = fact_tracing.HardConfig(seed=args.seed)
     model_dir, docs, questions = prepare(args.workdir, cfg, corpus=fact_tracing.hard_corpus)
+    entities = sorted({q["entity"] for q in questions})
     questions = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))  # as fact_tracing.py draws them
     qfile = args.workdir / "queries.jsonl"
     qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in questions))
@@ -152,6 +169,25 @@ def main() -> None:
         "entity row alone (oracle)": entity.astype(float),
     }.items():
         results[f"query token rows: {name}"] = metrics(per_question(w), relevant, entity_first)
+
+    q, k = len(questions), 4
+    cfile = args.workdir / "contrast_queries.jsonl"
+    cfile.write_text("".join(json.dumps(c) + "\n" for c in contrast_queries(questions, entities, k, args.seed + 1)))
+    for mix in ("auto", "0"):
+        rows, records = row_scores(TrackStar(config=TrackStarConfig(mix=mix)).fit(index), cfile)
+        others = rows[:, q:].reshape(len(rows), q, k).mean(2)
+        for share in (0.5, 1.0):
+            scores = pooled(rows[:, :q] - share * others, records, n, lambda r: r.max(0))
+            results[f"contrast: answer row − {share:g} × other entities' (mixing {mix})"] = metrics(scores, relevant, entity_first)
+
+    norms = torch.cat([b.rows.double().norm(dim=1) for b in GradientStore(args.workdir / "index-token").blocks()]).numpy()
+    for method in (KFAC, EKFAC):
+        fitted = method(config=InfluenceConfig(batch_size=16)).fit(index)  # EK-FAC reuses KFAC's factors
+        for damping in (1.0, 10.0):
+            fitted.config.damping = damping
+            rows, records = row_scores(fitted, qfile)
+            scores = pooled(rows / norms[:, None], records, n, lambda r: r.max(0))
+            results[f"{method.__name__} instead of TrackStar, damping {damping:g}, rows normalised"] = metrics(scores, relevant, entity_first)
 
     lines = [
         f"{n} documents, {len(questions)} held-out questions, token-row TrackStar (BM25 on the same questions: see fact_tracing.py)",
