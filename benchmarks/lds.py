@@ -266,7 +266,12 @@ def evaluate(setting: Setting, args) -> dict:
     }
     for name, (s, secs) in scores.items():
         value, per_target = hw.lds(s, masks, losses.mean(0))
-        result["methods"][name] = {"lds": value, "of_ceiling": value / ceiling, "seconds": secs}
+        result["methods"][name] = {
+            "lds": value,
+            "of_ceiling": value / ceiling,
+            "seconds": secs,
+            **({"diagnostics": s.diagnostics} if s.diagnostics else {}),
+        }
     return result
 
 
@@ -281,7 +286,9 @@ def table(results: list[dict]) -> str:
             "|---|---|---|---|",
         ]
         for name, m in r["methods"].items():
-            lines.append(f"| {name} | {m['lds']:.3f} | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
+            check = m.get("diagnostics", {}).get("smoothness")
+            note = f" (smoothness check {check['relative_error']:.0%} apart)" if check and check["relative_error"] > 0.1 else ""
+            lines.append(f"| {name}{note} | {m['lds']:.3f} | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
     return "\n".join(lines)
 
 

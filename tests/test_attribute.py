@@ -2,6 +2,8 @@
 the Python API's; its saved config replays it; `evaluate` reads Scores files end to end."""
 
 import json
+import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -10,6 +12,7 @@ import torch
 from reference import run_cli
 
 import headwater as hw
+from headwater.cli import main
 from headwater.models import load_model
 from headwater.toy import tiny_gpt2, word_tokenizer
 
@@ -175,29 +178,30 @@ def test_source_reads_adam_second_moments_saved_in_checkpoints(ws, tmp_path):
     assert not np.allclose(got.values, plain.values, rtol=1e-2)  # the second moments changed the propagation
 
 
-def test_magic_replays_the_recipe(ws):
-    run(
-        ws,
-        "attribute",
-        "--method",
-        "magic",
-        "--init-model",
-        "model",
-        "--lr",
-        "0.01",
-        "--epochs",
-        "2",
-        "--train-batch-size",
-        "2",
-        *COMMON,
-        "--out",
-        "magic.safetensors",
-    )
+def test_magic_replays_the_recipe_and_keeps_its_smoothness_check(ws, capsys, monkeypatch):
+    """Through `main()`, as `python -m headwater` runs it: warnings are one line each, and the
+    saved scores keep MAGIC's smoothness check."""
+    args = ["attribute", "--method", "magic", "--init-model", "model", "--lr", "0.01", "--epochs", "2", "--train-batch-size", "2"]
+    monkeypatch.setattr(sys, "argv", ["headwater", *args, *COMMON, "--out", "magic.safetensors"])
+    monkeypatch.chdir(ws)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own; restored after
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exited:
+        warnings.simplefilter("always")
+        # printed as outside pytest (which records warnings instead), through the formatter main() installs
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line)
+        )
+        main()
+    assert exited.value.code == 0
     m, task = load(ws, "model")
     config = hw.MagicConfig(run=hw.TrainConfig("adamw", lr=0.01, epochs=2, train_batch_size=2))
     with pytest.warns(UserWarning, match="eager"):
         want = hw.MAGIC(m, task, config).fit(TRAIN).score(QUERIES)
-    check(ws, "magic.safetensors", want, "magic")
+    got = check(ws, "magic.safetensors", want, "magic")
+    assert got.diagnostics["smoothness"] == pytest.approx(want.diagnostics["smoothness"], rel=1e-4)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    expected = 1 + (want.diagnostics["smoothness"]["relative_error"] > 0.1)  # attention switched to eager; the check
+    assert len(warned) == expected and all(line.startswith("headwater: warning: ") for line in warned), warned
 
 
 def test_bm25(ws):

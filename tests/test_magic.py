@@ -1,6 +1,7 @@
 """MAGIC's metagradient against finite differences of real retraining."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from reference import RUNS
 
-from headwater import MAGIC, Function, MagicConfig, ModuleTask, Replay, TrainConfig
+from headwater import MAGIC, Function, MagicConfig, ModuleTask, Replay, Scores, TrainConfig
 
 
 def setup(n=24):
@@ -115,6 +116,45 @@ def test_seed_ensemble_is_the_mean_of_single_runs():
     both = score(MagicConfig(run=run, replay_seeds=[3, 4]))
     np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-12)
     assert not np.allclose(a, b)  # another data order is another run
+
+
+def relu_run(n=24):
+    """A ReLU MLP trained 120 steps by SGD with momentum on random labels: exact metagradients,
+    but a run whose response to reweighting is not smooth (activation patterns flip)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n + 6, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (n + 6,), generator=g)
+    records = [{"x": x[i], "y": int(y[i])} for i in range(n + 6)]
+    run = TrainConfig("sgd", lr=0.05, epochs=30, train_batch_size=6, momentum=0.9)
+    return torch.nn.Sequential(*layers).double(), records[:n], records[n:], run
+
+
+def test_magic_checks_its_smoothness_against_retraining(tmp_path):
+    """Scores carry the check: βᵀd of the queries' mean loss against retraining with the weights
+    1 + εd (d the check's seeded direction). A smooth run passes quietly; a ReLU run is flagged."""
+    model, task, records, queries, _ = setup()
+    eps = 0.01
+    mean_loss = lambda m: task.loss(m, task.collate(queries)).mean()
+    d = torch.randn(len(records), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    replay = Replay(model, task, records, RUNS["sgd"])
+    beta, f = replay.metagradient(mean_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = MAGIC(model, task, MagicConfig(run=RUNS["sgd"], smoothness_check=eps)).fit(records).score(queries)
+    check = scores.diagnostics["smoothness"]
+    assert check["predicted"] == pytest.approx(float(beta @ d.numpy()), rel=1e-10)
+    assert check["finite_difference"] == pytest.approx((f_at(replay, 1 + eps * d, mean_loss) - f) / eps, rel=1e-10)
+    assert check["relative_error"] < 0.01, check
+    assert Scores.load(scores.save(tmp_path / "magic.safetensors")).diagnostics == scores.diagnostics
+
+    model, records, queries, run = relu_run()
+    with pytest.warns(UserWarning, match="not smooth in the records' weights"):
+        scores = MAGIC(model, task, MagicConfig(run=run)).fit(records).score(queries)
+    assert scores.diagnostics["smoothness"]["relative_error"] > 0.5
+    skipped = MAGIC(model, task, MagicConfig(run=run, smoothness_check=0)).fit(records).score(queries)
+    assert skipped.diagnostics == {}
 
 
 @pytest.mark.parametrize("name", ["tanh", "Tensor.tanh", "softmax", "softmax float64", "Tensor.softmax", "layer_norm", "layer_norm over two dims"])

@@ -379,6 +379,11 @@ class MagicConfig(Config):
         None, "Data-order seeds of the replayed runs whose metagradients are averaged (default: the run's own --data-seed)."
     )
     checkpoint_every: int | None = option(None, "Keep the training state every this many steps for the reverse pass (default: √steps).")
+    smoothness_check: float = option(
+        0.01,
+        "Step ε of MAGIC's check of itself: the metagradient against a finite difference along a random ε-reweighting of "
+        "the records (one more training run; 0 skips it). The scores keep the result; MAGIC warns when the two disagree by over 10%.",
+    )
 
 
 @dataclass

@@ -31,7 +31,8 @@ class Scores:
 
     `values`: [n, q], or [k, n, q] with `axis` naming the leading dimension and `labels` its k
     entries. `train_ids` [n] and `query_ids` [q] identify records and queries; `measurement` is
-    the measurement's description (with its direction), `config` the method's resolved settings.
+    the measurement's description (with its direction), `config` the method's resolved settings,
+    `diagnostics` what the method measured about its own reliability (MAGIC's smoothness check).
     """
 
     values: np.ndarray
@@ -42,6 +43,7 @@ class Scores:
     config: dict = field(default_factory=dict)
     axis: str | None = None
     labels: list | None = None
+    diagnostics: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.values = np.asarray(self.values)
@@ -130,7 +132,7 @@ class Scores:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | Path) -> Path:
-        """Write `.safetensors` (values) with JSON metadata (ids, method, measurement, config)."""
+        """Write `.safetensors` (values) with JSON metadata (ids, method, measurement, config, diagnostics)."""
         from safetensors.numpy import save_file
 
         path = Path(path)
@@ -146,6 +148,7 @@ class Scores:
             "config": self.config,
             "axis": self.axis,
             "labels": self.labels,
+            "diagnostics": self.diagnostics,
         }
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({"values": np.ascontiguousarray(self.values)}, str(tmp), metadata={"headwater": json.dumps(meta, default=str)})

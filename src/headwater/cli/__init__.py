@@ -11,10 +11,11 @@
 
 Flags are generated from the config dataclasses (`options.py`). User errors (bad files,
 mismatched indexes, bad flags) exit with status 2 and one line on stderr; anything else is a bug
-and keeps its traceback.
+and keeps its traceback. Warnings (MAGIC's failed smoothness check, ...) are one line too.
 """
 
 import sys
+import warnings
 
 import typer
 
@@ -22,8 +23,14 @@ from . import attribute, components, concepts, corpus, demo, evaluate, index, st
 from .app import app
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`headwater: warning: …` without the library's file and source line (users act on the message)."""
+    return f"headwater: warning: {message}\n"
+
+
 def main() -> None:
     """Run the CLI; a usage error (an unknown flag, a bad value or choice) is one line, exit 2."""
+    warnings.formatwarning = one_line_warning
     try:
         code = app(standalone_mode=False)
     except typer.Abort:

@@ -74,6 +74,7 @@ class Method(ABC):
     breakdowns: ClassVar[tuple[str, ...]] = ()  # what `score(by=...)` can keep apart
     config: Config
     data: TrainingData | None = None
+    diagnostics: dict | None = None  # set by `score_blocks` where a method checks itself; kept in the Scores
 
     @abstractmethod
     def fit(self, train) -> Method:
@@ -126,6 +127,7 @@ class Method(ABC):
             config=self.config.to_dict(),
             axis=by,
             labels=self.labels(by) if by else None,
+            diagnostics=dict(self.diagnostics or {}),
         )
         return scores.astype(dtype)
 
