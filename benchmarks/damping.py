@@ -61,7 +61,9 @@ def main() -> None:
         row = {"setting": setting.name, "seed_ceiling": hw.seed_ceiling(losses), "lds": {}}
         for method in (hw.EKFAC, hw.KFAC):
             fitted = method(final, setting.task, hw.InfluenceConfig(curvature=CURVATURE)).fit(setting.train)
-            row["mean_eigenvalue"] = {n: float(m.eigenvalues(fitted.ekfac).mean()) for n, m in fitted.curvature.modules.items()}
+            row.setdefault("mean_eigenvalue", {})[method.__name__] = {
+                n: float(m.eigenvalues(fitted.ekfac).mean()) for n, m in fitted.curvature.modules.items()
+            }
             for damping in DAMPINGS:
                 fitted.config = dataclasses.replace(fitted.config, damping=damping)  # the factors do not depend on it
                 row["lds"][f"{method.__name__} {damping:g}"] = hw.lds(fitted.score(setting.targets), masks, losses.mean(0))[0]

@@ -40,7 +40,7 @@ def main() -> None:
         batch = task.collate([task.whole(t) for t in setting.targets])
         measure = lambda m: task.loss(m, batch)  # noqa: E731  (MAGIC's objective for these queries)
         beta = replay.metagradient(measure)
-        errors = [replay.metasmoothness(measure, 0.01, seed=s, metagradient=beta)["relative_error"] for s in range(DIRECTIONS)]
+        errors = [replay.metasmoothness(measure, eps=0.01, seed=s, metagradient=beta)["relative_error"] for s in range(DIRECTIONS)]
         row = {
             "setting": setting.name,
             "EK-FAC": lds(ekfac.score(setting.targets)),

@@ -157,6 +157,17 @@ def test_magic_checks_its_smoothness_against_retraining(tmp_path):
     assert skipped.diagnostics == {}
 
 
+def test_a_diverged_check_warns(monkeypatch):
+    """A perturbed run that diverges gives a NaN error, which must warn (`nan > 0.1` is False)."""
+    model, task, records, queries, _ = setup()
+    diverged = lambda self, weights=None, **kw: {k: torch.full_like(v, torch.nan) for k, v in self.initial_state().items()}
+    monkeypatch.setattr(Replay, "train", diverged)  # only the check trains; the metagradient replays step by step
+    with pytest.warns(UserWarning, match="nan% apart"):
+        scores = MAGIC(model, task, MagicConfig(run=RUNS["sgd"])).fit(records).score(queries)
+    check = scores.diagnostics["smoothness"]
+    assert np.isnan(check["relative_error"]) and np.isfinite(check["predicted"]) and np.isfinite(scores.values).all()
+
+
 @pytest.mark.parametrize("name", ["tanh", "Tensor.tanh", "softmax", "softmax float64", "Tensor.softmax", "layer_norm", "layer_norm over two dims"])
 def test_batchable_ops_equal_the_kernels_to_second_order(name, monkeypatch):
     """The elementary forms MAGIC's batched reverse pass uses have the kernels' values, gradients

@@ -148,7 +148,7 @@ class Scores:
             "config": self.config,
             "axis": self.axis,
             "labels": self.labels,
-            "diagnostics": self.diagnostics,
+            **({"diagnostics": self.diagnostics} if self.diagnostics else {}),  # files without stay readable by earlier versions
         }
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({"values": np.ascontiguousarray(self.values)}, str(tmp), metadata={"headwater": json.dumps(meta, default=str)})

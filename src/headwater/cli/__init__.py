@@ -14,6 +14,7 @@ mismatched indexes, bad flags) exit with status 2 and one line on stderr; anythi
 and keeps its traceback. Warnings (MAGIC's failed smoothness check, ...) are one line too.
 """
 
+import os
 import sys
 import warnings
 
@@ -22,9 +23,14 @@ import typer
 from . import attribute, components, concepts, corpus, demo, evaluate, index, stages  # noqa: F401  (each registers its commands)
 from .app import app
 
+_default_format = warnings.formatwarning
+
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """`headwater: warning: …` without the library's file and source line (users act on the message)."""
+    """headwater's own warnings as `headwater: warning: …`, without the library's file and source
+    line (users act on the message); other libraries' warnings as Python prints them."""
+    if f"{os.sep}headwater{os.sep}" not in str(filename):
+        return _default_format(message, category, filename, lineno, line)
     return f"headwater: warning: {message}\n"
 
 
