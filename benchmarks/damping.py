@@ -1,7 +1,8 @@
-"""EK-FAC, KFAC and TrackStar LDS as the damping varies, on the four settings of `lds.py`: the
-evidence for InfluenceConfig's and TrackStarConfig's default damping (a fraction of the mean
-eigenvalue of the matrix each inverts). EK-FAC and KFAC also at absolute dampings ("abs"), with
-each module's mean eigenvalue, to show why the default is relative.
+"""EK-FAC, KFAC, TrackStar and TRAK LDS as the damping varies, on the four settings of `lds.py`:
+the evidence for InfluenceConfig's, TrackStarConfig's and TRAKConfig's default damping (a fraction
+of the mean eigenvalue of the matrix each inverts). EK-FAC and KFAC also at absolute dampings
+("abs"), with each module's mean eigenvalue, to show why the default is relative; TRAK with one
+model and with lds.py's ensemble, and unprojected at its default damping.
 
     python benchmarks/damping.py                       # ~8 min on 2 cores (retraining dominates)
     python benchmarks/damping.py --cache /tmp/lds-cache  # reuse retraining outcomes between runs
@@ -22,6 +23,7 @@ import headwater as hw
 
 DAMPINGS = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 ABSOLUTE = [1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0]
+TRAK_MODELS = 5  # as lds.py's ensemble
 
 
 def outcomes(setting: lds.Setting, masks: np.ndarray, seeds: int, cache: Path | None) -> np.ndarray:
@@ -74,6 +76,14 @@ def main() -> None:
             config = hw.TrackStarConfig(projection=setting.projection, batch_size=32, damping=damping)
             scores = hw.TrackStar(final, setting.task, config).fit(setting.train).score(setting.targets)
             row["lds"][f"TrackStar {damping:g}"] = hw.lds(scores, masks, losses.mean(0))[0]
+        ensemble = [final] + [setting.fit(setting.train, seed=s)[0] for s in range(1, TRAK_MODELS)]
+        trak = lambda models, **kw: hw.TRAK(models, setting.task, hw.TRAKConfig(batch_size=32, **kw)).fit(setting.train)  # noqa: E731
+        for damping in DAMPINGS:
+            for models in ([final], ensemble):
+                scores = trak(models, projection=setting.projection, damping=damping).score(setting.targets, hw.Loss())
+                row["lds"][f"TRAK-{len(models)} {damping:g}"] = hw.lds(scores, masks, losses.mean(0))[0]
+        scores = trak([final], projection=hw.ProjectionConfig("none")).score(setting.targets, hw.Loss())
+        row["lds"]["TRAK-1 unprojected"] = hw.lds(scores, masks, losses.mean(0))[0]
         results.append(row)
         print(f"{setting.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["lds"].items()), flush=True)
     lines = ["| method | damping | " + " | ".join(r["setting"] for r in results) + " | mean |", "|---" * (3 + len(results)) + "|"]

@@ -12,6 +12,7 @@ from reference import per_example_grads
 from headwater import EKFAC, TRAK, InfluenceConfig, Loss, ModuleTask, Scores, TRAKConfig, UserError
 from headwater.config import CurvatureConfig, ProjectionConfig
 from headwater.methods.influence import dense_gauss_newton
+from headwater.methods.trak import kernel_inverse
 from headwater.metrics import lds, seed_ceiling
 from headwater.retrain import leave_k_out, retrain_outcomes, subset_masks
 
@@ -122,12 +123,28 @@ def test_trak_primal_and_dual_forms_agree():
     objective = lambda m, b: -task.log_odds(m, b)
     phi = -torch.cat([g.flatten(1) for g in per_example_grads(model, task, TRAIN[:10], loss=objective).values()], 1)
     q = -torch.cat([g.flatten(1) for g in per_example_grads(model, task, QUERIES, loss=objective).values()], 1)
-    k = phi.shape[1]
-    lam = 1e-2 * float((phi**2).sum()) / k
+    n, k = phi.shape
+    lam = 1e-2 * float((phi**2).sum()) / n  # the mean eigenvalue of the n × n kernel the dual inverts
     s = q @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(k, dtype=torch.float64), phi.T)
     with torch.no_grad():
         p = torch.exp(-task.loss(model, task.collate(TRAIN[:10])))
     np.testing.assert_allclose(few.values, (s.T * (1 - p[:, None])).numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_trak_ridge_is_relative_to_the_kernel_it_inverts():
+    """λ = damping × the mean eigenvalue of the matrix inverted: with n < k the n × n kernel, so
+    features that leave the kernel unchanged ([Φ, Φ]/√2) leave the inverse unchanged too."""
+    phi = torch.randn(10, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    inverse, form = kernel_inverse(phi, 3.0)
+    kernel = phi @ phi.T
+    want = torch.linalg.inv(kernel + 3.0 * kernel.trace() / 10 * torch.eye(10, dtype=torch.float64))
+    assert form == "dual"
+    torch.testing.assert_close(inverse, want, rtol=1e-12, atol=0)
+    wide, _ = kernel_inverse(torch.cat([phi, phi], 1) / 2**0.5, 3.0)
+    torch.testing.assert_close(wide, inverse, rtol=1e-12, atol=0)
+    tall, form = kernel_inverse(phi.T.contiguous(), 3.0)  # n > k: the primal, the same rule
+    assert form == "primal"
+    torch.testing.assert_close(tall, want, rtol=1e-12, atol=0)
 
 
 def test_trak_is_the_exact_derivative_for_linear_regression():

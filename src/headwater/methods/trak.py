@@ -28,9 +28,11 @@ from .base import Blocks, Method, query_records, record_blocks, training_data
 
 def kernel_inverse(phi: torch.Tensor, damping: float) -> tuple[torch.Tensor, str]:
     """((ΦᵀΦ + λI)⁻¹ [k, k], "primal") or ((ΦΦᵀ + λI)⁻¹ [n, n], "dual"), whichever is smaller;
-    λ = damping × the mean eigenvalue of ΦᵀΦ."""
+    λ = damping × the mean eigenvalue of the matrix inverted, tr(ΦᵀΦ) / min(n, k). (Over k when
+    k > n, the mean counted k − n zero eigenvalues, so λ shrank as the projection grew: at the
+    default damping the LM benchmark's TRAK, k = 24 n, scored LDS 0.56 instead of 0.82.)"""
     n, k = phi.shape
-    lam = damping * float((phi**2).sum()) / k
+    lam = damping * float((phi**2).sum()) / min(n, k)
     if n >= k:
         return torch.linalg.inv(phi.T @ phi + lam * torch.eye(k, dtype=phi.dtype)), "primal"
     return torch.linalg.inv(phi @ phi.T + lam * torch.eye(n, dtype=phi.dtype)), "dual"
