@@ -200,7 +200,9 @@ def test_magic_replays_the_recipe_and_keeps_its_smoothness_check(ws, capsys, mon
         want = hw.MAGIC(m, task, config).fit(TRAIN).score(QUERIES)
     got = check(ws, "magic.safetensors", want, "magic")
     assert got.diagnostics["smoothness"] == pytest.approx(want.diagnostics["smoothness"], rel=1e-4)
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    assert f"smoothness check passed: metagradient {want.diagnostics['smoothness']['predicted']:.4g}" in captured.out, captured.out
+    err = captured.err.splitlines()
     ours = [line for line in err if line.startswith("headwater: warning: ")]
     expected = 1 + (want.diagnostics["smoothness"]["relative_error"] > 0.1)  # attention switched to eager; the check
     assert len(ours) == expected, err
