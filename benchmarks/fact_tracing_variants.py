@@ -15,6 +15,8 @@ that state the entity first (those retraining says matter, `fact_tracing_reversa
   answer row plus a share of the entity's row;
 - a contrastive query: the answer row's scores minus their mean over the same question asked about
   four other entities (what is specific to this entity, not to predicting the answer word);
+- one part of the model at a time (TrackStar's per-module scores summed over the attention
+  modules, the MLPs, one layer, or the output head alone);
 - the Kronecker-factored preconditioners (KFAC, EK-FAC: the inverse input covariance whitens the
   activations' common part) in place of TrackStar's R^(-1/2), on the same stored token rows, each
   row's score divided by its norm.
@@ -43,10 +45,10 @@ from headwater.store import GradientStore
 from headwater.task import LanguageModelTask
 
 
-def row_scores(method: TrackStar, queries: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Row scores [rows, q] and each row's record [rows]."""
-    blocks = list(method.score_blocks(str(queries), Loss(), None))
-    return torch.cat([b for _, _, b in blocks]).double().numpy(), np.concatenate([i[:, 0] for _, i, _ in blocks])
+def row_scores(method: TrackStar, queries: Path, by: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row scores [rows, q] (with `by`: [k, rows, q]) and each row's record [rows]."""
+    blocks = list(method.score_blocks(str(queries), Loss(), by))
+    return torch.cat([b for _, _, b in blocks], dim=-2).double().numpy(), np.concatenate([i[:, 0] for _, i, _ in blocks])
 
 
 def pooled(rows: np.ndarray, records: np.ndarray, n: int, how) -> np.ndarray:
@@ -169,6 +171,14 @@ def main() -> None:
         "entity row alone (oracle)": entity.astype(float),
     }.items():
         results[f"query token rows: {name}"] = metrics(per_question(w), relevant, entity_first)
+
+    method = TrackStar().fit(index)
+    rows, records = row_scores(method, qfile, by="module")
+    labels = method.labels("module")
+    for part in ("attn", "mlp", "h.0.", "h.1.", "lm_head"):
+        chosen = [i for i, name in enumerate(labels) if part in name]
+        scores = pooled(rows[chosen].sum(0), records, n, lambda r: r.max(0))
+        results[f"modules: {part.strip('.')} only"] = metrics(scores, relevant, entity_first)
 
     q, k = len(questions), 4
     cfile = args.workdir / "contrast_queries.jsonl"
