@@ -20,7 +20,6 @@ from ..config import (
     TRAKConfig,
 )
 from ..errors import UserError
-from ..methods.magic import SMOOTH_ENOUGH
 from .app import app
 from .index import open_index
 from .options import command, save_configs
@@ -87,7 +86,7 @@ def attribute(
     save_configs(out, a, method_config)
     typer.echo(f"wrote {scores} to {out}")
     if check := scores.diagnostics.get("smoothness"):
-        verdict = "passed" if check["relative_error"] <= SMOOTH_ENOUGH else "failed (see the warning)"
+        verdict = "passed" if check["passed"] else "failed (see the warning)"
         apart = f"retraining {check['finite_difference']:.4g} ({check['relative_error']:.1%} apart)"
         typer.echo(f"smoothness check {verdict}: metagradient {check['predicted']:.4g}, {apart}")
     if a.top_k:

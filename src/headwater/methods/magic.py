@@ -80,8 +80,9 @@ class MAGIC(Method):
         if not eps:
             return {}
         check = self.replays[0].metasmoothness(measure, eps=eps, metagradient=metagradient)
-        check.update(seed=self.replays[0].config.data_seed, replays=len(self.replays))
-        if not check["relative_error"] <= SMOOTH_ENOUGH:  # NaN (a diverged run) warns too
+        passed = check["relative_error"] <= SMOOTH_ENOUGH  # NaN (a diverged run) fails too
+        check.update(passed=passed, seed=self.replays[0].config.data_seed, replays=len(self.replays))
+        if not passed:
             warnings.warn(
                 f"MAGIC: for a random {eps:g}-reweighting of the records the metagradient of the run with data seed "
                 f"{check['seed']} predicts {check['predicted']:.3g} and retraining gives {check['finite_difference']:.3g} "
