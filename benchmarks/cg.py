@@ -1,7 +1,9 @@
 """Conjugate-gradient influence against EK-FAC on the four settings of `lds.py`: CG from zero on
 the damped Hessian of the mean training loss over the tracked weights (dattri's recipe), at three
 dampings, LDS after 1, 2, 3, 5 and 10 steps; and headwater's own refinement (PCG on the sampled
-Fisher from the EK-FAC solve). The evidence for keeping CG off by default (docs/benchmarks.md).
+Fisher from the EK-FAC solve) at its default damping (30 × the model's mean eigenvalue), at
+EK-FAC's (1 × each module's), and over dampings: the evidence for CG's default damping and for
+keeping CG off by default (docs/benchmarks.md).
 
     python benchmarks/cg.py --cache /tmp/lds-cache     # retraining outcomes shared with damping.py
 """
@@ -22,6 +24,9 @@ from headwater.collect import tracked_modules
 from headwater.methods.influence import record_gradients
 
 STEPS = [1, 2, 3, 5, 10]
+SWEEP = [3.0, 10.0, 30.0, 100.0]  # headwater's PCG: × the model's or each module's mean eigenvalue
+MODES = ["model", "relative"]
+SWEEP_STEPS = [5, 20]  # 20: the exact damped solve, as far as LDS can tell (10 and 20 steps agree to 0.002)
 
 
 def hessian_products(model, task, records, names):
@@ -90,10 +95,17 @@ def main() -> None:
         def lds_of(x):
             return hw.lds(method.score_solution(setting.targets, x), masks, target)[0]
 
-        for k in STEPS:
-            method.config = dataclasses.replace(method.config, cg_steps=k)
-            row[f"headwater PCG (Fisher, from EK-FAC) {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
-        method.config = dataclasses.replace(method.config, cg_steps=0)
+        default = method.config
+        for label, kw in (("default damping", {}), ("EK-FAC's damping", {"damping": 1.0, "damping_mode": "relative"})):
+            for k in STEPS:
+                method.config = dataclasses.replace(default, cg_steps=k, **kw)
+                row[f"headwater PCG (Fisher, from EK-FAC), {label} {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
+        for mode in MODES:
+            for d in SWEEP:
+                for k in [0] + SWEEP_STEPS:
+                    method.config = dataclasses.replace(default, cg_steps=k, damping=d, damping_mode=mode)
+                    row.setdefault("sweep", {})[f"{mode} {d:g} {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
+        method.config = default
         product = hessian_products(final, setting.task, setting.train, list(b))
         for label, damping_of in (
             ("0.01 absolute", lambda n: 0.01),
@@ -104,12 +116,19 @@ def main() -> None:
             for k in STEPS:
                 row[f"Hessian CG from zero, {label} {k}"] = lds_of(iterates[k - 1])
         results.append(row)
-        print(setting.name, {k: round(v, 3) for k, v in row.items() if k != "setting"}, flush=True)
-    variants = sorted({k.rsplit(" ", 1)[0] for r in results for k in r if k not in ("setting", "EK-FAC")})
+        print(setting.name, {k: round(v, 3) for k, v in row.items() if k not in ("setting", "sweep")}, flush=True)
+    variants = sorted({k.rsplit(" ", 1)[0] for r in results for k in r if k not in ("setting", "EK-FAC", "sweep")})
     lines = ["| setting | EK-FAC | " + " | ".join(f"{v}, {STEPS} steps" for v in variants) + " |", "|---" * (2 + len(variants)) + "|"]
     for r in results:
         cells = [" / ".join(f"{r[f'{v} {k}']:.3f}" for k in STEPS) for v in variants]
         lines.append(f"| {r['setting']} | {r['EK-FAC']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "headwater's PCG by damping (model: × the model's mean eigenvalue; relative: × each module's): LDS of the EK-FAC start / after "]
+    lines[-1] += " / ".join(map(str, SWEEP_STEPS)) + " steps"
+    lines += ["", "| damping | " + " | ".join(r["setting"] for r in results) + " | mean after 5 |", "|---" * (2 + len(results)) + "|"]
+    for key in (f"{mode} {d:g}" for mode in MODES for d in SWEEP):
+        cells = [" / ".join(f"{r['sweep'][f'{key} {k}']:.3f}" for k in [0] + SWEEP_STEPS) for r in results]
+        mean = sum(r["sweep"][f"{key} 5"] for r in results) / len(results)
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {mean:.3f} |")
     text = "\n".join(lines)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

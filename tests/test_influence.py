@@ -72,21 +72,27 @@ def classifier(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
-def test_cg_refinement_converges_to_the_full_damped_solve():
+@pytest.mark.parametrize("mode", ["relative", "model"])
+def test_cg_refinement_converges_to_the_full_damped_solve(mode):
     records = logistic_data(n=40)
     model, task = classifier().double(), ModuleTask()
     curvature = CurvatureConfig(fisher="true", batch_size=8, seed=4)
     curv = fit_curvature(model, task, records, config=curvature, progress=False)
     queries = logistic_data(n=3, seed=2)
-    # Dense full Fisher of the same sample (same sampled labels), with each module's damping.
+    # Dense full Fisher of the same sample (same sampled labels), with each module's damping or one
+    # for the whole model: EK-FAC's eigenvalues are the diagonal of the Fisher's blocks in a rotated
+    # basis, so their mean over every module is the dense matrix's mean diagonal.
     col = GradientCollector(model, task, ProjectionConfig("none"))
     batches = curvature_batches(task, records, curvature)
     rows = torch.cat([col(b, fisher_loss(task, curvature, i)) for i, b in enumerate(batches)]).double()
     Fd = rows.T @ rows / rows.shape[0]
-    damp = torch.cat([torch.full((b - a,), curv.damping_for(n, 0.1)) for n, (a, b) in col.segments.items()]).double()
+    if mode == "model":
+        damp = torch.full((len(Fd),), 0.1 * float(Fd.diagonal().mean()), dtype=torch.float64)
+    else:
+        damp = torch.cat([torch.full((b - a,), curv.damping_for(n, 0.1)) for n, (a, b) in col.segments.items()]).double()
     errors = []
     for steps in (0, 3, 80):  # condition number ~400: PCG needs ~80 steps to reach the float floor
-        inf = EKFAC(model, task, InfluenceConfig(curvature=curvature, damping=0.1, cg_steps=steps), curvature=curv).fit(records)
+        inf = EKFAC(model, task, InfluenceConfig(curvature=curvature, damping=0.1, damping_mode=mode, cg_steps=steps), curvature=curv).fit(records)
         g = record_gradients(inf.collector, queries, hw.Loss())
         flat = lambda d: torch.cat([t.reshape(t.shape[0], -1) for t in d.values()], 1).double()
         want = torch.linalg.solve(Fd + torch.diag(damp), flat(g).T).T
@@ -165,3 +171,13 @@ def test_index_influence_equals_streaming_scores(tmp_path, method):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     top = hw.query(index, queries, method(model, task, config), top_k=3)
     assert top.groupby("query_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+
+
+def test_cg_solves_its_own_damped_system_by_default():
+    """Without CG the default is EK-FAC's damping (1 × each module's mean eigenvalue); with CG a
+    stronger one for the whole model, whose exact solve predicts retraining better
+    (benchmarks/cg.py); a damping or mode given by the user is kept either way."""
+    assert InfluenceConfig().solve_damping() == (1.0, "relative")
+    assert InfluenceConfig(cg_steps=5).solve_damping() == (30.0, "model")
+    assert InfluenceConfig(damping=2.0, cg_steps=5).solve_damping() == (2.0, "model")
+    assert InfluenceConfig(damping_mode="absolute", cg_steps=5).solve_damping() == (30.0, "absolute")

@@ -282,18 +282,34 @@ class InfluenceConfig(Config):
     """Influence functions: ∇f(q)ᵀ (G + λI)⁻¹ ∇L(z) with G the KFAC / EK-FAC curvature."""
 
     curvature: CurvatureConfig = option(CurvatureConfig(), "How the curvature is fitted.")
-    # 1.0, not the literature's 0.1: higher LDS on 3 of the 4 tasks of benchmarks/lds.py (docs/benchmarks.md)
-    damping: float = option(1.0, H_DAMPING)
-    damping_mode: str = option(
-        "relative", "Whether --damping is relative (a fraction of each module's mean eigenvalue) or absolute.", choices=("relative", "absolute")
+    # None: 1 × each module's mean eigenvalue for EK-FAC/KFAC alone (the literature's 0.1 scores lower
+    # on 3 of the 4 tasks of benchmarks/lds.py); with CG, 30 × the whole model's, whose exact solve
+    # predicts retraining better than EK-FAC's at any damping on 3 of 4 (docs/benchmarks.md)
+    damping: float | None = option(None, H_DAMPING)
+    damping_mode: str | None = option(
+        None,
+        "Whether --damping is a fraction of each module's mean eigenvalue (relative), of the mean eigenvalue over all modules "
+        "(model: one λ, as an exact solve has) or absolute.",
+        choices=("relative", "model", "absolute"),
     )
-    cg_steps: int = option(0, "Refine the inverse-curvature-vector product by this many conjugate-gradient steps on the full Fisher.")
+    cg_steps: int = option(
+        0,
+        "Refine the inverse-curvature-vector product by this many preconditioned conjugate-gradient steps on the Fisher of the "
+        "curvature's sample, each one pass over that sample; unless given, --damping is then 30 and --damping-mode model "
+        "(without CG: 1 and relative).",
+    )
     query_rank: int | None = option(
         None, "Compress each preconditioned query gradient to this rank per module before scoring (saves memory and time for many queries)."
     )
     modules: list[str] | None = option(None, H_MODULES)
     batch_size: int = option(8, H_BATCH)
     pool: str = option("max", H_POOL, choices=POOLS)
+
+    def solve_damping(self) -> tuple[float, str]:
+        """(damping, mode) of the system (G + λI)x = ∇f that is solved, defaults filled in."""
+        cg = self.cg_steps > 0
+        damping = self.damping if self.damping is not None else (30.0 if cg else 1.0)
+        return damping, self.damping_mode or ("model" if cg else "relative")
 
 
 @dataclass

@@ -71,9 +71,14 @@ class Curvature:
     meta: dict = field(default_factory=dict)
 
     def damping_for(self, name: str, damping: float, mode: str = "relative", ekfac: bool = True) -> float:
-        """λ for module `name`: `damping` itself (absolute) or times the module's mean eigenvalue."""
+        """λ for module `name`: `damping` itself (absolute), times the module's mean eigenvalue
+        (relative), or times the mean eigenvalue over every module (model: one λ for the whole
+        curvature, as a dense matrix would have)."""
         if mode == "absolute":
             return damping
+        if mode == "model":
+            eigs = [m.eigenvalues(ekfac) for m in self.modules.values()]
+            return damping * float(sum(e.sum() for e in eigs)) / sum(e.numel() for e in eigs)
         return damping * float(self.modules[name].eigenvalues(ekfac).mean())
 
     def inverse_hvp(self, grads: dict[str, torch.Tensor], damping: float, mode: str = "relative", ekfac: bool = True) -> dict[str, torch.Tensor]:

@@ -113,6 +113,7 @@ class DenseCurvature:
         return self.shapes
 
     def inverse_hvp(self, grads: Grads, damping: float, mode: str = "relative", ekfac: bool = True) -> Grads:
+        # one matrix, one λ: relative and model damping are both a fraction of its mean eigenvalue
         lam = damping if mode == "absolute" else damping * float(self.matrix.diagonal().mean())
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1).double()
         eye = torch.eye(self.matrix.shape[0], dtype=torch.float64)
@@ -214,10 +215,10 @@ class InfluenceFunction(Method):
         return x
 
     def _inverse(self, grads: Grads) -> Grads:
-        return self.curvature.inverse_hvp(grads, self.config.damping, self.config.damping_mode, self.ekfac)
+        return self.curvature.inverse_hvp(grads, *self.config.solve_damping(), self.ekfac)
 
     def _damping(self, name: str) -> float:
-        return self.curvature.damping_for(name, self.config.damping, self.config.damping_mode, self.ekfac)
+        return self.curvature.damping_for(name, *self.config.solve_damping(), self.ekfac)
 
     def fisher_vector_product(self, v: Grads) -> Grads:
         """(F + λI) v with F the Fisher of the training records (the factors' label samples)."""
