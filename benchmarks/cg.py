@@ -1,9 +1,10 @@
 """Conjugate-gradient influence against EK-FAC on the four settings of `lds.py`: CG from zero on
 the damped Hessian of the mean training loss over the tracked weights (dattri's recipe), at three
 dampings, LDS after 1, 2, 3, 5 and 10 steps; and headwater's own refinement (PCG on the sampled
-Fisher from the EK-FAC solve) at its default damping (30 × the model's mean eigenvalue), at
-EK-FAC's (1 × each module's), and over dampings: the evidence for CG's default damping and for
-keeping CG off by default (docs/benchmarks.md).
+Fisher from the EK-FAC solve) at its defaults (30 × the model's mean eigenvalue; a classifier's
+exact Fisher), at EK-FAC's damping on the sampled Fisher (CG's setting until this release), and
+over Fishers and dampings: the evidence for CG's defaults and for keeping CG off by default
+(docs/benchmarks.md).
 
     python benchmarks/cg.py --cache /tmp/lds-cache     # retraining outcomes shared with damping.py
 """
@@ -26,6 +27,7 @@ from headwater.methods.influence import record_gradients
 STEPS = [1, 2, 3, 5, 10]
 SWEEP = [3.0, 10.0, 30.0, 100.0]  # headwater's PCG: × the model's or each module's mean eigenvalue
 MODES = ["model", "relative"]
+DEFAULT_CURVATURE = dataclasses.replace(damping.CURVATURE, fisher=None)  # as damping.py's, the Fisher left to the default
 SWEEP_STEPS = [5, 20]  # 20: the exact damped solve, as far as LDS can tell (10 and 20 steps agree to 0.002)
 
 
@@ -95,17 +97,26 @@ def main() -> None:
         def lds_of(x):
             return hw.lds(method.score_solution(setting.targets, x), masks, target)[0]
 
-        default = method.config
-        for label, kw in (("default damping", {}), ("EK-FAC's damping", {"damping": 1.0, "damping_mode": "relative"})):
-            for k in STEPS:
-                method.config = dataclasses.replace(default, cg_steps=k, **kw)
-                row[f"headwater PCG (Fisher, from EK-FAC), {label} {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
-        for mode in MODES:
-            for d in SWEEP:
-                for k in [0] + SWEEP_STEPS:
-                    method.config = dataclasses.replace(default, cg_steps=k, damping=d, damping_mode=mode)
-                    row.setdefault("sweep", {})[f"{mode} {d:g} {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
-        method.config = default
+        sampled = method.config
+        for k in STEPS:  # CG's damping until this release, on the factors' sampled Fisher
+            method.config = dataclasses.replace(sampled, cg_steps=k, damping=1.0, damping_mode="relative")
+            row[f"headwater PCG, EK-FAC's damping, sampled Fisher {k}"] = hw.lds(method.score(setting.targets), masks, target)[0]
+        # CG's defaults: 30 × the model's mean eigenvalue, and a classifier's exact Fisher
+        refined = hw.EKFAC(final, setting.task, hw.InfluenceConfig(curvature=DEFAULT_CURVATURE, cg_steps=1)).fit(setting.train)
+        for k in STEPS:
+            refined.config = dataclasses.replace(refined.config, cg_steps=k)
+            row[f"headwater PCG, its defaults {k}"] = hw.lds(refined.score(setting.targets), masks, target)[0]
+        row["fisher"] = refined.curvature.config.fisher
+        fishers = {"sampled": method, "exact": refined} if row["fisher"] == "exact" else {"sampled": method}
+        for fisher, fitted in fishers.items():
+            base = fitted.config
+            for mode in MODES:
+                for d in SWEEP:
+                    for k in [0] + SWEEP_STEPS:
+                        fitted.config = dataclasses.replace(base, cg_steps=k, damping=d, damping_mode=mode)
+                        row.setdefault("sweep", {})[f"{fisher} {mode} {d:g} {k}"] = hw.lds(fitted.score(setting.targets), masks, target)[0]
+            fitted.config = base
+        method.config = sampled
         product = hessian_products(final, setting.task, setting.train, list(b))
         for label, damping_of in (
             ("0.01 absolute", lambda n: 0.01),
@@ -116,19 +127,22 @@ def main() -> None:
             for k in STEPS:
                 row[f"Hessian CG from zero, {label} {k}"] = lds_of(iterates[k - 1])
         results.append(row)
-        print(setting.name, {k: round(v, 3) for k, v in row.items() if k not in ("setting", "sweep")}, flush=True)
-    variants = sorted({k.rsplit(" ", 1)[0] for r in results for k in r if k not in ("setting", "EK-FAC", "sweep")})
+        print(setting.name, {k: round(v, 3) for k, v in row.items() if k not in ("setting", "sweep", "fisher")}, flush=True)
+    variants = sorted({k.rsplit(" ", 1)[0] for r in results for k in r if k not in ("setting", "EK-FAC", "sweep", "fisher")})
     lines = ["| setting | EK-FAC | " + " | ".join(f"{v}, {STEPS} steps" for v in variants) + " |", "|---" * (2 + len(variants)) + "|"]
     for r in results:
         cells = [" / ".join(f"{r[f'{v} {k}']:.3f}" for k in STEPS) for v in variants]
         lines.append(f"| {r['setting']} | {r['EK-FAC']:.3f} | " + " | ".join(cells) + " |")
-    lines += ["", "headwater's PCG by damping (model: × the model's mean eigenvalue; relative: × each module's): LDS of the EK-FAC start / after "]
-    lines[-1] += " / ".join(map(str, SWEEP_STEPS)) + " steps"
-    lines += ["", "| damping | " + " | ".join(r["setting"] for r in results) + " | mean after 5 |", "|---" * (2 + len(results)) + "|"]
-    for key in (f"{mode} {d:g}" for mode in MODES for d in SWEEP):
-        cells = [" / ".join(f"{r['sweep'][f'{key} {k}']:.3f}" for k in [0] + SWEEP_STEPS) for r in results]
-        mean = sum(r["sweep"][f"{key} 5"] for r in results) / len(results)
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {mean:.3f} |")
+    lines += [
+        "",
+        "headwater's PCG by Fisher and damping (model: × the model's mean eigenvalue; relative: × each module's): LDS of the EK-FAC start / after ",
+    ]
+    lines[-1] += " / ".join(map(str, SWEEP_STEPS)) + " steps (exact: the classifiers; its mean takes the LM's sampled figure)"
+    lines += ["", "| Fisher, damping | " + " | ".join(r["setting"] for r in results) + " | mean after 5 |", "|---" * (2 + len(results)) + "|"]
+    for key in (f"{fisher} {mode} {d:g}" for fisher in ("sampled", "exact") for mode in MODES for d in SWEEP):
+        cells = [" / ".join(f"{r['sweep'][f'{key} {k}']:.3f}" for k in [0] + SWEEP_STEPS) if f"{key} 5" in r["sweep"] else "" for r in results]
+        after = [r["sweep"].get(f"{key} 5", r["sweep"][f"sampled {key.split(' ', 1)[1]} 5"]) for r in results]  # the LM has no exact Fisher
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {sum(after) / len(after):.3f} |")
     text = "\n".join(lines)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -206,7 +206,7 @@ def methods(setting: Setting, args) -> dict[str, tuple[hw.Scores, float]]:
     spacing = [b - a for a, b in zip([0] + ckpt_steps[:-1], ckpt_steps)]
     seg_lr = [float(np.mean([replay.lr(t) for t in range(s - k, s)])) for s, k in zip(ckpt_steps, spacing)]
     ensemble = [final] + [setting.fit(train, seed=s)[0] for s in range(1, args.trak_models)]
-    curvature = CurvatureConfig(fisher="true", seed=0, batch_size=32)
+    curvature = CurvatureConfig(seed=0, batch_size=32)  # the default Fisher: sampled labels; exact for CG on a classifier
     influence = InfluenceConfig(curvature=curvature)  # the default damping
     full = GradientConfig(projection=ProjectionConfig("none"), batch_size=32)
     magic = lambda seeds: MAGIC(setting.init(0), task, MagicConfig(run=setting.run, replay_seeds=seeds)).fit(train).score(targets)

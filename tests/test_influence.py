@@ -174,10 +174,44 @@ def test_index_influence_equals_streaming_scores(tmp_path, method):
 
 
 def test_cg_solves_its_own_damped_system_by_default():
-    """Without CG the default is EK-FAC's damping (1 × each module's mean eigenvalue); with CG a
-    stronger one for the whole model, whose exact solve predicts retraining better
-    (benchmarks/cg.py); a damping or mode given by the user is kept either way."""
+    """Without CG the default is EK-FAC's damping (1 × each module's mean eigenvalue) and the true
+    Fisher by sampled labels; with CG on a classifier, a stronger damping for the whole model and
+    the Fisher's exact expectation over the classes (benchmarks/cg.py); other tasks (here a
+    regression) keep sampling, and what the user gives is kept either way."""
+    regression = ModuleTask(loss_fn="mse")
     assert InfluenceConfig().solve_damping() == (1.0, "relative")
     assert InfluenceConfig(cg_steps=5).solve_damping() == (30.0, "model")
     assert InfluenceConfig(damping=2.0, cg_steps=5).solve_damping() == (2.0, "model")
     assert InfluenceConfig(damping_mode="absolute", cg_steps=5).solve_damping() == (30.0, "absolute")
+    assert InfluenceConfig().solve_curvature(ModuleTask()).fisher == "true"
+    assert InfluenceConfig(cg_steps=5).solve_curvature(ModuleTask()).fisher == "exact"
+    assert InfluenceConfig(cg_steps=5).solve_curvature(regression).fisher == "true"
+    assert InfluenceConfig(curvature=CurvatureConfig(fisher="true"), cg_steps=5).solve_curvature(ModuleTask()).fisher == "true"
+
+
+def test_cg_on_the_exact_fisher_converges_to_the_dense_gauss_newton_solve():
+    """fisher="exact" (every class weighted by its probability, in the factors and in CG's
+    products) is the Gauss–Newton matrix: converged CG equals the dense GN solve, built
+    independently from the softmax's Jacobian, with one λ = damping × its mean diagonal."""
+    records = logistic_data(n=30)
+    model, task = classifier().double(), ModuleTask()
+    queries = logistic_data(n=3, seed=2)
+    config = InfluenceConfig(curvature=CurvatureConfig(batch_size=8), cg_steps=80)
+    inf = EKFAC(model, task, config).fit(records)
+    assert inf.curvature.config.fisher == "exact"
+    dense = dense_gauss_newton(model, task, records)
+    lam = 30.0 * float(dense.matrix.diagonal().mean())
+    assert inf._damping(next(iter(inf.curvature.modules))) == pytest.approx(lam, rel=1e-8)
+    g = record_gradients(inf.collector, queries, hw.Loss())
+    flat = lambda d: torch.cat([t.reshape(t.shape[0], -1) for t in d.values()], 1).double()  # noqa: E731
+    want = torch.linalg.solve(dense.matrix + lam * torch.eye(len(dense.matrix), dtype=torch.float64), flat(g).T).T
+    got = flat(inf.preconditioned_queries(queries, hw.Loss()))
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_the_exact_fisher_of_a_task_without_classes_is_refused_in_one_line():
+    model, task = classifier().double(), ModuleTask(loss_fn="mse", target_key="t")
+    records = [{"x": r["x"], "t": torch.zeros(3, dtype=torch.float64)} for r in logistic_data(n=8)]
+    with pytest.raises(hw.UserError, match="fisher='exact'.*classifier") as err:
+        fit_curvature(model, task, records, config=CurvatureConfig(fisher="exact"), progress=False)
+    assert "\n" not in str(err.value)

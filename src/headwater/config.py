@@ -221,7 +221,11 @@ class CurvatureConfig(Config):
     """How KFAC / EK-FAC factors are fitted."""
 
     fisher: str = option(
-        "true", "Fisher for the curvature: true (labels sampled from the model) or empirical (the data's labels).", choices=("true", "empirical")
+        None,
+        "Fisher for the curvature: true (one label per target sampled from the model), exact (the expectation over every class: "
+        "classifiers with up to 64 classes, a backward pass per class) or empirical (the data's labels). Default: true; exact "
+        "for CG refinement of a classifier.",
+        choices=("true", "exact", "empirical"),
     )
     max_examples: int | None = option(None, "Fit the curvature on a random sample of this many examples (default: all).", flag="--curvature-examples")
     batch_size: int = option(8, H_BATCH)
@@ -310,6 +314,18 @@ class InfluenceConfig(Config):
         cg = self.cg_steps > 0
         damping = self.damping if self.damping is not None else (30.0 if cg else 1.0)
         return damping, self.damping_mode or ("model" if cg else "relative")
+
+    def solve_curvature(self, task) -> CurvatureConfig:
+        """The curvature's settings, defaults filled in: the true Fisher by one sampled label per
+        target, except under CG for a ModuleTask classifier, whose exact expectation over the
+        classes CG converges to a better solve with (one sample per example is a noisy estimate
+        of a confident classifier's Fisher; benchmarks/cg.py)."""
+        from .task import ModuleTask
+
+        if self.curvature.fisher is not None:
+            return self.curvature
+        exact = self.cg_steps > 0 and isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"
+        return dataclasses.replace(self.curvature, fisher="exact" if exact else "true")
 
 
 @dataclass

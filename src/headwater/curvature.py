@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .collect import GradientCollector
 from .config import CurvatureConfig, ProjectionConfig
 from .errors import UserError
-from .task import Task, collated_batches, whole_examples
+from .task import ModuleTask, Task, collated_batches, whole_examples
 
 
 @dataclass
@@ -143,6 +143,35 @@ def fisher_loss(task: Task, config: CurvatureConfig, batch_index: int):
     return lambda model, batch: task.loss(model, batch, sample=gen)
 
 
+MAX_CLASSES = 64  # fisher="exact" takes one backward pass per class
+
+
+def fisher_draws(task: Task, model: torch.nn.Module, config: CurvatureConfig, batch: dict, index: int):
+    """The (batch, per-example loss, weighted) terms whose gradients' outer products sum to the
+    batch's Fisher. One term with `fisher_loss`'s labels, except for fisher="exact" (a ModuleTask
+    classifier): one term per class c, every target set to c, each example weighted by the model's
+    p_c = e^(−loss). One sampled label per example is a noisy estimate of the Fisher of a confident
+    classifier, whose rare classes carry most of it (benchmarks/cg.py)."""
+    if config.fisher != "exact":
+        yield batch, fisher_loss(task, config, index), False
+        return
+    if not (isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"):
+        raise UserError("fisher='exact' (the expectation over every class) needs a ModuleTask classifier (loss_fn='cross_entropy'): use 'true'")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        classes = task.outputs(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).shape[-1]
+    if classes > MAX_CLASSES:
+        raise UserError(f"fisher='exact' takes a backward pass per class and the model has {classes} (at most {MAX_CLASSES}); use fisher='true'")
+    target = batch[task.target_key]
+    for c in range(classes):
+        yield {**batch, task.target_key: torch.full_like(target, c)}, task.loss, True
+
+
+def draw_weights(losses: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """Each example's weight [B] (float64) in a `fisher_draws` term: p_c = e^(−loss_c), or 1."""
+    return torch.exp(-losses.double()) if weighted else torch.ones_like(losses, dtype=torch.float64)
+
+
 def _token_mask(batch: dict, a: torch.Tensor) -> torch.Tensor:
     """[B, T] which positions are real tokens (padding excluded from A)."""
     mask = batch.get("attention_mask")
@@ -184,15 +213,18 @@ def fit_curvature(
     examples = torch.zeros(1, dtype=torch.float64, device=dev)
     slot = {n: i for i, n in enumerate(A)}
     for col, i, batch in tqdm(passes, desc="curvature: factors", disable=not progress):
-        losses, calls = col.module_grads(batch, fisher_loss(task, config, i))
-        for tm, a, delta in calls:
-            mask = _token_mask(batch, a)
-            a_aug = tm.augment(a)[mask].double()
-            A[tm.name] += a_aug.T @ a_aug
-            tokens[slot[tm.name]] += mask.sum()
-            d = delta.reshape(-1, tm.d_out).double()
-            S[tm.name] += d.T @ d
-        examples += losses.shape[0]
+        for j, (labelled, loss, weighted) in enumerate(fisher_draws(task, col.model, config, batch, i)):
+            losses, calls = col.module_grads(labelled, loss)
+            root = draw_weights(losses, weighted).sqrt().to(dev)[:, None, None]
+            for tm, a, delta in calls:
+                if j == 0:  # the activations do not depend on the labels
+                    mask = _token_mask(batch, a)
+                    a_aug = tm.augment(a)[mask].double()
+                    A[tm.name] += a_aug.T @ a_aug
+                    tokens[slot[tm.name]] += mask.sum()
+                d = (delta.double() * root).reshape(-1, tm.d_out)
+                S[tm.name] += d.T @ d
+            examples += losses.shape[0] if j == 0 else 0
     _all_reduce([*A.values(), *S.values(), tokens, examples])
     n_examples = float(examples.item())
     curv = {}
@@ -203,14 +235,16 @@ def fit_curvature(
     if ekfac:
         corr = {n: torch.zeros(m.q_s.shape[0], m.q_a.shape[0], dtype=torch.float64, device=dev) for n, m in curv.items()}
         for col, i, batch in tqdm(passes, desc="curvature: eigenvalue correction", disable=not progress):
-            _, calls = col.module_grads(batch, fisher_loss(task, config, i))
-            per_example: dict[str, torch.Tensor] = {}
-            for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
-                m = curv[tm.name]
-                rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(dev), tm.augment(a).double() @ m.q_a.to(dev))
-                per_example[tm.name] = per_example.get(tm.name, 0) + rot
-            for name, rot in per_example.items():
-                corr[name] += (rot**2).sum(0)
+            for labelled, loss, weighted in fisher_draws(task, col.model, config, batch, i):
+                losses, calls = col.module_grads(labelled, loss)
+                per_example: dict[str, torch.Tensor] = {}
+                for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
+                    m = curv[tm.name]
+                    rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(dev), tm.augment(a).double() @ m.q_a.to(dev))
+                    per_example[tm.name] = per_example.get(tm.name, 0) + rot
+                w = draw_weights(losses, weighted).to(dev)
+                for name, rot in per_example.items():
+                    corr[name] += torch.einsum("b,boi->oi", w, rot**2)
         _all_reduce(list(corr.values()))
         for name, c in corr.items():
             curv[name].corrected = (c / n_examples).cpu()

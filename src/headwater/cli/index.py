@@ -93,7 +93,8 @@ def curvature(
     idx = open_index(index, model, device)
     config = InfluenceConfig(curvature=configs[CurvatureConfig])
     method = EKFAC(config=config).fit(idx, progress=progress)
-    typer.echo(f"fitted {len(method.curvature.modules)} modules on {method.curvature.examples} examples: {curvature_file(idx, config)}")
+    path = curvature_file(idx, method.curvature.config)
+    typer.echo(f"fitted {len(method.curvature.modules)} modules on {method.curvature.examples} examples: {path}")
 
 
 METHOD_CONFIGS = (GradientConfig, TrackStarConfig, TracInConfig, InfluenceConfig, TRAKConfig, BM25Config)

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collect import GradientCollector
-from ..config import InfluenceConfig, ProjectionConfig
-from ..curvature import Curvature, curvature_batches, fisher_loss, fit_curvature
+from ..config import CurvatureConfig, InfluenceConfig, ProjectionConfig
+from ..curvature import Curvature, curvature_batches, draw_weights, fisher_draws, fit_curvature
 from ..errors import UserError
 from ..index import Index
 from ..measurement import Measurement, objective_fn
@@ -141,9 +141,9 @@ def dense_gauss_newton(model: torch.nn.Module, task: ModuleTask, records, module
     return DenseCurvature(G / len(probs), shapes)
 
 
-def curvature_file(index: Index, config: InfluenceConfig) -> Path:
+def curvature_file(index: Index, config: CurvatureConfig) -> Path:
     """Where an index keeps curvature fitted with these settings (one file per settings)."""
-    key = hashlib.sha256(json.dumps(config.curvature.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     return index.path / f"curvature-{key}.safetensors"
 
 
@@ -195,10 +195,11 @@ class InfluenceFunction(Method):
         return self
 
     def _fitted_curvature(self, index: Index | None, progress: bool) -> Curvature:
-        path = curvature_file(index, self.config) if index is not None else None
+        config = self.config.solve_curvature(self.task)
+        path = curvature_file(index, config) if index is not None else None
         if path is not None and path.exists():
             return Curvature.load(path)
-        curv = fit_curvature(self.model, self.task, self.data.records, list(self.collector.modules), self.config.curvature, progress=progress)
+        curv = fit_curvature(self.model, self.task, self.data.records, list(self.collector.modules), config, progress=progress)
         if path is not None:
             curv.save(path)
         return curv
@@ -221,17 +222,21 @@ class InfluenceFunction(Method):
         return self.curvature.damping_for(name, *self.config.solve_damping(), self.ekfac)
 
     def fisher_vector_product(self, v: Grads) -> Grads:
-        """(F + λI) v with F the Fisher of the training records (the factors' label samples)."""
-        config = self.config.curvature
+        """(F + λI) v with F the Fisher of the training records the factors were fitted on (the
+        same sampled labels, or every class weighted by its probability for fisher="exact")."""
+        config = self.curvature.config
         out = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in v.items()}
         n_examples = 0
         for i, batch in enumerate(curvature_batches(self.task, self.fitted().records, config)):
-            losses, calls = self.collector.module_grads(batch, fisher_loss(self.task, config, i))
-            n_examples += losses.shape[0]
-            # g_nᵀ v for every example n and query: Σ_modules Σ_calls Σ_t δᵀ V a, in float64
-            coef = sum(torch.einsum("bto,qoi,bti->bq", d.double(), v[tm.name].double(), tm.augment(a).double()) for tm, a, d in calls)
-            for tm, a, d in calls:
-                out[tm.name] += torch.einsum("bq,bto,bti->qoi", coef, d.double(), tm.augment(a).double())
+            for j, (labelled, loss, weighted) in enumerate(fisher_draws(self.task, self.model, config, batch, i)):
+                losses, calls = self.collector.module_grads(labelled, loss)
+                n_examples += losses.shape[0] if j == 0 else 0
+                w = draw_weights(losses, weighted)
+                # g_nᵀ v for every example n and query: Σ_modules Σ_calls Σ_t δᵀ V a, in float64
+                coef = sum(torch.einsum("bto,qoi,bti->bq", d.double(), v[tm.name].double(), tm.augment(a).double()) for tm, a, d in calls)
+                coef = coef * w[:, None]
+                for tm, a, d in calls:
+                    out[tm.name] += torch.einsum("bq,bto,bti->qoi", coef, d.double(), tm.augment(a).double())
         return {n: out[n] / n_examples + self._damping(n) * v[n] for n in v}
 
     def _cg(self, b: Grads, x: Grads) -> Grads:
