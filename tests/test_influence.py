@@ -182,7 +182,8 @@ def test_cg_solves_its_own_damped_system_by_default():
     assert InfluenceConfig().solve_damping() == (1.0, "relative")
     assert InfluenceConfig(cg_steps=5).solve_damping() == (30.0, "model")
     assert InfluenceConfig(damping=2.0, cg_steps=5).solve_damping() == (2.0, "model")
-    assert InfluenceConfig(damping_mode="absolute", cg_steps=5).solve_damping() == (30.0, "absolute")
+    with pytest.raises(hw.UserError, match="absolute needs a --damping"):
+        InfluenceConfig(damping_mode="absolute", cg_steps=5).solve_damping()
     assert InfluenceConfig().solve_curvature(ModuleTask()).fisher == "true"
     assert InfluenceConfig(cg_steps=5).solve_curvature(ModuleTask()).fisher == "exact"
     assert InfluenceConfig(cg_steps=5).solve_curvature(regression).fisher == "true"
@@ -207,6 +208,28 @@ def test_cg_on_the_exact_fisher_converges_to_the_dense_gauss_newton_solve():
     want = torch.linalg.solve(dense.matrix + lam * torch.eye(len(dense.matrix), dtype=torch.float64), flat(g).T).T
     got = flat(inf.preconditioned_queries(queries, hw.Loss()))
     assert ((got - want).norm() / want.norm()).item() < 1e-6
+    used = inf.score(queries).config  # what was filled in is saved with the scores
+    assert (used["damping"], used["damping_mode"], used["curvature"]["fisher"]) == (30.0, "model", "exact")
+
+
+def test_exact_fisher_factors_of_a_linear_classifier_match_the_closed_form():
+    """For a linear softmax classifier the exact Fisher is known: S = mean over examples of
+    diag(p) − ppᵀ (the softmax's Hessian), A = mean of [x, 1][x, 1]ᵀ, and EK-FAC's eigenvalues
+    are the diagonal of the Gauss–Newton matrix in the Kronecker eigenbasis."""
+    records = logistic_data(n=24)
+    torch.manual_seed(1)
+    model, task = torch.nn.Linear(4, 3).double(), ModuleTask()
+    curv = fit_curvature(model, task, records, config=CurvatureConfig(fisher="exact", batch_size=5), progress=False)
+    m = next(iter(curv.modules.values()))
+    x = torch.stack([r["x"] for r in records])
+    p = model(x).softmax(1).detach()
+    S = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    torch.testing.assert_close(m.q_s @ torch.diag(m.lam_s) @ m.q_s.T, S, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.q_a @ torch.diag(m.lam_a) @ m.q_a.T, xa.T @ xa / len(x), rtol=1e-10, atol=1e-12)
+    K = torch.kron(m.q_s, m.q_a)  # the eigenbasis, for gradients flattened [d_out, d_in_aug] row-major
+    G = dense_gauss_newton(model, task, records).matrix
+    torch.testing.assert_close(m.corrected.flatten(), torch.diagonal(K.T @ G @ K), rtol=1e-8, atol=1e-12)
 
 
 def test_the_exact_fisher_of_a_task_without_classes_is_refused_in_one_line():

@@ -107,7 +107,8 @@ H_MODULES = (
 )
 H_DAMPING = (
     "Damping, as a fraction of the mean eigenvalue of the matrix the method inverts "
-    "(TrackStar: the gradient autocorrelation; ekfac/kfac: the curvature; trak: the feature kernel)."
+    "(TrackStar: the gradient autocorrelation; ekfac/kfac: the curvature, by default 1, or 30 with --cg-steps, see "
+    "--damping-mode; trak: the feature kernel)."
 )
 H_POOL = "How a record's several rows (sentence or token units) combine into its score: max, mean or sum."
 H_DEVICE = "Torch device to run the model on, e.g. cpu or cuda."
@@ -312,8 +313,10 @@ class InfluenceConfig(Config):
     def solve_damping(self) -> tuple[float, str]:
         """(damping, mode) of the system (G + λI)x = ∇f that is solved, defaults filled in."""
         cg = self.cg_steps > 0
-        damping = self.damping if self.damping is not None else (30.0 if cg else 1.0)
-        return damping, self.damping_mode or ("model" if cg else "relative")
+        mode = self.damping_mode or ("model" if cg else "relative")
+        if self.damping is None and mode == "absolute":
+            raise UserError("--damping-mode absolute needs a --damping (an absolute λ has no default)")
+        return (self.damping if self.damping is not None else (30.0 if cg else 1.0)), mode
 
     def solve_curvature(self, task) -> CurvatureConfig:
         """The curvature's settings, defaults filled in: the true Fisher by one sampled label per

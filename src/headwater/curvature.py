@@ -16,6 +16,7 @@ Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ: the damped inverse for influence functio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Curvature:
     config: CurvatureConfig
     examples: int = 0
     meta: dict = field(default_factory=dict)
+    means: dict = field(default_factory=dict, repr=False)  # mean_eigenvalue's cache
 
     def damping_for(self, name: str, damping: float, mode: str = "relative", ekfac: bool = True) -> float:
         """λ for module `name`: `damping` itself (absolute), times the module's mean eigenvalue
@@ -77,9 +79,15 @@ class Curvature:
         if mode == "absolute":
             return damping
         if mode == "model":
-            eigs = [m.eigenvalues(ekfac) for m in self.modules.values()]
-            return damping * float(sum(e.sum() for e in eigs)) / sum(e.numel() for e in eigs)
+            return damping * self.mean_eigenvalue(ekfac)
         return damping * float(self.modules[name].eigenvalues(ekfac).mean())
+
+    def mean_eigenvalue(self, ekfac: bool = True) -> float:
+        """The mean eigenvalue over every module (computed once per `ekfac`: CG asks per module and step)."""
+        if ekfac not in self.means:
+            eigs = [m.eigenvalues(ekfac) for m in self.modules.values()]
+            self.means[ekfac] = float(sum(e.sum() for e in eigs)) / sum(e.numel() for e in eigs)
+        return self.means[ekfac]
 
     def inverse_hvp(self, grads: dict[str, torch.Tensor], damping: float, mode: str = "relative", ekfac: bool = True) -> dict[str, torch.Tensor]:
         """(G + λI)⁻¹ g per module for gradients {name: [..., d_out, d_in_aug]}, in float64."""
@@ -147,8 +155,8 @@ MAX_CLASSES = 64  # fisher="exact" takes one backward pass per class
 
 
 def fisher_draws(task: Task, model: torch.nn.Module, config: CurvatureConfig, batch: dict, index: int):
-    """The (batch, per-example loss, weighted) terms whose gradients' outer products sum to the
-    batch's Fisher. One term with `fisher_loss`'s labels, except for fisher="exact" (a ModuleTask
+    """The (batch, loss function, weighted) terms whose per-example gradients' outer products sum
+    to the batch's Fisher. One term with `fisher_loss`'s labels, except for fisher="exact" (a ModuleTask
     classifier): one term per class c, every target set to c, each example weighted by the model's
     p_c = e^(−loss). One sampled label per example is a noisy estimate of the Fisher of a confident
     classifier, whose rare classes carry most of it (benchmarks/cg.py)."""
@@ -202,6 +210,8 @@ def fit_curvature(
     when torch.distributed is initialised, so every rank ends with the same factors.
     """
     config = config or CurvatureConfig()
+    if config.fisher is None:  # saved with the curvature: the Fisher it was fitted with
+        config = dataclasses.replace(config, fisher="true")
     collectors = [GradientCollector(m, task, ProjectionConfig("none"), modules) for m in (model if isinstance(model, (list, tuple)) else [model])]
     collector = collectors[0]
     batches = curvature_batches(task, records, config)

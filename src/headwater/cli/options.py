@@ -84,7 +84,8 @@ def _help(flag: Flag) -> str:
     if len(defaults) == 1:
         shown = defaults.pop()
         return f"{flag.help} (default: {shown})" if shown not in ("null", "None") else flag.help
-    per = ", ".join(f"{d} ({cls.__name__.removesuffix('Config') or cls.__name__})" for cls, _, d in flag.targets)
+    # a None default is filled in by its config (the help says how), so it is not listed
+    per = ", ".join(f"{d} ({cls.__name__.removesuffix('Config') or cls.__name__})" for cls, _, d in flag.targets if d is not None)
     return f"{flag.help} (default: {per})"
 
 

@@ -97,6 +97,10 @@ class Method(ABC):
     def default_measurement(self) -> Measurement:
         return Loss()
 
+    def config_used(self) -> dict:
+        """The settings saved with the scores: the config, with any default left open filled in."""
+        return self.config.to_dict()
+
     def score(self, queries, measurement: Measurement | None = None, dtype=np.float32, by: str | None = None) -> Scores:
         """Scores [n_train records, q] of every training record for every query (`queries=None`
         for the probe methods, which score records against a concept directly: q = 1); with `by`
@@ -124,7 +128,7 @@ class Method(ABC):
             query_ids=qids,
             method=self.name,
             measurement=measurement.describe(),
-            config=self.config.to_dict(),
+            config=self.config_used(),
             axis=by,
             labels=self.labels(by) if by else None,
             diagnostics=dict(self.diagnostics or {}),

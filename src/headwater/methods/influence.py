@@ -13,6 +13,7 @@ against an index's stored projected gradients (queries projected the same way).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -214,6 +215,13 @@ class InfluenceFunction(Method):
         if self.config.cg_steps:
             x = self._cg(grads, x)
         return x
+
+    def config_used(self) -> dict:
+        damping, mode = self.config.solve_damping()
+        used = dataclasses.replace(self.config, damping=damping, damping_mode=mode)
+        if isinstance(self.curvature, Curvature):
+            used = dataclasses.replace(used, curvature=self.curvature.config)
+        return used.to_dict()
 
     def _inverse(self, grads: Grads) -> Grads:
         return self.curvature.inverse_hvp(grads, *self.config.solve_damping(), self.ekfac)
