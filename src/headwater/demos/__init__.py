@@ -16,11 +16,15 @@ DEMOS = {
 
 
 class CachedConfig:
-    """Mixin of the demos' size dataclasses: `key()` hashes the settings to name cached models."""
+    """Mixin of the demos' size dataclasses: `key()` hashes the settings to name cached models,
+    and whether they were trained with portable kernels (`headwater demo --portable`), so that a
+    model trained with a CPU's own kernels is not reused as a portable one."""
 
     def key(self) -> str:
         import dataclasses
         import hashlib
         import json
+        import os
 
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        settings = {**dataclasses.asdict(self), "portable": os.environ.get("HEADWATER_PORTABLE_KERNELS") == "1"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
