@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,11 +269,43 @@ def evaluate(setting: Setting, args) -> dict:
         value, per_target = hw.lds(s, masks, losses.mean(0))
         result["methods"][name] = {
             "lds": value,
+            "interval_95": hw.query_interval(per_target),
+            "per_target": per_target.tolist(),
             "of_ceiling": value / ceiling,
             "seconds": secs,
             **({"diagnostics": s.diagnostics} if s.diagnostics else {}),
         }
     return result
+
+
+# Each peer row against the headwater default it competes with (its "best peer" cell in the docs),
+# as a pattern over headwater's row names (which carry the run's counts).
+COUNTERPART = {
+    "Kronfluence EK-FAC": r"EK-FAC influence",
+    "dattri EK-FAC": r"EK-FAC influence",
+    "Kronfluence KFAC": r"KFAC influence",
+    "traker TRAK (1 model)": r"TRAK \(1 model\)",
+    "dattri TRAK (1 model)": r"TRAK \(1 model\)",
+    "traker TRAK (ensemble)": r"TRAK \(\d+ models\)",
+    "dattri TRAK (ensemble)": r"TRAK \(\d+ models\)",
+    "dattri gradient cosine": r"gradient cosine",
+    "dattri TracIn": r"TracIn \(\d+ ckpts\)",
+    "dattri IF + CG": r"EK-FAC \+ CG \(\d+ steps\)",
+}
+
+
+def paired_differences(result: dict) -> list[tuple[str, str, float, tuple[float, float]]]:
+    """(headwater method, peer, LDS difference, its paired 95% interval over the targets) for every
+    peer row whose headwater counterpart ran on the same targets."""
+    methods = result["methods"]
+    out = []
+    for peer, pattern in COUNTERPART.items():
+        mine = next((k for k in methods if re.fullmatch(pattern, k)), None)
+        if peer not in methods or mine is None or "per_target" not in methods[peer]:
+            continue
+        diff = np.asarray(methods[mine]["per_target"]) - np.asarray(methods[peer]["per_target"])
+        out.append((mine, peer, float(np.nanmean(diff)), hw.query_interval(diff)))
+    return out
 
 
 def table(results: list[dict]) -> str:
@@ -282,13 +315,18 @@ def table(results: list[dict]) -> str:
             f"\n{r['setting']} ({r['protocol']} retraining) — {r['train']} training examples, {r['targets']} targets, "
             f"{r['subsets']} subsets × {r['seeds']} seeds (α = 0.5); seed ceiling {r['seed_ceiling']:.3f}",
             "",
-            "| method | LDS | LDS / ceiling | seconds |",
-            "|---|---|---|---|",
+            "| method | LDS | 95% interval over targets | LDS / ceiling | seconds |",
+            "|---|---|---|---|---|",
         ]
         for name, m in r["methods"].items():
             check = m.get("diagnostics", {}).get("smoothness")
             note = f" (smoothness check {check['relative_error']:.0%} apart)" if check and check["relative_error"] > 0.1 else ""
-            lines.append(f"| {name}{note} | {m['lds']:.3f} | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
+            lo, hi = m.get("interval_95", (np.nan, np.nan))
+            lines.append(f"| {name}{note} | {m['lds']:.3f} | [{lo:.3f}, {hi:.3f}] | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
+        pairs = paired_differences(r)
+        if pairs:
+            lines += ["", "| headwater default − peer | difference | paired 95% interval |", "|---|---|---|"]
+            lines += [f"| {mine} − {peer} | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] |" for mine, peer, d, (lo, hi) in pairs]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from headwater import EKFAC, TRAK, InfluenceConfig, Loss, ModuleTask, Scores, TR
 from headwater.config import CurvatureConfig, ProjectionConfig
 from headwater.methods.influence import dense_gauss_newton
 from headwater.methods.trak import kernel_inverse
-from headwater.metrics import lds, seed_ceiling
+from headwater.metrics import lds, query_interval, seed_ceiling
 from headwater.retrain import leave_k_out, retrain_outcomes, subset_masks
 
 
@@ -50,6 +50,18 @@ def test_seed_ceiling_drops_with_seed_noise():
     noisy = signal + 3.0 * rng.normal(size=(4, 50, 4))
     assert seed_ceiling(quiet) > 0.99
     assert seed_ceiling(noisy) < 0.6
+
+
+def test_query_interval_matches_the_normal_theory_interval_of_a_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.4, 0.2, size=400)
+    half = 1.959964 * values.std(ddof=1) / np.sqrt(values.size)  # the CLT interval of the mean
+    lo, hi = query_interval(np.append(values, np.nan), draws=20000)  # a constant query's NaN is ignored
+    assert lo == pytest.approx(values.mean() - half, abs=0.1 * half)
+    assert hi == pytest.approx(values.mean() + half, abs=0.1 * half)
+    assert query_interval(values - values) == (0.0, 0.0)  # a method against itself, paired
+    with pytest.raises(UserError, match="no query"):
+        query_interval(np.full(3, np.nan))
 
 
 def blobs(n, seed):

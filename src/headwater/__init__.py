@@ -63,7 +63,7 @@ from .methods import (
 )
 from .methods.influence import dense_gauss_newton
 from .methods.source import Segment, segments_from_trainer_state
-from .metrics import lds, retrieval_metrics, seed_ceiling
+from .metrics import lds, query_interval, retrieval_metrics, seed_ceiling
 from .query import query
 from .retrain import RetrainLM, leave_k_out, retrain_outcomes, subset_masks, tail_patch
 from .scores import Scores
@@ -141,6 +141,7 @@ __all__ = [
     "Segment",
     "segments_from_trainer_state",
     "lds",
+    "query_interval",
     "retrieval_metrics",
     "seed_ceiling",
     "query",

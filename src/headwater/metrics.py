@@ -1,7 +1,8 @@
 """Metrics of attributions, apart from the retraining that produces their ground truth.
 
 - LDS (linear datamodeling score): does the sum of a subset's scores predict the measurement
-  after training on that subset? `seed_ceiling` bounds what any method can reach.
+  after training on that subset? `seed_ceiling` bounds what any method can reach;
+  `query_interval` says how much it depends on the targets drawn.
 - Retrieval: Recall@k and MRR of records known to be relevant (fact tracing).
 
 Outcomes are measurement values (e.g. query losses) after retraining; a measurement's direction
@@ -49,6 +50,21 @@ def lds(scores: Scores, masks: np.ndarray, outcomes: np.ndarray) -> tuple[float,
     target = oriented(scores, outcomes)
     per_query = np.array([spearman(predicted[:, k], target[:, k]) for k in range(target.shape[1])])
     return float(np.nanmean(per_query)), per_query
+
+
+def query_interval(per_query: np.ndarray, confidence: float = 0.95, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `per_query` [q] over queries resampled with
+    replacement (NaNs ignored): how far an LDS could move with other targets of the same kind.
+    Pass the difference of two methods' per-query values on the same targets for a paired
+    interval of their difference. Retraining noise enters through each query's own value."""
+    values = np.asarray(per_query, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        raise UserError("no query has a defined value to resample")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(draws, values.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
 
 
 def seed_ceiling(outcomes: np.ndarray) -> float:

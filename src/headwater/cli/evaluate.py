@@ -61,8 +61,11 @@ def evaluate_lds(
     out: Path | None = typer.Option(None, "--out", help="Also write the results as JSON."),
     configs: dict = None,
 ):
-    """Linear Datamodeling Score of each Scores file, with the seed-noise ceiling."""
-    from ..metrics import lds, seed_ceiling
+    """Linear Datamodeling Score of each Scores file, with a bootstrap interval over the queries and
+    the seed-noise ceiling."""
+    import numpy as np
+
+    from ..metrics import lds, query_interval, seed_ceiling
     from ..retrain import retrain_outcomes, subset_masks
 
     retrain, run, cfg = configs[RetrainConfig], configs[TrainConfig], configs[LDSConfig]
@@ -75,16 +78,20 @@ def evaluate_lds(
     for s in loaded.values():
         check_against_data(s, retrain)
     outcomes = retrain_outcomes(fn, masks, list(range(retrain.retrain_seeds)), retrain.processes)
+    per_query = {k: lds(s, masks, outcomes.mean(0))[1] for k, s in loaded.items()}
     result = {
         "subsets": cfg.subsets,
         "alpha": cfg.alpha,
         "seeds": retrain.retrain_seeds,
-        "methods": {k: lds(s, masks, outcomes.mean(0))[0] for k, s in loaded.items()},
+        "methods": {k: float(np.nanmean(v)) for k, v in per_query.items()},
+        "interval_95": {k: query_interval(v) for k, v in per_query.items()},
+        "per_query": {k: v.tolist() for k, v in per_query.items()},
     }
     if retrain.retrain_seeds >= 2:
         result["seed_ceiling"] = seed_ceiling(outcomes)
     for name, value in result["methods"].items():
-        typer.echo(f"{name}: LDS {value:.4f}")
+        lo, hi = result["interval_95"][name]
+        typer.echo(f"{name}: LDS {value:.4f} [{lo:.4f}, {hi:.4f}] (95% bootstrap over the {len(per_query[name])} queries)")
     if "seed_ceiling" in result:
         typer.echo(f"seed ceiling: {result['seed_ceiling']:.4f}")
     if out:
