@@ -6,7 +6,9 @@ zoology, topic × format for geography) is filtered out of training (the demo's 
 from the same initialisation: same steps, batches and data order, the filtered records' losses
 zeroed). Reports the change of both benchmarks' mean gold log-probability against the full run,
 filtered − random with a paired interval over items, and whether the bin filtered was the planted
-one. Run `headwater demo corpus --workdir DIR` first (the map and the cached model are read there).
+one. Run `headwater demo corpus --workdir DIR` first (the map and the cached model are read there);
+like the demo, this runs with portable kernels (`--fast` for the CPU's own, to match a demo run
+with `--fast`).
 
     python benchmarks/corpus_filter.py --workdir headwater-demo/corpus      # ~7 min on 2 cores per training seed
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 
 from headwater.config import TrainConfig
 from headwater.corpus import CorpusMap, bin_members, filtering_experiment, load_labels
+from headwater.demos import reexec_with_portable_kernels
 from headwater.demos.corpus import SUPPORT, CorpusDemoConfig, make_corpus, prepare
 from headwater.index import Index
 from headwater.models import load_model
@@ -34,7 +38,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (its corpus and model)")
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "corpus_filter.json")
+    p.add_argument("--fast", action="store_true", help="the CPU's own kernels (for a demo run with --fast)")
     args = p.parse_args()
+    if not args.fast:
+        reexec_with_portable_kernels(sys.argv)
     torch.set_num_threads(2)
     t0 = time.time()
     cfg = CorpusDemoConfig(seed=args.seed)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from headwater.cli.demo import PORTABLE_KERNELS, portable_environment
+from headwater.demos import PORTABLE_KERNELS, portable_environment
 
 LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HEADWATER_PORTABLE_KERNELS")
 BASE = {k: v for k, v in os.environ.items() if k not in LAUNCHER and k not in PORTABLE_KERNELS}

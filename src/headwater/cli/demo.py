@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from pathlib import Path
 
 import typer
 
-from ..demos import DEMOS
+from ..demos import DEMOS, reexec_with_portable_kernels
 from ..errors import UserError
 from .app import app
 from .options import fail
-
-# A demo trains its models for hundreds of float32 steps, which amplify round-off: with each CPU's
-# fastest kernels the same seed gives models answering 46% to 76% of the facts demo's questions.
-# These settings pick kernels whose arithmetic is the same on every x86-64 CPU: MKL's conditional
-# numerical reproducibility on its SSE2 branch (the one Intel documents for non-Intel CPUs too),
-# ATen's baseline kernels, and a fixed thread count (reductions split by thread). They are read
-# when the libraries load, hence the re-exec; they cost about twice the time.
-PORTABLE_KERNELS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-
-
-def portable_environment(environ: dict[str, str]) -> dict[str, str]:
-    """`environ` with the portable-kernel settings, marked so that the re-exec'd demo runs once."""
-    return {**environ, **PORTABLE_KERNELS, "HEADWATER_PORTABLE_KERNELS": "1"}
 
 
 @app.command()
@@ -44,14 +29,9 @@ def demo(
     """Run a built-in end-to-end example (no downloads)."""
     if name not in DEMOS:
         fail(f"unknown demo {name!r}; choose one of {', '.join(DEMOS)}")
-    if portable and os.environ.get("HEADWATER_PORTABLE_KERNELS") != "1":
-        sys.stdout.flush()
-        args = ["demo", name, "--seed", str(seed)] + (["--workdir", str(workdir)] if workdir else []) + (["--retrain"] if retrain else [])
-        os.execve(sys.executable, [sys.executable, "-m", "headwater", *args], portable_environment(dict(os.environ)))
     if portable:
-        import torch
-
-        print(f"portable kernels: MKL_CBWR=COMPATIBLE, ATen {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+        args = ["demo", name, "--seed", str(seed)] + (["--workdir", str(workdir)] if workdir else []) + (["--retrain"] if retrain else [])
+        reexec_with_portable_kernels(["-m", "headwater", *args])
     module = importlib.import_module(DEMOS[name][0])
     try:
         module.run(workdir or Path("headwater-demo") / name, seed=seed, retrain=retrain)
