@@ -296,10 +296,10 @@ COUNTERPART = {
 
 def paired_differences(result: dict) -> list[tuple[str, str, float, tuple[float, float]]]:
     """(headwater method, peer, LDS difference, its paired 95% interval over the targets) for every
-    peer row whose headwater counterpart ran on the same targets."""
+    peer row (defaults and suggested settings) whose headwater counterpart ran on the same targets."""
     methods = result["methods"]
     out = []
-    for peer, pattern in COUNTERPART.items():
+    for peer, pattern in [(p + suffix, c) for p, c in COUNTERPART.items() for suffix in ("", " (suggested)")]:
         mine = next((k for k in methods if re.fullmatch(pattern, k)), None)
         if peer not in methods or mine is None or "per_target" not in methods[peer]:
             continue
