@@ -64,6 +64,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ import numpy as np
 import torch
 
 from headwater.concepts import ConceptVector, train_probe
+from headwater.demos import run_with_portable_kernels
 from headwater.demos.concepts import CONCEPT_INFLUENCE, ConceptDemoConfig, expresses, fine_tune, planted_metrics, prepare, rankings, trait_expression
 from headwater.generate import completions
 from headwater.methods import ProbeProjection
@@ -213,7 +215,14 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=4000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "concepts_removal.json")
+    p.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="the CPU's own kernels, as the stored results (Intel Xeon) were run and as a demo run with --native-kernels trains",
+    )
     args = p.parse_args()
+    if not args.native_kernels and (code := run_with_portable_kernels(sys.argv)) is not None:
+        sys.exit(code)  # portable by default, as `headwater demo concepts`, whose cached models are reused
     names = list(SHORT) if args.rankings == ["all"] else args.rankings
     if unknown := [n for n in names if n not in SHORT]:
         p.error(f"unknown rankings {unknown}; choose from {list(SHORT)}")

@@ -7,8 +7,8 @@ from the same initialisation: same steps, batches and data order, the filtered r
 zeroed). Reports the change of both benchmarks' mean gold log-probability against the full run,
 filtered − random with a paired interval over items, and whether the bin filtered was the planted
 one. Run `headwater demo corpus --workdir DIR` first (the map and the cached model are read there);
-like the demo, this runs with portable kernels (`--fast` for the CPU's own, to match a demo run
-with `--fast`).
+like the demo, this runs with portable kernels (`--native-kernels` for the CPU's own, to match a
+demo run with `--native-kernels`).
 
     python benchmarks/corpus_filter.py --workdir headwater-demo/corpus      # ~7 min on 2 cores per training seed
 """
@@ -25,7 +25,7 @@ import torch
 
 from headwater.config import TrainConfig
 from headwater.corpus import CorpusMap, bin_members, filtering_experiment, load_labels
-from headwater.demos import reexec_with_portable_kernels
+from headwater.demos import run_with_portable_kernels
 from headwater.demos.corpus import SUPPORT, CorpusDemoConfig, make_corpus, prepare
 from headwater.index import Index
 from headwater.models import load_model
@@ -38,10 +38,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (its corpus and model)")
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "corpus_filter.json")
-    p.add_argument("--fast", action="store_true", help="the CPU's own kernels (for a demo run with --fast)")
+    p.add_argument("--native-kernels", action="store_true", help="the CPU's own kernels (for a demo run with --native-kernels)")
     args = p.parse_args()
-    if not args.fast:
-        reexec_with_portable_kernels(sys.argv)
+    if not args.native_kernels and (code := run_with_portable_kernels(sys.argv)) is not None:
+        sys.exit(code)
     torch.set_num_threads(2)
     t0 = time.time()
     cfg = CorpusDemoConfig(seed=args.seed)

@@ -301,7 +301,7 @@ def paired_differences(result: dict) -> list[tuple[str, str, float, tuple[float,
     out = []
     for peer, pattern in [(p + suffix, c) for p, c in COUNTERPART.items() for suffix in ("", " (suggested)")]:
         mine = next((k for k in methods if re.fullmatch(pattern, k)), None)
-        if peer not in methods or mine is None or "per_target" not in methods[peer]:
+        if peer not in methods or mine is None:
             continue
         diff = np.asarray(methods[mine]["per_target"]) - np.asarray(methods[peer]["per_target"])
         out.append((mine, peer, float(np.nanmean(diff)), hw.query_interval(diff)))
@@ -321,7 +321,7 @@ def table(results: list[dict]) -> str:
         for name, m in r["methods"].items():
             check = m.get("diagnostics", {}).get("smoothness")
             note = f" (smoothness check {check['relative_error']:.0%} apart)" if check and check["relative_error"] > 0.1 else ""
-            lo, hi = m.get("interval_95", (np.nan, np.nan))
+            lo, hi = m["interval_95"]
             lines.append(f"| {name}{note} | {m['lds']:.3f} | [{lo:.3f}, {hi:.3f}] | {m['of_ceiling']:.2f} | {m['seconds']:.1f} |")
         pairs = paired_differences(r)
         if pairs:

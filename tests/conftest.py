@@ -11,6 +11,10 @@ from headwater.toy import tiny_gpt2, word_tokenizer
 
 torch.set_num_threads(1)
 
+# Launcher variables of an enclosing torchrun must not leak into a CLI child process (it would
+# skip relaunching); tests that start `python -m headwater` remove them from its environment.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 WORDS = (
     "the a of is in and to was by from with capital colour city river mountain zorblat quenti "
     "mirel vask orin tela sunny blue red green famous old new large small north south"

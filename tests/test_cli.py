@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import WORDS
+from conftest import LAUNCHER_VARIABLES, WORDS
 
 import headwater
 from headwater import Cosine, Dot, GradientStore, Index, Loss, Scores
@@ -36,8 +36,7 @@ COLUMNS = ["query_id", "side", "rank", "train_id", "score", "text"]
 COMMON = ["--data", "train.jsonl", "--projection-dim", "64", "--batch-size", "4", "--projection-seed", "3"]
 LRS = (0.1, 0.2)
 
-# Launcher variables of an enclosing torchrun must not leak into the CLI (it would skip relaunching).
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
 ENV.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # no test downloads
 
 PROGRESS = re.compile(r"\r|\d+%\||\bit/s\]|examples/s\]")  # tqdm bars of transformers/datasets loading

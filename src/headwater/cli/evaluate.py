@@ -61,8 +61,8 @@ def evaluate_lds(
     out: Path | None = typer.Option(None, "--out", help="Also write the results as JSON."),
     configs: dict = None,
 ):
-    """Linear Datamodeling Score of each Scores file, with a bootstrap interval over the queries and
-    the seed-noise ceiling."""
+    """Linear Datamodeling Score of each Scores file, with a t-interval over the queries and the
+    seed-noise ceiling."""
     import numpy as np
 
     from ..metrics import lds, query_interval, seed_ceiling
@@ -78,20 +78,21 @@ def evaluate_lds(
     for s in loaded.values():
         check_against_data(s, retrain)
     outcomes = retrain_outcomes(fn, masks, list(range(retrain.retrain_seeds)), retrain.processes)
-    per_query = {k: lds(s, masks, outcomes.mean(0))[1] for k, s in loaded.items()}
+    values = {k: lds(s, masks, outcomes.mean(0)) for k, s in loaded.items()}
     result = {
         "subsets": cfg.subsets,
         "alpha": cfg.alpha,
         "seeds": retrain.retrain_seeds,
-        "methods": {k: float(np.nanmean(v)) for k, v in per_query.items()},
-        "interval_95": {k: query_interval(v) for k, v in per_query.items()},
-        "per_query": {k: v.tolist() for k, v in per_query.items()},
+        "methods": {k: mean for k, (mean, _) in values.items()},
+        "interval_95": {k: query_interval(per) for k, (_, per) in values.items()},
+        "per_query": {k: [None if np.isnan(x) else float(x) for x in per] for k, (_, per) in values.items()},  # JSON has no NaN
     }
     if retrain.retrain_seeds >= 2:
         result["seed_ceiling"] = seed_ceiling(outcomes)
     for name, value in result["methods"].items():
         lo, hi = result["interval_95"][name]
-        typer.echo(f"{name}: LDS {value:.4f} [{lo:.4f}, {hi:.4f}] (95% bootstrap over the {len(per_query[name])} queries)")
+        defined = sum(x is not None for x in result["per_query"][name])
+        typer.echo(f"{name}: LDS {value:.4f} [{lo:.4f}, {hi:.4f}] (95% t-interval over the {defined} queries with a defined correlation)")
     if "seed_ceiling" in result:
         typer.echo(f"seed ceiling: {result['seed_ceiling']:.4f}")
     if out:

@@ -14,32 +14,53 @@ DEMOS = {
     "stages": ("headwater.demos.stages", "Training-stage attribution of a four-stage run recorded through the Hugging Face Trainer, vs retraining."),
 }
 
-# A demo trains its models for hundreds of float32 steps, which amplify round-off: with each CPU's
-# fastest kernels the same seed gives models answering 46% to 76% of the facts demo's questions.
-# These settings pick kernels whose arithmetic is the same on every x86-64 CPU: MKL's conditional
+# A demo trains its models for hundreds of float32 steps, which amplify round-off: the same seed
+# gave a model answering 62% of the facts demo's questions on an AMD EPYC and 76% on an Intel Xeon.
+# These settings pick kernels whose arithmetic does not depend on the x86-64 CPU: MKL's conditional
 # numerical reproducibility on its SSE2 branch (the one Intel documents for non-Intel CPUs too),
-# ATen's baseline kernels, and a fixed thread count (reductions split by thread). The libraries
-# read them when they load, hence a re-exec; they cost about twice the time.
-PORTABLE_KERNELS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+# oneDNN and ATen at their baseline instruction sets, and a fixed thread count (reductions split by
+# thread). The libraries read them when they load, hence a child process; they cost about twice
+# the time. Elsewhere (ARM, builds without MKL) they only fix the threads.
+PORTABLE_KERNELS = {
+    "MKL_CBWR": "COMPATIBLE",
+    "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+}
 
 
 def portable_environment(environ: dict[str, str]) -> dict[str, str]:
-    """`environ` with the portable-kernel settings, marked so that the re-exec'd process runs once."""
-    return {**environ, **PORTABLE_KERNELS, "HEADWATER_PORTABLE_KERNELS": "1"}
+    """`environ` with the portable-kernel settings."""
+    return {**environ, **PORTABLE_KERNELS}
 
 
-def reexec_with_portable_kernels(argv: list[str]) -> None:
-    """Replace this process by `python *argv` with portable kernels, unless it already has them
-    (then print them and return). For the demos and the benchmarks that reuse their models."""
+def portable_kernels_active() -> bool:
+    """Whether this process was started with every portable-kernel setting."""
     import os
+
+    return all(os.environ.get(k) == v for k, v in PORTABLE_KERNELS.items())
+
+
+def run_with_portable_kernels(argv: list[str]) -> int | None:
+    """Run `python *argv` in a child process with portable kernels and return its exit status;
+    None when this process already has them (it prints them and goes on)."""
+    import os
+    import platform
+    import subprocess
     import sys
 
-    if os.environ.get("HEADWATER_PORTABLE_KERNELS") != "1":
+    if not portable_kernels_active():
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *argv], portable_environment(dict(os.environ)))
+        return subprocess.call([sys.executable, *argv], env=portable_environment(dict(os.environ)))
     import torch
 
-    print(f"portable kernels: MKL_CBWR=COMPATIBLE, ATen {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    mkl = torch.backends.mkl.is_available()
+    branch = f"MKL_CBWR={os.environ['MKL_CBWR']}" if mkl else "no MKL"
+    print(f"portable kernels: {branch}, ATen {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    if not mkl or platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"  (on {platform.machine()} without MKL's reproducibility branch these fix the threads only; results may differ between CPUs)")
+    return None
 
 
 class CachedConfig:
@@ -51,7 +72,6 @@ class CachedConfig:
         import dataclasses
         import hashlib
         import json
-        import os
 
-        settings = {**dataclasses.asdict(self), "portable": os.environ.get("HEADWATER_PORTABLE_KERNELS") == "1"}
+        settings = dataclasses.asdict(self) | ({"portable": True} if portable_kernels_active() else {})  # older keys stay valid
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

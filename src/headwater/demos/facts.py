@@ -237,7 +237,8 @@ def run(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int
                 storage_dtype="float32",
                 optimizer_state=str(model_dir / "optimizer.pt") if normalised else None,
             )
-            name = f"index-{unit}{'-adamnorm' if normalised else ''}"
+            # named after the model: an index resumes only for the model it was built from
+            name = f"{model_dir.name}-index-{unit}{'-adamnorm' if normalised else ''}"
             index = build_index(workdir / name, config=config, resume=True)
             build_s = time.time() - t
             for vname, vunit, vnorm, method in VARIANTS:
