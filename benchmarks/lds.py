@@ -1,9 +1,10 @@
 """LDS of every attribution method against real retraining, beside the peer libraries, in one run.
 
-Four settings: a tabular classifier (teacher-labelled Gaussian features, an MLP), an image-like
-MLP and a small CNN (noisy shifted smooth class prototypes, 10% flipped labels), all trained by
-SGD with momentum and weight decay (or AdamW, `--adamw`), and a tiny GPT-2 fine-tuned with AdamW on a
-generated corpus.
+Six settings: a tabular classifier (teacher-labelled Gaussian features, an MLP), an image-like
+MLP and a small CNN (noisy shifted smooth class prototypes, 10% flipped labels), two CNNs added
+after every default was chosen (`gratings`: coloured oriented gratings; `motifs`: a class motif
+stamped at a random place, three convolutions), all trained by SGD with momentum and weight decay
+(or AdamW, `--adamw`), and a tiny GPT-2 fine-tuned with AdamW on a generated corpus.
 For each: train the model to attribute, score every training example for each target with each
 method, retrain on m random half-size subsets over several seeds, and report the LDS (Spearman ρ
 between the summed scores of a subset and the negated target loss, averaged over targets), the
@@ -11,7 +12,7 @@ seed-noise ceiling and wall time. Kronfluence, traker and dattri score the same 
 with their documented defaults in their own virtualenv (`lds_peers.py`, `peers_driver.py`; set
 up as in benchmarks/README.md). Prints a table and writes JSON.
 
-    python benchmarks/lds.py                           # every setting (~30 min on 2 cores)
+    python benchmarks/lds.py                           # every setting (~40 min on 2 cores)
     python benchmarks/lds.py --only image cnn --no-magic
     python benchmarks/lds.py --quick                   # small sizes, a smoke test
 """
@@ -138,6 +139,41 @@ def images(args, side: int, classes: int = 4) -> list[dict]:
     return [{"x": x[i], "y": int(y[i])} for i in range(n)]
 
 
+def gratings(args, side: int = 12, classes: int = 4, channels: int = 3) -> list[dict]:
+    """Oriented sinusoidal gratings in a random colour, the class their orientation (jittered),
+    random frequency and phase, noise, 10% of labels flipped: [3, side, side] images."""
+    g = torch.Generator().manual_seed(args.seed + 7)
+    n = args.image_train + args.tab_targets
+    y = torch.randint(classes, (n,), generator=g)
+    angle = y.double() * torch.pi / classes + 0.15 * torch.randn(n, generator=g, dtype=torch.float64)
+    freq = 0.9 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    phase = 2 * torch.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    i, j = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    waves = torch.sin(freq[:, None, None] * (angle.cos()[:, None, None] * i + angle.sin()[:, None, None] * j) + phase[:, None, None])
+    colour = torch.rand(n, channels, generator=g, dtype=torch.float64)
+    x = (colour[:, :, None, None] * waves[:, None]).float() + 0.8 * torch.randn(n, channels, side, side, generator=g)
+    flip = torch.rand(n, generator=g) < 0.1
+    y = torch.where(flip, torch.randint(classes, (n,), generator=g), y)
+    return [{"x": x[k], "y": int(y[k])} for k in range(n)]
+
+
+def motifs(args, side: int = 12, classes: int = 6) -> list[dict]:
+    """A random ±1 4×4 motif per class stamped at a random place, a fainter motif of a random class
+    elsewhere, noise, 10% of labels flipped: [1, side, side] images."""
+    g = torch.Generator().manual_seed(args.seed + 8)
+    n = args.image_train + args.tab_targets
+    patterns = (torch.rand(classes, 4, 4, generator=g) < 0.5).float() * 2 - 1
+    y = torch.randint(classes, (n,), generator=g)
+    x = 0.6 * torch.randn(n, 1, side, side, generator=g)
+    for k in range(n):
+        for label, weight in ((int(y[k]), 1.0), (int(torch.randint(classes, (1,), generator=g)), 0.5)):
+            a, b = torch.randint(0, side - 3, (2,), generator=g).tolist()
+            x[k, 0, a : a + 4, b : b + 4] += weight * patterns[label]
+    flip = torch.rand(n, generator=g) < 0.1
+    y = torch.where(flip, torch.randint(classes, (n,), generator=g), y)
+    return [{"x": x[k], "y": int(y[k])} for k in range(n)]
+
+
 def image_mlp(args) -> Setting:
     spec = {"name": "image_mlp", "side": 8, "channels": 1, "hidden": 32, "classes": 4}
     return classification("image MLP", spec, images(args, 8), args.image_train, args.image_epochs, 3e-3 if args.adamw else None)
@@ -146,6 +182,16 @@ def image_mlp(args) -> Setting:
 def small_cnn(args) -> Setting:
     spec = {"name": "cnn", "side": 10, "channels": 1, "classes": 4, "width": 8}
     return classification("small CNN", spec, images(args, 10), args.image_train, args.image_epochs, 3e-3 if args.adamw else None)
+
+
+def gratings_cnn(args) -> Setting:
+    spec = {"name": "cnn", "side": 12, "channels": 3, "classes": 4, "width": 8}
+    return classification("gratings CNN", spec, gratings(args), args.image_train, args.image_epochs, 3e-3 if args.adamw else None)
+
+
+def motif_cnn(args) -> Setting:
+    spec = {"name": "cnn3", "side": 12, "channels": 1, "classes": 6, "width": 6}
+    return classification("motif CNN", spec, motifs(args), args.image_train, args.image_epochs, 3e-3 if args.adamw else None)
 
 
 def language_model(args) -> Setting:
@@ -334,7 +380,7 @@ def parser() -> argparse.ArgumentParser:
     """The command line, whose defaults are also the settings `damping.py` and `cg.py` rebuild."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--only", choices=["tabular", "image", "cnn", "lm"], nargs="+", help="run these settings")
+    p.add_argument("--only", choices=["tabular", "image", "cnn", "gratings", "motifs", "lm"], nargs="+", help="run these settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subsets", type=int, default=64)
     p.add_argument("--seeds", type=int, default=4, help="retraining seeds per subset (≥ 2 for the ceiling)")
@@ -379,7 +425,7 @@ def main() -> None:
         args.trak_models, args.tab_epochs, args.lm_epochs, args.image_train, args.image_epochs = 2, 3, 1, 60, 3
     args.out = args.out or Path(__file__).parent / "results" / ("lds_adamw.json" if args.adamw else "lds.json")
     torch.set_num_threads(args.threads)
-    settings = {"tabular": tabular, "image": image_mlp, "cnn": small_cnn, "lm": language_model}
+    settings = {"tabular": tabular, "image": image_mlp, "cnn": small_cnn, "gratings": gratings_cnn, "motifs": motif_cnn, "lm": language_model}
     results = [
         evaluate(dataclasses.replace(settings[k](args), protocol=args.protocol), args) for k in settings if args.only is None or k in args.only
     ]

@@ -34,7 +34,23 @@ def cnn(side: int, channels: int, classes: int, width: int = 8) -> nn.Module:
     )
 
 
-BUILDERS = {"mlp": mlp, "image_mlp": image_mlp, "cnn": cnn}
+def cnn3(side: int, channels: int, classes: int, width: int = 6) -> nn.Module:
+    """Three 3×3 convolutions with a max-pool after the second, global average pooling, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, classes),
+    )
+
+
+BUILDERS = {"mlp": mlp, "image_mlp": image_mlp, "cnn": cnn, "cnn3": cnn3}
 
 
 def build(spec: dict) -> nn.Module:
