@@ -2,7 +2,8 @@
 alone, and EK-FAC with one module's (or every module's) Kronecker-factored block replaced by the
 exact Gauss–Newton block (a dense [P_m, P_m] solve, damped like EK-FAC's: a fraction of the
 block's mean eigenvalue, which EK-FAC's corrected eigenvalues share). Both use the exact Fisher,
-so the difference is the Kronecker eigenbasis alone. Tiny models only (dense blocks).
+so the difference is the Kronecker eigenbasis alone. Tiny models only (dense blocks). The
+evidence for `CurvatureConfig.dense_conv_blocks`, which keeps small convolutions' blocks whole.
 
     python benchmarks/ekfac_blocks.py --cache /tmp/lds-cache   # retraining outcomes shared with damping.py
 """
@@ -22,7 +23,7 @@ import headwater as hw
 from headwater.methods.influence import DenseCurvature, dense_gauss_newton
 
 SETTINGS = (lds.tabular, lds.image_mlp, lds.small_cnn, lds.gratings_cnn, lds.motif_cnn)
-CURVATURE = hw.CurvatureConfig(fisher="exact", seed=0, batch_size=32)
+CURVATURE = hw.CurvatureConfig(fisher="exact", seed=0, batch_size=32, dense_conv_blocks=0)  # EK-FAC as it was: Kronecker blocks throughout
 DAMPINGS = [1.0, 3.0]  # the default, and the best of EK-FAC's own sweep on two tasks (damping.py)
 
 
@@ -41,7 +42,8 @@ class MixedCurvature:
     def inverse_hvp(self, grads: dict, damping: float, mode: str = "relative", ekfac: bool = True) -> dict:
         out = self.ekfac.inverse_hvp({n: g for n, g in grads.items() if n not in self.blocks}, damping, mode, ekfac)
         for name, block in self.blocks.items():  # relative: a fraction of the block's own mean eigenvalue
-            out |= block.inverse_hvp({name: grads[name]}, damping, mode)
+            if name in grads:
+                out |= block.inverse_hvp({name: grads[name]}, damping, mode)
         return {n: g if self.only in (None, n) else torch.zeros_like(g) for n, g in out.items()}
 
     def damping_for(self, *args, **kwargs) -> float:

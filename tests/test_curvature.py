@@ -96,15 +96,43 @@ def test_ekfac_inverse_hvp_is_close_to_the_dense_damped_solve(capsys):
         assert (approx(m.eigenvalues(True)) - dense[name]).norm() < (approx(m.eigenvalues(False)) - dense[name]).norm()
 
 
-def test_save_load_roundtrip(tmp_path):
-    model, task, records = mlp_setup()
-    curv = fit_curvature(model, task, records, config=CurvatureConfig(seed=2), progress=False)
+def test_small_convolutions_keep_their_whole_fisher_block():
+    """Convolutions of at most `dense_conv_blocks` parameters apply functions of their whole
+    Fisher block, built independently from per-example gradients under the same sampled labels;
+    larger ones, and linear layers of any size, keep EK-FAC's diagonal in the Kronecker basis."""
+    model, task, records = cnn(), ModuleTask("cross_entropy"), image_records(12)
+    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    limit = sorted(sizes[n] for n in convs)[-2]  # every convolution but the largest
+    config = CurvatureConfig(fisher="true", batch_size=4, seed=3, dense_conv_blocks=limit)
+    curv = fit_curvature(model, task, records, config=config, progress=False)
+    dense, _ = dense_fisher(model, task, records, config)
+    g = torch.Generator().manual_seed(0)
+    for name, m in curv.modules.items():
+        assert (m.block is not None) == (name in convs and sizes[name] <= limit)
+        block = dense[name] if m.block is not None else kron_basis(m) @ torch.diag(m.corrected.flatten()) @ kron_basis(m).T
+        lam = 0.1 * float(torch.diagonal(dense[name]).mean())
+        assert float(m.eigenvalues().mean()) == pytest.approx(float(torch.diagonal(dense[name]).mean()), rel=1e-10)
+        v = torch.randn(3, *m.corrected.shape, generator=g, dtype=torch.float64)
+        want = torch.linalg.solve(block + lam * torch.eye(len(block), dtype=torch.float64), v.reshape(3, -1).T).T.reshape(v.shape)
+        torch.testing.assert_close(m.apply(v, lambda e: 1 / (e + lam)), want, rtol=1e-8, atol=1e-12)
+    assert sum(m.block is not None for m in curv.modules.values()) == len(convs) - 1
+
+
+@pytest.mark.parametrize("setup", ["mlp", "cnn"])
+def test_save_load_roundtrip(tmp_path, setup):
+    model, task, records = mlp_setup() if setup == "mlp" else (cnn(), ModuleTask("cross_entropy"), image_records(8))
+    curv = fit_curvature(model, task, records, config=CurvatureConfig(seed=2, batch_size=4), progress=False)
+    assert any(m.block is not None for m in curv.modules.values()) == (setup == "cnn")  # the default keeps small convolutions whole
     curv.save(tmp_path / "curvature.safetensors")
     back = Curvature.load(tmp_path / "curvature.safetensors")
     assert back.config == curv.config and back.examples == curv.examples == len(records)
     for name, m in curv.modules.items():
         for key in ("q_a", "lam_a", "q_s", "lam_s", "corrected"):
             assert torch.equal(getattr(back.modules[name], key), getattr(m, key))
+        assert (back.modules[name].block is None) == (m.block is None)
+        if m.block is not None:
+            assert all(torch.equal(a, b) for a, b in zip(back.modules[name].block, m.block))
 
 
 def test_module_called_twice_counts_both_calls():

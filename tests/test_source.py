@@ -9,6 +9,7 @@ from reference import per_example_grads
 
 from headwater import EKFAC, SOURCE, InfluenceConfig, ModuleTask, Segment, SourceConfig, segments_from_trainer_state
 from headwater.config import CurvatureConfig
+from headwater.errors import UserError
 from headwater.methods.source import adam_scale_of
 
 
@@ -138,3 +139,20 @@ def test_adam_scale_floors_second_moments_that_stayed_at_zero():
     assert got["w"][0, 2] < 40 * got["w"][0, 0]  # unfloored it is ≈ 1e8, 10⁶ times its neighbours'
     unfloored = adam_scale_of(v, step, beta2, eps, floor=0.0)["w"][0, 2]
     assert unfloored == pytest.approx(1 / (np.sqrt(1e-21 / (1 - beta2**step)) + eps), rel=1e-6)  # 1e-21 is stored in float32
+
+
+def test_source_keeps_kronecker_blocks_where_influence_keeps_whole_conv_blocks():
+    """SOURCE's unrolled steps predict worse with whole convolution blocks (docs/benchmarks.md),
+    and its Adam step sizes are per Kronecker eigendirection, so it keeps the Kronecker blocks
+    (and refuses to be given whole ones, in one line); EK-FAC keeps small convolutions whole."""
+    from reference import cnn, image_records
+
+    model, task, records = cnn(), ModuleTask("cross_entropy"), image_records(8)
+    blocks = lambda curv: [m.block is not None for m in curv.modules.values()]  # noqa: E731
+    influence = EKFAC(model, task).fit(records).curvature
+    convs = [isinstance(model.get_submodule(n), torch.nn.Conv2d) for n in influence.modules]
+    assert blocks(influence) == convs and any(convs)
+    source = lambda **kw: SOURCE([Segment([model], lr=0.1, steps=3)], task, SourceConfig(**kw)).fit(records)  # noqa: E731
+    assert not any(blocks(source().curvatures[0]))
+    with pytest.raises(UserError, match="SOURCE uses the Kronecker-factored blocks only"):
+        source(curvature=CurvatureConfig(dense_conv_blocks=4096))

@@ -12,6 +12,11 @@ replaces them by the exact diagonal of the Fisher in that basis,
 Λ*_ij = E_n[(Q_Sᵀ DW_n Q_A)²_ij], from a second pass over the same examples and sampled labels.
 A spectral function of the block is applied to a gradient V [d_out, d_in_aug] as
 Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ: the damped inverse for influence functions, exp(−ηKΛ) for SOURCE.
+Convolutions of at most `CurvatureConfig.dense_conv_blocks` parameters keep the whole block in
+that basis, B = E_n[vec(Q_Sᵀ DW_n Q_A) vec(…)ᵀ] = U diag(σ) Uᵀ [P, P], whose diagonal is Λ*, and
+apply fn(σ) in U's basis instead: the exact Fisher block. A convolution's factors treat its
+positions as independent examples, and its Kronecker basis fits the block far worse than a
+linear layer's does (benchmarks/ekfac_blocks.py).
 """
 
 from __future__ import annotations
@@ -41,9 +46,13 @@ class ModuleCurvature:
     q_s: torch.Tensor  # [d_out, d_out]
     lam_s: torch.Tensor  # [d_out]
     corrected: torch.Tensor | None = None  # EK-FAC Λ* [d_out, d_in_aug]
+    block: tuple[torch.Tensor, torch.Tensor] | None = None  # the whole block in the Kronecker basis: σ [P], U [P, P]
 
     def eigenvalues(self, ekfac: bool = True) -> torch.Tensor:
-        """[d_out, d_in_aug] eigenvalues of the block in the Kronecker eigenbasis."""
+        """Eigenvalues of the block: in the Kronecker eigenbasis [d_out, d_in_aug], or, for a dense
+        block, its own [P] (the same mean: both sum to the block's trace)."""
+        if ekfac and self.block is not None:
+            return self.block[0]
         if ekfac:
             if self.corrected is None:
                 raise UserError("these factors have no eigenvalue correction; fit with ekfac=True or use kfac")
@@ -58,8 +67,13 @@ class ModuleCurvature:
         return self.q_s.to(v) @ v @ self.q_a.T.to(v)
 
     def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], ekfac: bool = True) -> torch.Tensor:
-        """Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ for V [..., d_out, d_in_aug]."""
-        return self.unrotate(self.rotate(v) * fn(self.eigenvalues(ekfac)).to(v))
+        """Q_S [fn(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ for V [..., d_out, d_in_aug] (a dense block: U fn(σ) Uᵀ in place of fn(Λ) ⊙)."""
+        r = self.rotate(v)
+        if ekfac and self.block is not None:
+            values, vectors = (t.to(v) for t in self.block)
+            flat = r.reshape(*r.shape[:-2], -1)
+            return self.unrotate((((flat @ vectors) * fn(values)) @ vectors.T).reshape(r.shape))
+        return self.unrotate(r * fn(self.eigenvalues(ekfac)).to(v))
 
 
 @dataclass
@@ -107,6 +121,8 @@ class Curvature:
             for key in ("q_a", "lam_a", "q_s", "lam_s", "corrected"):
                 if getattr(m, key) is not None:
                     tensors[f"{name}/{key}"] = getattr(m, key).contiguous()
+            if m.block is not None:
+                tensors[f"{name}/block_values"], tensors[f"{name}/block_vectors"] = (t.contiguous() for t in m.block)
         meta = {"config": self.config.to_dict(), "examples": self.examples, "meta": self.meta, "modules": list(self.modules)}
         save_file(tensors, str(path), metadata={"headwater": json.dumps(meta)})
 
@@ -120,10 +136,12 @@ class Curvature:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads(fh.metadata()["headwater"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        modules = {
-            name: ModuleCurvature(*(tensors[f"{name}/{k}"] for k in ("q_a", "lam_a", "q_s", "lam_s")), tensors.get(f"{name}/corrected"))
-            for name in meta["modules"]
-        }
+        modules = {}
+        for name in meta["modules"]:
+            block = (tensors[f"{name}/block_values"], tensors[f"{name}/block_vectors"]) if f"{name}/block_values" in tensors else None
+            modules[name] = ModuleCurvature(
+                *(tensors[f"{name}/{k}"] for k in ("q_a", "lam_a", "q_s", "lam_s")), tensors.get(f"{name}/corrected"), block
+            )
         return cls(modules, CurvatureConfig.from_dict(meta["config"]), meta["examples"], meta["meta"])
 
 
@@ -151,6 +169,7 @@ def fisher_loss(task: Task, config: CurvatureConfig, batch_index: int):
     return lambda model, batch: task.loss(model, batch, sample=gen)
 
 
+DENSE_CONV_BLOCKS = 4096  # CurvatureConfig.dense_conv_blocks's default: a block of at most 128 MiB
 MAX_CLASSES = 64  # fisher="exact" takes one backward pass per class
 
 
@@ -212,6 +231,8 @@ def fit_curvature(
     config = config or CurvatureConfig()
     if config.fisher is None:  # saved with the curvature: the Fisher it was fitted with
         config = dataclasses.replace(config, fisher="true")
+    if config.dense_conv_blocks is None:
+        config = dataclasses.replace(config, dense_conv_blocks=DENSE_CONV_BLOCKS)
     collectors = [GradientCollector(m, task, ProjectionConfig("none"), modules) for m in (model if isinstance(model, (list, tuple)) else [model])]
     collector = collectors[0]
     batches = curvature_batches(task, records, config)
@@ -244,6 +265,12 @@ def fit_curvature(
         curv[name] = ModuleCurvature(q_a.cpu(), lam_a.clamp_min(0).cpu(), q_s.cpu(), lam_s.clamp_min(0).cpu())
     if ekfac:
         corr = {n: torch.zeros(m.q_s.shape[0], m.q_a.shape[0], dtype=torch.float64, device=dev) for n, m in curv.items()}
+        convs = {n for n, tm in collector.modules.items() if isinstance(tm.module, torch.nn.Conv2d)}
+        dense = {
+            n: torch.zeros(c.numel(), c.numel(), dtype=torch.float64, device=dev)
+            for n, c in corr.items()
+            if n in convs and c.numel() <= config.dense_conv_blocks
+        }
         for col, i, batch in tqdm(passes, desc="curvature: eigenvalue correction", disable=not progress):
             for labelled, loss, weighted in fisher_draws(task, col.model, config, batch, i):
                 losses, calls = col.module_grads(labelled, loss)
@@ -255,7 +282,13 @@ def fit_curvature(
                 w = draw_weights(losses, weighted).to(dev)
                 for name, rot in per_example.items():
                     corr[name] += torch.einsum("b,boi->oi", w, rot**2)
-        _all_reduce(list(corr.values()))
+                    if name in dense:
+                        flat = rot.reshape(rot.shape[0], -1)
+                        dense[name] += (flat * w[:, None]).T @ flat
+        _all_reduce([*corr.values(), *dense.values()])
         for name, c in corr.items():
             curv[name].corrected = (c / n_examples).cpu()
+        for name, b in dense.items():
+            values, vectors = torch.linalg.eigh(b / n_examples)
+            curv[name].block = (values.clamp_min(0).cpu(), vectors.cpu())
     return Curvature(curv, config, int(n_examples), {"tokens": {n: int(tokens[slot[n]].item()) for n in A}})

@@ -22,6 +22,7 @@ one checkpoint (τ = ηK ∇L(q)·∇L(z)); ηK → ∞ gives the influence func
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +163,12 @@ class SOURCE(Method):
             raise UserError("SOURCE needs the run's segments (checkpoints with learning rates and steps) and task=")
         self.final_model = self.final_model if self.final_model is not None else self.segments[-1].checkpoints[-1]
         cfg = self.config
+        # Kronecker blocks throughout: its Adam step sizes are per Kronecker eigendirection, and whole blocks unrolled worse (docs/benchmarks.md)
+        if cfg.curvature.dense_conv_blocks:
+            raise UserError("SOURCE uses the Kronecker-factored blocks only: leave --dense-conv-blocks unset (or 0)")
+        curvature = dataclasses.replace(cfg.curvature, dense_conv_blocks=0)
         self.curvatures = [
-            fit_curvature(seg.checkpoints, self.task, self.data.records, cfg.modules, cfg.curvature, progress=progress) for seg in self.segments
+            fit_curvature(seg.checkpoints, self.task, self.data.records, cfg.modules, curvature, progress=progress) for seg in self.segments
         ]
         return self
 
