@@ -233,10 +233,9 @@ class CurvatureConfig(Config):
     seed: int = option(0, "Seed of the labels sampled for the true Fisher and of the example sample.", flag="--fisher-seed")
     dense_conv_blocks: int | None = option(
         None,
-        "EK-FAC: convolutions with at most this many parameters keep their whole Fisher block (P² memory: 128 MiB at 4096) "
-        "instead of its diagonal in the Kronecker eigenbasis, which fits a convolution's curvature poorly (it treats "
-        "positions as independent; benchmarks/ekfac_blocks.py). 0: none. Default: 4096. SOURCE keeps the Kronecker blocks "
-        "(its unrolled steps predicted worse with whole ones, docs/benchmarks.md).",
+        "EK-FAC: convolutions of at most this many parameters keep their whole Fisher block (P² memory) instead of its diagonal "
+        "in the Kronecker eigenbasis, which fits them poorly (benchmarks/ekfac_blocks.py). 0: none. Default: 4096 (128 MiB). "
+        "SOURCE keeps the Kronecker blocks (docs/benchmarks.md).",
     )
 
 
