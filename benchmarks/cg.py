@@ -1,8 +1,8 @@
 """Conjugate-gradient influence against EK-FAC on the four settings of `lds.py`: CG from zero on
 the damped Hessian of the mean training loss over the tracked weights (dattri's recipe), at three
 dampings, LDS after 1, 2, 3, 5 and 10 steps; and headwater's own refinement (PCG on the sampled
-Fisher from the EK-FAC solve) at its defaults (30 × the model's mean eigenvalue; a classifier's
-exact Fisher), at EK-FAC's damping on the sampled Fisher (CG's setting until this release), and
+Fisher from the EK-FAC solve) at its defaults (a classifier's exact Fisher at 10 × the model's
+mean eigenvalue, a sampled one at 30 ×), at EK-FAC's damping on the sampled Fisher (CG's setting until this release), and
 over Fishers and dampings: the evidence for CG's defaults and for keeping CG off by default
 (docs/benchmarks.md).
 

@@ -41,11 +41,12 @@ def outcomes(setting: lds.Setting, masks: np.ndarray, seeds: int, cache: Path | 
 CURVATURE = hw.CurvatureConfig(fisher="true", seed=0, batch_size=32)  # as lds.py
 
 
-def trained_tasks(cache: Path | None):
-    """lds.py's four settings at its default sizes, one at a time: (setting, trained model, subset
-    masks [subsets, n], retrained target losses [seeds, subsets, targets])."""
-    settings = lds.parser().parse_args([])
-    for make in (lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model):
+def trained_tasks(cache: Path | None, makes=(lds.tabular, lds.image_mlp, lds.small_cnn, lds.language_model), argv=()):
+    """lds.py's settings (by default its first four) at the sizes its command line `argv` gives,
+    one at a time: (setting, trained model, subset masks [subsets, n], retrained target losses
+    [seeds, subsets, targets])."""
+    settings = lds.parser().parse_args(list(argv))
+    for make in makes:
         setting = make(settings)
         final, _ = setting.fit(setting.train, seed=0)
         masks = hw.subset_masks(len(setting.train), settings.subsets, 0.5, seed=settings.seed)

@@ -107,7 +107,7 @@ H_MODULES = (
 )
 H_DAMPING = (
     "Damping, as a fraction of the mean eigenvalue of the matrix the method inverts "
-    "(TrackStar: the gradient autocorrelation; ekfac/kfac: the curvature, by default 1, or 30 with --cg-steps, see "
+    "(TrackStar: the gradient autocorrelation; ekfac/kfac: the curvature, by default 1, or 10 (30 on a sampled Fisher) with --cg-steps, see "
     "--damping-mode; trak: the feature kernel)."
 )
 H_POOL = "How a record's several rows (sentence or token units) combine into its score: max, mean or sum."
@@ -294,8 +294,8 @@ class InfluenceConfig(Config):
 
     curvature: CurvatureConfig = option(CurvatureConfig(), "How the curvature is fitted.")
     # None: 1 × each module's mean eigenvalue for EK-FAC/KFAC alone (the literature's 0.1 scores lower
-    # on 3 of the 4 tasks of benchmarks/lds.py); with CG, 30 × the whole model's, whose exact solve
-    # predicts retraining better than EK-FAC's at any damping on 3 of 4 (docs/benchmarks.md)
+    # on 3 of the 4 tasks of benchmarks/lds.py); with CG, the whole model's × 10 on a classifier's exact
+    # Fisher, × 30 on a sampled one, whose noise CG would otherwise fit (benchmarks/cg_check.py)
     damping: float | None = option(None, H_DAMPING)
     damping_mode: str | None = option(
         None,
@@ -306,7 +306,7 @@ class InfluenceConfig(Config):
     cg_steps: int = option(
         0,
         "Refine the inverse-curvature-vector product by this many preconditioned conjugate-gradient steps on the Fisher of the "
-        "curvature's sample, each one pass over that sample; unless given, --damping is then 30 and --damping-mode model "
+        "curvature's sample, each one pass over that sample; unless given, --damping is then 10 (30 on a sampled Fisher) and --damping-mode model "
         "(without CG: 1 and relative).",
     )
     query_rank: int | None = option(
@@ -316,13 +316,13 @@ class InfluenceConfig(Config):
     batch_size: int = option(8, H_BATCH)
     pool: str = option("max", H_POOL, choices=POOLS)
 
-    def solve_damping(self) -> tuple[float, str]:
-        """(damping, mode) of the system (G + λI)x = ∇f that is solved, defaults filled in."""
+    def solve_damping(self, fisher: str | None = None) -> tuple[float, str]:
+        """(damping, mode) of the system (G + λI)x = ∇f solved, defaults filled in (under CG by `fisher`)."""
         cg = self.cg_steps > 0
         mode = self.damping_mode or ("model" if cg else "relative")
         if self.damping is None and mode == "absolute":
             raise UserError("--damping-mode absolute needs a --damping (an absolute λ has no default)")
-        return (self.damping if self.damping is not None else (30.0 if cg else 1.0)), mode
+        return (self.damping if self.damping is not None else ((10.0 if fisher == "exact" else 30.0) if cg else 1.0)), mode
 
     def solve_curvature(self, task) -> CurvatureConfig:
         """The curvature's settings, defaults filled in: the true Fisher by one sampled label per

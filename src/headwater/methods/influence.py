@@ -217,17 +217,21 @@ class InfluenceFunction(Method):
         return x
 
     def config_used(self) -> dict:
-        damping, mode = self.config.solve_damping()
+        damping, mode = self._solve_damping()
         used = dataclasses.replace(self.config, damping=damping, damping_mode=mode)
         if isinstance(self.curvature, Curvature):
             used = dataclasses.replace(used, curvature=self.curvature.config)
         return used.to_dict()
 
     def _inverse(self, grads: Grads) -> Grads:
-        return self.curvature.inverse_hvp(grads, *self.config.solve_damping(), self.ekfac)
+        return self.curvature.inverse_hvp(grads, *self._solve_damping(), self.ekfac)
 
     def _damping(self, name: str) -> float:
-        return self.curvature.damping_for(name, *self.config.solve_damping(), self.ekfac)
+        return self.curvature.damping_for(name, *self._solve_damping(), self.ekfac)
+
+    def _solve_damping(self) -> tuple[float, str]:
+        fisher = self.curvature.config.fisher if isinstance(self.curvature, Curvature) else None
+        return self.config.solve_damping(fisher)
 
     def fisher_vector_product(self, v: Grads) -> Grads:
         """(F + λI) v with F the Fisher of the training records the factors were fitted on (the
