@@ -188,15 +188,15 @@ def main() -> None:
         "| method | Recall@10 | MRR | answered | not answered | entity stated first | value stated first | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    recall = lambda r, group: r.get(group, {}).get("recall", float("nan"))  # noqa: E731  (nan: no question in the group)
     for name, r in results.items():
-        na = r.get("not answered", {}).get("recall", float("nan"))
-        ef, vf = r["documents stating entity first"]["recall"], r["documents stating value first"]["recall"]
+        cells = [recall(r, g) for g in ("all", "answered", "not answered", "documents stating entity first", "documents stating value first")]
         lines.append(
-            f"| {name} | {r['all']['recall']:.3f} | {r['all']['mrr']:.3f} | {r['answered']['recall']:.3f} | {na:.3f} | {ef:.3f} | {vf:.3f} | {seconds[name]:.0f} |"
+            f"| {name} | {cells[0]:.3f} | {r['all']['mrr']:.3f} | " + " | ".join(f"{c:.3f}" for c in cells[1:]) + f" | {seconds[name]:.0f} |"
         )
     lines += ["", "Recall@10 by relation:", "", "| method | " + " | ".join(RELATIONS) + " |", "|---" * (1 + len(RELATIONS)) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[f'relation {rel}']['recall']:.3f}" for rel in RELATIONS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{recall(r, f'relation {rel}'):.3f}" for rel in RELATIONS) + " |")
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
