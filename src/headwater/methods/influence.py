@@ -200,7 +200,9 @@ class InfluenceFunction(Method):
         path = curvature_file(index, config) if index is not None else None
         if path is not None and path.exists():
             return Curvature.load(path)
-        curv = fit_curvature(self.model, self.task, self.data.records, list(self.collector.modules), config, progress=progress)
+        # KFAC skips EK-FAC's correction pass, unless the curvature is saved beside an index for both
+        ekfac = self.ekfac or path is not None
+        curv = fit_curvature(self.model, self.task, self.data.records, list(self.collector.modules), config, ekfac, progress)
         if path is not None:
             curv.save(path)
         return curv
