@@ -8,6 +8,17 @@ from stage_runs import problem, run_stage
 
 import headwater as hw
 
+TEXTS = [  # the Trainer runs' corpus
+    "the capital of zorblat is quenti",
+    "mirel is a large old city",
+    "the river of vask is blue",
+    "tela was a small red mountain",
+    "orin is in the south",
+    "the city is old and famous",
+    "vask is a river",
+    "the mountain is red",
+]
+
 
 def test_the_recorder_records_what_the_optimizer_did(tmp_path):
     model, task, records = problem()
@@ -92,16 +103,7 @@ def test_the_trainer_callback_records_the_optimizers_real_values(tmp_path, token
 
     torch.manual_seed(0)
     model = tiny_gpt2(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=16)
-    texts = [
-        "the capital of zorblat is quenti",
-        "mirel is a large old city",
-        "the river of vask is blue",
-        "tela was a small red mountain",
-        "orin is in the south",
-        "the city is old and famous",
-        "vask is a river",
-        "the mountain is red",
-    ]
+    texts = TEXTS
     path = tmp_path / "traj"
     trainer, spy, rows = hf_stage(tmp_path, model, tokenizer, texts, "sft-1", path, 1e-3, checkpoint_every=2)  # 4 batches: 2 steps an epoch
     trainer2, spy2, rows2 = hf_stage(tmp_path, model, tokenizer, texts[::-1], "sft-2", path, 5e-4, checkpoint_every=2)
@@ -143,16 +145,7 @@ def test_a_trajectory_reconstructed_from_trainer_checkpoints(tmp_path, tokenizer
     torch.manual_seed(0)
     model = tiny_gpt2(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=16)
     start = copy.deepcopy(model)
-    texts = [
-        "the capital of zorblat is quenti",
-        "mirel is a large old city",
-        "the river of vask is blue",
-        "tela was a small red mountain",
-        "orin is in the south",
-        "the city is old and famous",
-        "vask is a river",
-        "the mountain is red",
-    ]
+    texts = TEXTS
     hf_stage(tmp_path, model, tokenizer, texts, "sft-1", tmp_path / "traj", 1e-3, clip=0.0, save=True, checkpoint_every=2, save_steps=2)
     hf_stage(tmp_path, model, tokenizer, texts[::-1], "sft-2", tmp_path / "traj", 5e-4, clip=0.0, save=True)
     recorded = hw.Trajectory(tmp_path / "traj")
