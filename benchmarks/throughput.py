@@ -165,7 +165,7 @@ def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
     n_docs, tokens = len(records), s["tokens"]
     warm = batches[:2]
 
-    bergson, binfo = start_bergson(args, s, workdir)  # before headwater's warm-up: nothing runs beside a timed case
+    bergson, binfo = start_bergson(args, s, workdir, log)  # before headwater's warm-up: nothing runs beside a timed case
     log("build: warm-up")
     bare_pass(model, warm)
     collector = GradientCollector(model, task, ProjectionConfig("factored", args.projection_dim, args.seed))

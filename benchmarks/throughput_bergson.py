@@ -8,15 +8,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] bergson: {msg}", file=sys.stderr, flush=True)
 
 
 class Bergson:
@@ -83,8 +78,9 @@ class Bergson:
         self._log.close()
 
 
-def start_bergson(args, s, workdir: Path) -> tuple[Bergson | None, dict]:
-    """(session, info) — session None with info["status"] saying why bergson is not measured."""
+def start_bergson(args, s, workdir: Path, log) -> tuple[Bergson | None, dict]:
+    """(session, info) — session None with info["status"] saying why bergson is not measured;
+    `log` is `throughput.py`'s progress line."""
     py = Path(args.bergson_python)
     if args.skip_bergson:
         return None, {"status": "skipped (--skip-bergson)"}
@@ -121,7 +117,7 @@ def start_bergson(args, s, workdir: Path) -> tuple[Bergson | None, dict]:
         "--serve",
     ]
     info["command"] = cmd
-    log("loading and warming up: " + " ".join(cmd))
+    log("bergson: loading and warming up: " + " ".join(cmd))
     try:
         return Bergson(cmd, args.bergson_timeout, workdir / "bergson.log"), info
     except Exception as exc:  # a failed start is reported, not raised
