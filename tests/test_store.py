@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -192,6 +193,60 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(baseline, se
     assert index.store.rows == child.N_DOCS
     assert not stray.exists() and not tmp.exists()
     assert_equals_baseline(path, baseline, setup)
+
+
+def test_shards_are_written_in_the_background_and_a_failed_write_fails_the_build(baseline, setup, tmp_path, monkeypatch):
+    """Shards are written by the writer's thread while the next rows are computed; a write that
+    fails (a full disk) fails the build with its own error, the shards before it stay journaled,
+    and a resume completes the index to the uninterrupted one."""
+    from headwater import store
+
+    threads, real = [], store.atomic_save_rows
+
+    def save(path, parts):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 6:  # the 6th shard's rows
+            raise OSError(28, "No space left on device")
+        return real(path, parts)
+
+    monkeypatch.setattr(store, "atomic_save_rows", save)
+    path = tmp_path / "idx"
+    with pytest.raises(OSError, match="No space left"):
+        child.build(path)
+    assert len(threads) == 6 and all(name.startswith("headwater-shards") for name in threads)
+    assert assert_journal_is_baseline_prefix(path, baseline, at_least=5) == 5
+    monkeypatch.setattr(store, "atomic_save_rows", real)
+    child.build(path, resume=True)
+    assert_equals_baseline(path, baseline, setup)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.uint16, np.float32])
+def test_rows_saved_in_parts_are_np_save_of_their_concatenation(tmp_path, dtype):
+    from headwater.store import atomic_save_rows, sha256_file
+
+    rng = np.random.default_rng(0)
+    parts = [(rng.standard_normal((n, 7)) * 1000).astype(dtype) for n in (3, 1, 5)]
+    parts[1] = np.asfortranarray(np.repeat(parts[1], 2, axis=0))[::2]  # a strided view: written as its rows, not its memory
+    np.save(tmp_path / "ref.npy", np.concatenate(parts), allow_pickle=False)
+    digest = atomic_save_rows(tmp_path / "got.npy", parts)
+    assert (tmp_path / "got.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert digest == sha256_file(tmp_path / "ref.npy")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rows_holding_nan_or_inf_are_refused_naming_the_first_record(bad):
+    from headwater.store import check_storable
+
+    rows, ids = torch.randn(4, 6), np.array([[10, 0], [11, 0], [11, 1], [12, 0]])
+    check_storable(rows, "float16", ids)  # finite rows pass
+    rows[2, 3] = rows[3, 0] = bad
+    with pytest.raises(UserError, match=r"rows of 2 examples hold inf or NaN \(first: record 11\)"):
+        check_storable(rows, "float32", ids)
+    rows = torch.randn(4, 6)
+    rows[1, 1] = -7e4  # finite in float32, inf in float16
+    with pytest.raises(UserError, match="7e\\+04, beyond float16's range"):
+        check_storable(rows, "float16", ids)
+    check_storable(rows, "bfloat16", ids)
 
 
 def test_resume_drops_a_journaled_shard_that_fails_its_checksum(baseline, setup, tmp_path):

@@ -146,8 +146,7 @@ def build_index(
     lo, hi = rank * len(records) // world, (rank + 1) * len(records) // world
     shard_rows = config.shard_rows or max(1, SHARD_BYTES // (collector.dim * np.dtype(DTYPES[config.row_dtype][1]).itemsize))
     try:
-        with BuildLock(path / "locks" / f"r{rank:03d}.lock"):
-            writer = ShardWriter(path, rank, collector.dim, config.row_dtype, shard_rows, resume)
+        with BuildLock(path / "locks" / f"r{rank:03d}.lock"), ShardWriter(path, rank, collector.dim, config.row_dtype, shard_rows, resume) as writer:
             start = writer.next_record if writer.next_record is not None else lo
             problems, examples = _collect_range(collector, task, records, start, hi, config.batch_size, writer, progress and rank == 0)
     except UserError:

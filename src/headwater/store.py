@@ -17,13 +17,17 @@ cover whole records, so no row is lost or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
 import socket
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +82,27 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_rows(path: Path, parts: list[np.ndarray]) -> str:
+    """Save the concatenation of `parts` (arrays [n_i, ...] of one dtype) as `atomic_save_npy`
+    would, byte for byte, without building it; returns the file's sha256, hashed from memory
+    rather than read back (a shard is hundreds of MB: the copy and the re-read cost more than the write)."""
+    header = io.BytesIO()
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape})
+    digest = hashlib.sha256(header.getvalue())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(header.getvalue())
+        for part in parts:
+            data = memoryview(np.ascontiguousarray(part)).cast("B")
+            digest.update(data)
+            fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
 def write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -87,19 +112,22 @@ def read_json(path: Path) -> dict:
 
 
 def to_numpy_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
-    t = rows.detach().to("cpu", DTYPES[dtype][0]).contiguous()
+    t = rows.detach().to(DTYPES[dtype][0]).to("cpu").contiguous()  # cast where the rows are: half the bytes to copy off a GPU
     return t.view(torch.uint16).numpy() if dtype == "bfloat16" else t.numpy()
 
 
 def check_storable(rows: torch.Tensor, dtype: str, ids: np.ndarray) -> None:
     """Refuse rows that would be stored as inf/NaN, at the first batch rather than at query time."""
-    finite = torch.isfinite(rows).all(1)
-    if not finite.all():
+    if not rows.numel():
+        return
+    low, high = torch.aminmax(rows.detach())  # one pass, NaN propagating: the per-row check only when it fails
+    peak = float(torch.maximum(-low, high))
+    if not math.isfinite(peak):
+        finite = torch.isfinite(rows).all(1)
         first = int(np.asarray(ids).reshape(-1, 2)[int((~finite).nonzero()[0, 0]), 0])
         raise UserError(
             f"gradient rows of {int((~finite).sum())} examples hold inf or NaN (first: record {first}): the loss or the model is not finite there"
         )
-    peak = float(rows.detach().abs().max()) if rows.numel() else 0.0
     limit = float(torch.finfo(DTYPES[dtype][0]).max)
     if peak > limit:
         raise UserError(f"gradient rows reach |x| = {peak:.3g}, beyond {dtype}'s range ({limit:.0f}): build with --storage-dtype bfloat16 or float32")
@@ -172,8 +200,10 @@ class ShardWriter:
 
     `add(rows, ids, done)` takes rows [b, dim] with ids [b, 2] (global record index, unit index)
     and `done`, the global record index before which every record is complete; a shard is written
-    once at least `shard_rows` rows are buffered, cut at a record boundary. `next_record` is where
-    a resumed build continues (None when nothing was written yet).
+    once at least `shard_rows` rows are buffered, cut at a record boundary, by a background thread
+    while the caller computes the next rows. `close(done)` writes the rest and waits; as a context
+    manager it also waits when the caller fails, so no write outlives it. `next_record` is where a
+    resumed build continues (None when nothing was written yet).
     """
 
     def __init__(self, root: Path, rank: int, dim: int, dtype: str, shard_rows: int, resume: bool):
@@ -188,6 +218,8 @@ class ShardWriter:
         self.next_record: int | None = self.entries[-1]["next_record"] if self.entries else None
         self._rows: list[np.ndarray] = []
         self._ids: list[np.ndarray] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headwater-shards")
+        self._pending: Future | None = None
 
     def _recover(self) -> list[dict]:
         entries, good_bytes = [], 0
@@ -233,29 +265,59 @@ class ShardWriter:
             self._flush(done)
 
     def close(self, done: int) -> None:
+        """Write what is buffered and wait until every shard is on disk and journaled."""
         self._flush(done)
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait for the shard being written; re-raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            self.wait()
+        elif self._pending is not None:  # leave no write running behind the caller's error (which wins)
+            with contextlib.suppress(Exception):
+                self.wait()
+        self._pool.shutdown()
 
     def _flush(self, done: int) -> None:
-        """Write the buffered rows of records before `done` as one shard."""
+        """Write the buffered rows of records before `done` as one shard, in the background: the
+        model computes the next rows meanwhile (on a GPU, writing is otherwise half the build)."""
         if not self._rows:
             return
-        rows, ids = np.concatenate(self._rows), np.concatenate(self._ids)
+        ids = np.concatenate(self._ids)
         complete = ids[:, 0] < done
         if not complete.any():
             return
         n = int(np.argmin(complete)) if not complete.all() else len(ids)
-        self._rows, self._ids = ([rows[n:]], [ids[n:]]) if n < len(ids) else ([], [])
+        parts, rest, taken = [], [], 0  # the rows split at row n without copying them
+        for r in self._rows:
+            cut = min(len(r), max(0, n - taken))
+            parts += [r[:cut]] if cut else []
+            rest += [r[cut:]] if cut < len(r) else []
+            taken += len(r)
+        self._rows, self._ids = rest, [ids[n:]] if n < len(ids) else []
+        self.wait()  # one shard in flight: memory stays at two shards, and the journal in order
+        self._pending = self._pool.submit(self._write, parts, ids[:n], done)
+
+    def _write(self, parts: list[np.ndarray], ids: np.ndarray, done: int) -> None:
         seq = len(self.entries)
         name = f"r{self.rank:03d}-s{seq:06d}"
         data, ids_path = self.shard_dir / f"{name}.npy", self.shard_dir / f"{name}.ids.npy"
-        atomic_save_npy(ids_path, ids[:n])
-        atomic_save_npy(data, rows[:n])
+        atomic_save_npy(ids_path, ids)
+        rows_sha256 = atomic_save_rows(data, parts)
         _fsync_dir(self.shard_dir)
         entry = {
             "file": data.name,
             "ids": ids_path.name,
-            "rows": n,
-            "sha256": sha256_file(data),
+            "rows": len(ids),
+            "sha256": rows_sha256,
             "ids_sha256": sha256_file(ids_path),
             "next_record": done,
         }
