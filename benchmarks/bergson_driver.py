@@ -1,7 +1,7 @@
 """Times bergson's gradient collection; run by throughput.py with the *bergson* virtualenv's python.
 
     python bergson_driver.py MODEL_DIR DATA_DIR RUN_DIR --projection-dim 64 --batch-size 8 \
-        --doc-tokens 128 --threads 2 --warmup-docs 32
+        --doc-tokens 128 --threads 2 --warmup-docs 32 [--precision bf16]
 
 It mirrors `bergson.build.build_worker` (load model, create the processor, allocate batches,
 `collect_gradients`), but tokenizes and loads once, warms up on the first `--warmup-docs`
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--doc-tokens", type=int, required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bergson's model precision")
     ap.add_argument("--warmup-docs", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--serve", action="store_true", help="after the warm-up, time one run per line read from stdin")
@@ -54,7 +55,7 @@ def main() -> None:
         return IndexConfig(
             run_path=run,
             model=args.model,
-            precision="fp32",
+            precision=args.precision,
             data=DataConfig(dataset=args.data),
             projection_dim=args.projection_dim,
             include_bias=True,  # headwater's rows include the bias column
@@ -77,6 +78,8 @@ def main() -> None:
         batches = allocate_batches(sub["length"][:], c.token_batch_size, max_batch_size=c.max_batch_size)
         t0 = time.perf_counter()
         collect_gradients(model=model, data=sub, processor=processor, cfg=c, batches=batches, target_modules=target_modules)
+        if torch.cuda.is_available():  # bergson runs on the GPU whenever there is one
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     collect(os.path.join(args.run, "warmup"), min(args.warmup_docs, len(ds)))

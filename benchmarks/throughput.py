@@ -59,6 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"), help="JSON output path")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP / BLAS threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--device", default="cpu", help="torch device of the model in the build measurements, e.g. cuda (bergson picks cuda itself when it has one)"
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="model precision in the build measurements (bergson's --precision fp32 / bf16)",
+    )
     ap.add_argument("--workdir", default=None, help="where indexes are written (default: a temp dir, removed after)")
     g = ap.add_argument_group("build")
     g.add_argument("--docs", type=int, default=512)
@@ -105,12 +114,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (a no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 1) -> float:
-    """Best wall time of `repeats` calls of fn()."""
+    """Best wall time of `repeats` calls of fn(), GPU work included."""
     best = math.inf
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         fn()
+        synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -128,10 +145,10 @@ def make_setup(args):
     rng = np.random.default_rng(args.seed)
     words = [f"w{i}" for i in range(args.vocab)]
     texts = [" ".join(words[j] for j in rng.integers(0, args.vocab, args.doc_tokens)) for _ in range(args.docs)]
-    n_positions = max(1024, args.doc_tokens)
+    n_positions = max(1024, args.batch_size * args.doc_tokens)  # bergson refuses token batches longer than the model's context
     tok = word_tokenizer([" ".join(words)], max_length=n_positions)
     torch.manual_seed(args.seed)
-    model = tiny_gpt2(len(tok), args.layers, args.embd, args.heads, n_positions).eval()
+    model = tiny_gpt2(len(tok), args.layers, args.embd, args.heads, n_positions).to(args.device, getattr(torch, args.dtype)).eval()
     task = LanguageModelTask(tok, max_length=args.doc_tokens)
     records = datasets.Dataset.from_dict({"text": texts})
     examples = [ex for t in texts for ex in task.encode({"text": t})]
@@ -142,7 +159,9 @@ def make_setup(args):
 
 
 def bare_pass(model, batches) -> None:
+    device = next(model.parameters()).device
     for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}  # as the collector does: batches start on the CPU
         model.zero_grad(set_to_none=True)
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["input_ids"])
         out.loss.backward()
@@ -170,7 +189,12 @@ def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
     bare_pass(model, warm)
     collector = GradientCollector(model, task, ProjectionConfig("factored", args.projection_dim, args.seed))
     collector_pass(collector, warm)  # also creates the projection matrices
-    cfg = BuildConfig(projection=ProjectionConfig("factored", args.projection_dim, args.seed), storage_dtype="float16", batch_size=args.batch_size)
+    cfg = BuildConfig(
+        projection=ProjectionConfig("factored", args.projection_dim, args.seed),
+        storage_dtype="float16",
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     build_index(workdir / "warm", model, records.select(range(min(len(records), 2 * args.batch_size))), task, cfg, overwrite=True, progress=False)
 
     cases = {
@@ -384,7 +408,10 @@ def fmt_rate(x: float) -> str:
 def table(result: dict) -> str:
     L = []
     env = result["environment"]
-    L.append(f"headwater throughput — {env['cpu']} | {env['cores']} cores, threads={env['threads']} | torch {env['torch']} | numpy {env['numpy']}")
+    gpu = f"{env['gpu']} + " if env.get("gpu") else ""
+    L.append(
+        f"headwater throughput — {gpu}{env['cpu']} | {env['cores']} cores, threads={env['threads']} | torch {env['torch']} | numpy {env['numpy']}"
+    )
     load = result.get("machine_load")
     if load is not None:
         busy = load["others_fraction"]
@@ -397,7 +424,7 @@ def table(result: dict) -> str:
         m = result["build_setup"]
         L.append("")
         L.append(
-            f"BUILD  GPT-2 {m['layers']}L/{m['embd']}d/{m['heads']}h, vocab {m['vocab']}, {m['params'] / 1e6:.2f}M params; "
+            f"BUILD  GPT-2 {m['layers']}L/{m['embd']}d/{m['heads']}h, vocab {m['vocab']}, {m['params'] / 1e6:.2f}M params, {m.get('dtype', 'float32')} on {m.get('device', 'cpu')}; "
             f"{b['docs']} docs x {m['doc_tokens']} tokens, batch {m['batch_size']}; factored {m['projection_dim']}/module x {b['modules']} modules = {b['row_dim']} dims, float16"
         )
         L.append(f"  {'':38}{'seconds':>9}{'docs/s':>10}{'tokens/s':>11}{'vs bare':>9}")
@@ -501,6 +528,8 @@ def main(args) -> dict:
             "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "threads": args.threads,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "numpy": np.__version__,
@@ -528,6 +557,8 @@ def main(args) -> dict:
                 "doc_tokens": args.doc_tokens,
                 "batch_size": args.batch_size,
                 "projection_dim": args.projection_dim,
+                "device": args.device,
+                "dtype": args.dtype,
             }
             result["build"], result["bergson"] = bench_build(args, s, workdir)
             del s

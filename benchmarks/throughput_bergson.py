@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}  # throughput.py's --dtype → bergson's --precision
 
 
 class Bergson:
@@ -112,6 +113,8 @@ def start_bergson(args, s, workdir: Path, log) -> tuple[Bergson | None, dict]:
         str(args.doc_tokens),
         "--threads",
         str(args.threads),
+        "--precision",
+        PRECISION[args.dtype],
         "--warmup-docs",
         str(2 * args.batch_size),
         "--serve",
