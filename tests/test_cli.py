@@ -117,6 +117,9 @@ def ws(tmp_path_factory) -> Path:
     model = tiny_gpt2(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=64).eval()
     model.save_pretrained(root / "model_a")
     tok.save_pretrained(root / "model_a")
+    model.to(torch.bfloat16).save_pretrained(root / "model_bf16")  # a checkpoint saved in bfloat16, as many are
+    tok.save_pretrained(root / "model_bf16")
+    model.float()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a later checkpoint: every weight moved a little
         for p in model.parameters():
@@ -141,6 +144,7 @@ def first(ws) -> dict[str, subprocess.CompletedProcess]:
             "b": ("build", "idx_b", "--model", "model_b", *COMMON, quiet),
             "sentence": ("build", "idx_s", "--model", "model_a", *COMMON, "--unit", "sentence", quiet),
             "token": ("build", "idx_t", "--model", "model_a", *COMMON, "--unit", "token", quiet),
+            "float32": ("build", "idx_f", "--model", "model_bf16", *COMMON, "--model-dtype", "float32", quiet),
             # A bare file name (no directory part) must not be looked up on the hub.
             "err_missing_data": ("build", "x_data", "--model", "model_a", "--data", "missing.jsonl", "--projection-dim", "64"),
             "err_dtype": ("build", "x_dtype", "--model", "model_a", *COMMON, "--storage-dtype", "float8"),
@@ -156,7 +160,7 @@ def first(ws) -> dict[str, subprocess.CompletedProcess]:
 @pytest.fixture(scope="module")
 def second(ws, first) -> dict[str, subprocess.CompletedProcess]:
     """Everything that reads the indexes built by `first`."""
-    for name in ("a", "b", "sentence", "token"):
+    for name in ("a", "b", "sentence", "token", "float32"):
         ok(first[name])
     lrs = [a for lr in LRS for a in ("--checkpoint-lr", str(lr))]
     return run_all(
@@ -169,6 +173,7 @@ def second(ws, first) -> dict[str, subprocess.CompletedProcess]:
             "tracin": ("query", "idx_a", "idx_b", "--queries", "q.jsonl", *lrs, "--method", "tracin", "--top-k", N_DOCS, "--out", "tracin.csv"),
             "sentence_q": ("query", "idx_s", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "sentence.csv"),
             "token_q": ("query", "idx_t", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "token.csv"),
+            "float32_q": ("query", "idx_f", "--queries", "q.jsonl", "--top-k", N_DOCS, "--out", "float32.csv"),
             "err_tracin_lrs": ("query", "idx_a", "idx_b", "--queries", "q.jsonl", "--checkpoint-lr", "0.1", "--method", "tracin"),
             "err_exists": ("build", "idx_a", "--model", "model_a", *COMMON),
             "err_mismatch": ("query", "idx_a", "--queries", "q.jsonl", "--model", "model_b"),
@@ -223,6 +228,28 @@ def test_replay_from_config_gives_the_same_rows(ws, first, second):
     assert rows_a.shape == (N_DOCS, GradientStore(ws / "idx_a").dim) and rows_a.abs().max() > 1e-3
     np.testing.assert_array_equal(ids_r, ids_a)
     torch.testing.assert_close(rows_r, rows_a, rtol=0, atol=0)
+
+
+def test_model_dtype_loads_the_checkpoint_in_that_precision_for_build_and_query(ws, first, second, in_ws):
+    """--model-dtype float32 on a bfloat16 checkpoint: the index is built from the float32 upcast
+    of its weights, and its queries load the model the same way (else the fingerprint refuses)."""
+    from transformers import AutoModelForCausalLM
+
+    from headwater.collect import model_fingerprint
+    from headwater.models import load_model
+
+    saved = AutoModelForCausalLM.from_pretrained(ws / "model_bf16", dtype=torch.bfloat16)
+    upcast = AutoModelForCausalLM.from_pretrained(ws / "model_bf16", dtype=torch.bfloat16).float()
+    assert load_model(str(ws / "model_bf16"))[0].dtype == torch.bfloat16  # auto: the checkpoint's own
+    index = Index(ws / "idx_f")
+    assert index.manifest["model"]["fingerprint"] == model_fingerprint(upcast) != model_fingerprint(saved)
+    assert index.model().dtype == torch.float32
+    ok(second["float32_q"])
+    got = read_results(ws / "float32.csv")
+    want = Cosine(upcast, index.task()).fit(index).score(QUERIES)
+    for j, qid in enumerate(want.query_ids):
+        row = got[(got.query_id == qid) & (got.side == "top")].set_index("train_id")["score"]
+        np.testing.assert_allclose(row[want.train_ids].to_numpy(), want.values[:, j], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ user errors

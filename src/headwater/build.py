@@ -107,7 +107,7 @@ def build_index(
     if model is None:
         if not config.model:
             raise UserError("no model given: pass a model or set --model")
-        model, tokenizer = load_model(config.model, config.device)
+        model, tokenizer = load_model(config.model, config.device, config.model_dtype)
     model = model.to(config.device).eval()
     records = load_records(data if data is not None else _required(config.data, "data"))
     if task is None:

@@ -112,6 +112,12 @@ H_DAMPING = (
 )
 H_POOL = "How a record's several rows (sentence or token units) combine into its score: max, mean or sum."
 H_DEVICE = "Torch device to run the model on, e.g. cpu or cuda."
+H_MODEL_DTYPE = (
+    "Precision the model is loaded in: auto (the checkpoint's own), float32, bfloat16 or float16. On a GPU bfloat16 halves the "
+    "model's memory and speeds up gradient collection (1.5x end to end on an H200, docs in the README); gradient rows are "
+    "computed in float32 from its activations either way."
+)
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 H_MOMENTUM = "Heavy-ball momentum of the optimizer (SGD)."
 H_CHECKPOINT_LR = "Learning rate in effect at each checkpoint (repeatable, one per checkpoint): TracIn's weights, SOURCE's segments."
 H_CHECKPOINT_STEPS = "Optimizer steps each checkpoint's segment covers (repeatable, one per checkpoint; SOURCE)."
@@ -202,6 +208,7 @@ class BuildConfig(Config):
     )
     shard_rows: int | None = option(None, "Rows per shard (default: about 128 MiB per shard).")
     device: str = option("cpu", H_DEVICE)
+    model_dtype: str = option("auto", H_MODEL_DTYPE, choices=MODEL_DTYPES)
 
     def __post_init__(self):
         super().__post_init__()
@@ -484,6 +491,7 @@ class AttributeConfig(Config):
         None, "A run recorded by TrajectoryRecorder: its stage-end checkpoints, learning rates and steps (TracIn, SOURCE)."
     )
     device: str = option("cpu", H_DEVICE)
+    model_dtype: str = option("auto", H_MODEL_DTYPE, choices=MODEL_DTYPES)
     scores_dtype: str = option("float32", "Precision of the written scores: float32 or float64.", choices=("float32", "float64"))
     by: str | None = option(None, H_BY, choices=("module", "checkpoint"))
     top_k: int = option(0, H_TOP_K)

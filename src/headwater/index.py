@@ -85,8 +85,9 @@ class Index:
         return record_text(self.records[int(record)], max_chars)
 
     def use_model(self, name: str | None = None, device: str | None = None) -> None:
-        """Load the queries' model from `name` (default: the build's model) onto `device`."""
-        self._model, self._tokenizer = load_model(name or self.config.model, device or self.config.device)
+        """Load the queries' model from `name` (default: the build's model) onto `device`, in the
+        build's precision (the fingerprint covers the parameters' dtype)."""
+        self._model, self._tokenizer = load_model(name or self.config.model, device or self.config.device, self.config.model_dtype)
 
     def model(self) -> torch.nn.Module:
         """The model named in the build config, loaded once."""

@@ -160,7 +160,7 @@ def _training_side(a: AttributeConfig):
         raise UserError(
             "give the model to attribute (--model)" if a.method != "magic" else "MAGIC replays the training run from its initial model (--init-model)"
         )
-    model, tokenizer = load_model(path, a.device)
+    model, tokenizer = load_model(path, a.device, a.model_dtype)
     return records, model, LanguageModelTask(tokenizer)
 
 
@@ -169,7 +169,7 @@ def _method(a: AttributeConfig, cls, config, model, task):
     from ..models import load_model
     from ..task import LanguageModelTask
 
-    load = lambda p: load_model(p, a.device)[0]
+    load = lambda p: load_model(p, a.device, a.model_dtype)[0]
     if a.trajectory and a.method in ("tracin", "source"):
         return _from_trajectory(a, cls, config, model, task)
     if a.method == "tracin":
@@ -191,7 +191,7 @@ def _method(a: AttributeConfig, cls, config, model, task):
     if a.method == "magic":
         if not a.init_model:
             raise UserError("MAGIC replays the training run from its initial model (--init-model)")
-        init, tokenizer = load_model(a.init_model, a.device)
+        init, tokenizer = load_model(a.init_model, a.device, a.model_dtype)
         return cls(init, task if task is not None else LanguageModelTask(tokenizer), config)
     return cls(model, task, config)
 

@@ -46,7 +46,7 @@ def components(
     if c.metric != "concept" and c.probe:
         raise UserError("--probe is read by --metric concept")
     clean, corrupt = load_records(c.clean), load_records(c.corrupt)
-    model, tokenizer = load_model(c.model, c.device)
+    model, tokenizer = load_model(c.model, c.device, c.model_dtype)
     pairs = PromptPairs.from_records(tokenizer, [dict(r) for r in clean], [dict(r) for r in corrupt], metric)
     units = transformer_components(model, tuple(c.kinds))
     scores = attribution_patching(model, pairs, units, c.patching, c.steps, progress)

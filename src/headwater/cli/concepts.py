@@ -33,7 +33,7 @@ def train(
         if not value:
             raise UserError(f"give {flag}")
     positive, negative = load_records(c.positive), load_records(c.negative)
-    model, tokenizer = load_model(c.model, c.device)
+    model, tokenizer = load_model(c.model, c.device, c.model_dtype)
     task = LanguageModelTask(tokenizer)
     layer = int(c.layer) if c.layer.lstrip("-").isdigit() else c.layer
     concept = train_probe(
@@ -54,7 +54,7 @@ def sae(out: Path = typer.Argument(..., help="Directory for the concept (concept
     for flag, value in (("--model", c.model), ("--sae", c.sae), ("--feature", c.feature)):
         if value is None:
             raise UserError(f"give {flag}")
-    concept = sae_concept(c.sae, c.feature, load_model(c.model, c.device)[0], c.use)
+    concept = sae_concept(c.sae, c.feature, load_model(c.model, c.device, c.model_dtype)[0], c.use)
     concept.save(out)
     save_configs(out / "sae", c)
     typer.echo(f"wrote {concept.describe()} to {out}")

@@ -199,7 +199,7 @@ def filter_command(
         raise UserError("give the model the training run started from (--init-model)")
     idx = open_index(index)
     cmap, view, bin_name, drop, (aligned_name, aligned), (control_name, control) = _target(t, idx)
-    init, tokenizer = load_model(f.init_model, device or idx.config.device)
+    init, tokenizer = load_model(f.init_model, device or idx.config.device, idx.config.model_dtype)
     result = filtering_experiment(init, tokenizer, idx.records, drop, train, aligned, control, f.filter_seeds, progress=progress)
     result.update(bin=f"{view}={bin_name}", benchmark=aligned_name, control_benchmark=control_name)
     out.mkdir(parents=True, exist_ok=True)

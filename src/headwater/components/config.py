@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import H_DEVICE, H_MODEL, H_PROBE, Config, option
+from ..config import H_DEVICE, H_MODEL, H_MODEL_DTYPE, H_PROBE, MODEL_DTYPES, Config, option
 from ..errors import UserError
 
 
@@ -33,6 +33,7 @@ class ComponentConfig(Config):
     verify: int = option(10, "Check the top this-many components by exact activation patching (0: none).")
     edges: bool = option(False, "Also score the edges between components (edge attribution patching).")
     device: str = option("cpu", H_DEVICE)
+    model_dtype: str = option("auto", H_MODEL_DTYPE, choices=MODEL_DTYPES)
 
     def __post_init__(self):
         super().__post_init__()

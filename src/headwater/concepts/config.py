@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import H_BATCH, H_DEVICE, H_MAX_NEW, H_MODEL, Config, option
+from ..config import H_BATCH, H_DEVICE, H_MAX_NEW, H_MODEL, H_MODEL_DTYPE, MODEL_DTYPES, Config, option
 from ..errors import UserError
 
 H_LAYER = "Where the concept lives: a block number (the residual stream after that block) or a module name (its output)."
@@ -32,6 +32,7 @@ class ProbeTrainConfig(Config):
     name: str = option("concept", "Name of the concept (shown in results).")
     batch_size: int = option(16, H_BATCH)
     device: str = option("cpu", H_DEVICE)
+    model_dtype: str = option("auto", H_MODEL_DTYPE, choices=MODEL_DTYPES)
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,3 +63,4 @@ class SAEConceptConfig(Config):
         choices=("encoder", "decoder"),
     )
     device: str = option("cpu", H_DEVICE)
+    model_dtype: str = option("auto", H_MODEL_DTYPE, choices=MODEL_DTYPES)
