@@ -20,7 +20,6 @@ from .config import (
     MagicConfig,
     ProjectionConfig,
     SourceConfig,
-    StageConfig,
     TracInConfig,
     TrackStarConfig,
     TrainConfig,
@@ -67,7 +66,7 @@ from .metrics import lds, query_interval, retrieval_metrics, seed_ceiling
 from .query import query
 from .retrain import RetrainLM, leave_k_out, retrain_outcomes, subset_masks, tail_patch
 from .scores import Scores
-from .stages import StageAttribution, StageEffects, Trajectory, TrajectoryRecorder
+from .stages import StageAttribution, StageConfig, StageEffects, Trajectory, TrajectoryRecorder
 from .store import ChecksumError, GradientStore
 from .task import LanguageModelTask, ModuleTask, Task
 from .training import Replay

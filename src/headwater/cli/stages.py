@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..config import H_DEVICE, H_MODEL, StageConfig
+from ..config import H_DEVICE, H_MODEL
 from ..errors import UserError
+from ..stages.config import StageConfig
 from .app import app
 from .options import command, save_configs
 

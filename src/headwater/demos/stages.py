@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import StageConfig
 from ..stages import StageAttribution, StageEffects, Trajectory, TrajectoryRecorder
+from ..stages.config import StageConfig
 from ..stages.report import bar_chart, waterfall
 from ..task import LanguageModelTask
 from ..toy import tiny_gpt2, word_tokenizer

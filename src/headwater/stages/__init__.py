@@ -1,7 +1,9 @@
 """Training-stage attribution: record a run's stages once, then ask which stage is accountable
 for a behaviour (and, inside a stage, which records)."""
 
+from .config import StageConfig
 from .effects import StageAttribution, StageEffects
-from .trajectory import Trajectory, TrajectoryRecorder, reconstruct
+from .reconstruct import reconstruct
+from .trajectory import Trajectory, TrajectoryRecorder
 
-__all__ = ["StageAttribution", "StageEffects", "Trajectory", "TrajectoryRecorder", "reconstruct"]
+__all__ = ["StageAttribution", "StageConfig", "StageEffects", "Trajectory", "TrajectoryRecorder", "reconstruct"]

@@ -36,13 +36,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..concepts.vector import resolve_measurement
-from ..config import StageConfig
 from ..data import as_records, record_ids
 from ..errors import UserError
 from ..measurement import Loss, Measurement
 from ..scores import Scores
 from ..task import Task, TokenExample, collated_batches, whole_examples
 from ..training import Bound, twice_differentiable_attention
+from .config import StageConfig
 from .gauss_newton import curvature_products, output_curvature
 from .propagation import ParamSpace, adjoint, forward, step_maps
 from .trajectory import Trajectory

@@ -1,0 +1,48 @@
+"""How stage effects are estimated: `StageConfig`, the settings of `headwater stages`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import H_BATCH, H_MEASUREMENT, H_PROBE, H_SAMPLE_SEED, MEASUREMENTS, Config, option
+from ..errors import UserError
+
+
+@dataclass
+class StageConfig(Config):
+    """How stage effects are estimated from a recorded trajectory."""
+
+    batch_loss: str = option(
+        "token-mean",
+        "How the run reduced a batch's loss: token-mean (the Hugging Face Trainer: summed token losses over the "
+        "batch's target tokens) or example-mean (each record's loss averaged over the batch).",
+        choices=("token-mean", "example-mean"),
+    )
+    curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
+    curvature_matrix: str = option(
+        "gauss-newton",
+        "The later steps' curvature, at the run's parameters for each step: gauss-newton (positive semi-definite, robust when "
+        "only stage boundaries are saved) or hessian (exact to first order for SGD-family runs recorded with a checkpoint every step).",
+        choices=("gauss-newton", "hessian"),
+    )
+    removed: float = option(
+        1.0,
+        "Fraction of each stage's updates taken out: 1 skips the stage; a small fraction asks how the behaviour responds "
+        "to shrinking the stage, where first-order estimates are exact in the limit.",
+    )
+    readout: str = option(
+        "both",
+        "How a stage's estimated parameter gap e becomes an effect: evaluated (the measurement at the estimated counterfactual "
+        "parameters θ_T − e), linear (∇f(θ_T)·e, first order), or both.",
+        choices=("evaluated", "linear", "both"),
+    )
+    hvp_examples: int = option(64, "Records per Hessian-vector product when a step's batch was not recorded (a seeded sample of the stage's).")
+    measurement: str = option("default", H_MEASUREMENT, choices=MEASUREMENTS)
+    probe: str | None = option(None, H_PROBE)
+    batch_size: int = option(8, H_BATCH)
+    sample_seed: int = option(0, H_SAMPLE_SEED)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.removed <= 1:
+            raise UserError(f"--removed must be a fraction in (0, 1], got {self.removed}")
