@@ -173,6 +173,22 @@ def collector_pass(collector, batches) -> None:
         collector(b)
 
 
+def raw_write_seconds(index: Path, out: Path) -> float:
+    """The store's floor: `np.save` + fsync of the index's row shards (read into memory first,
+    untimed), with none of the store's work (cast, checks, checksums, journal)."""
+    shards = [np.load(p) for p in sorted((index / "shards").glob("*.npy")) if not p.name.endswith(".ids.npy")]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, rows in enumerate(shards):
+        with open(out / f"{i}.npy", "wb") as fh:
+            np.save(fh, rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return seconds
+
+
 def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
     """(headwater build results, bergson results); all timed cases run in interleaved rounds."""
     from headwater.build import build_index
@@ -245,6 +261,7 @@ def bench_build(args, s, workdir: Path) -> tuple[dict, dict]:
         "records_fingerprint_seconds": t_fp_data,
         "all_runs_seconds": runs,
         "index_bytes": sum(p.stat().st_size for p in (workdir / "idx" / "shards").glob("*.npy") if not p.name.endswith(".ids.npy")),
+        "raw_write_seconds": raw_write_seconds(workdir / "idx", workdir / "raw_write"),
     }
     if bergson_runs and "status" not in binfo:
         r = bergson.last if bergson is not None else None

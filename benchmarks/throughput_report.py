@@ -53,6 +53,12 @@ def table(result: dict) -> str:
             f" store+setup overhead = {b['store_and_setup_seconds']:.2f} s ({100 * (1 - b['build_over_collector']):.0f}% of build_index);"
             f" model fingerprint {b['model_fingerprint_seconds']:.2f} s, data fingerprint {b['records_fingerprint_seconds']:.3f} s"
         )
+        if "raw_write_seconds" in b:
+            raw = b["raw_write_seconds"]
+            L.append(
+                f"  the store's floor: np.save + fsync of the same {b['index_bytes'] / 1e9:.2f} GB takes {raw:.2f} s"
+                f" ({b['index_bytes'] / 1e9 / raw:.2f} GB/s), {100 * raw / b['build_index']['seconds']:.0f}% of build_index"
+            )
         if g.get("status") == "ok":
             r = g.get("headwater_over_bergson")
             L.append(
