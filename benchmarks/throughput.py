@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from throughput_bergson import PRECISION, start_bergson  # beside this script; imports neither numpy nor torch
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -62,10 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--device", default="cpu", help="torch device of the model in the build measurements, e.g. cuda (bergson picks cuda itself when it has one)"
     )
     ap.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="model precision in the build measurements (bergson's --precision fp32 / bf16)",
+        "--dtype", default="float32", choices=tuple(PRECISION), help="model precision in the build measurements (bergson's --precision fp32 / bf16)"
     )
     ap.add_argument("--workdir", default=None, help="where indexes are written (default: a temp dir, removed after)")
     g = ap.add_argument_group("build")
@@ -106,7 +105,6 @@ if ARGS is not None:  # thread counts must be fixed before numpy/torch load thei
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from throughput_bergson import start_bergson  # noqa: E402  (beside this script)
 from throughput_report import cpu_name, cpu_ticks, machine_load, own_cpu, table  # noqa: E402
 
 
@@ -174,16 +172,16 @@ def collector_pass(collector, batches) -> None:
 
 
 def raw_write_seconds(index: Path, out: Path) -> float:
-    """The store's floor: `np.save` + fsync of the index's row shards (read into memory first,
-    untimed), with none of the store's work (cast, checks, checksums, journal)."""
+    """The store's floor: the index's row shards (read into memory first, untimed) written again by
+    the store's own `atomic_save_npy` (np.save + fsync), with none of its other work (cast, checks,
+    checksums, journal)."""
+    from headwater.store import atomic_save_npy
+
     shards = [np.load(p) for p in sorted((index / "shards").glob("*.npy")) if not p.name.endswith(".ids.npy")]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, rows in enumerate(shards):
-        with open(out / f"{i}.npy", "wb") as fh:
-            np.save(fh, rows)
-            fh.flush()
-            os.fsync(fh.fileno())
+        atomic_save_npy(out / f"{i}.npy", rows)
     seconds = time.perf_counter() - t0
     shutil.rmtree(out)
     return seconds
