@@ -5,10 +5,18 @@ the question, by relation, and by whether the stating sentence names the entity 
 Harder than `headwater demo` in four ways: more entities (documents in the thousands); five
 templates per relation, three of them used per fact; two relations that are stated for every
 entity but never asked about (distractor facts); and held-out questions worded in a way no
-document uses (the question/answer documents that teach the format use another wording).
+document uses (the question/answer documents that teach the format use another wording). Like
+the demos it trains with portable kernels, so its figures do not depend on the CPU
+(`--native-kernels` for the CPU's own; the three fact-tracing scripts share the cached model).
 
-    python benchmarks/fact_tracing.py                    # ~15 min on 2 cores (training ~4 min, cached)
+    python benchmarks/fact_tracing.py                    # 19 min on 2 cores (training 7 min; model and indexes cached)
     python benchmarks/fact_tracing.py --entities 40      # demo-sized
+
+Recall counts a document as relevant when it states the fact, whether or not it taught the model
+the answer. Beside it, the tail-patch (TrackStar's causal check, `retrain.tail_patch_gains`): one
+SGD step on each of a method's top 10 documents alone, from the trained model, and how much that
+raises the held-out answer's log-probability; the stating documents themselves are patched too,
+split by which the sentence names first.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +33,13 @@ import numpy as np
 import torch
 
 from headwater import BuildConfig, ProjectionConfig, TrackStarConfig, build_index
+from headwater.demos import run_with_portable_kernels
 from headwater.demos.facts import DISTRACTORS, FILLER, DemoConfig, _order, answered, entities_and_values, held_out_questions, prepare
-from headwater.methods import BM25, Cosine, TrackStar
+from headwater.methods import BM25, Cosine, Dot, TrackStar
 from headwater.metrics import ranking_metrics
+from headwater.models import load_model
+from headwater.retrain import tail_patch_gains
+from headwater.task import LanguageModelTask
 
 RELATIONS = {  # five statement templates; the QA documents' wording; the held-out questions' wording
     "capital": (
@@ -119,15 +132,43 @@ def hard_corpus(cfg: HardConfig) -> tuple[list[dict], list[dict]]:
     return held_out_questions(rng, docs, facts)
 
 
+def kernel_options(p: argparse.ArgumentParser) -> None:
+    """--native-kernels and --workdir, shared by the fact-tracing benchmarks (one cached model)."""
+    p.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="the CPU's own kernels, as `headwater demo --native-kernels`: faster, but the trained model and every figure then depend on the CPU",
+    )
+    p.add_argument(
+        "--workdir", type=Path, help="cached model, indexes and queries (default /tmp/headwater-fact-tracing, -native with --native-kernels)"
+    )
+
+
+def portable_or_exit(args: argparse.Namespace) -> None:
+    """Rerun this script in a child process with portable kernels (as the demos do) unless
+    --native-kernels; then fill in the default workdir, one per kind of kernels."""
+    if not args.native_kernels and (code := run_with_portable_kernels(sys.argv)) is not None:
+        sys.exit(code)
+    args.workdir = args.workdir or Path("/tmp/headwater-fact-tracing" + ("-native" if args.native_kernels else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--queries", type=int, default=160, help="held-out questions attributed (a random sample)")
     p.add_argument("--projection-dim", type=int, default=256)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/headwater-fact-tracing"))
+    p.add_argument("--tail-patch-lr", type=float, default=1e-3, help="the tail-patch's SGD step (0: skip the tail-patch)")
+    p.add_argument(
+        "--tail-patch",
+        nargs="*",
+        default=["cosine, document rows", "dot product, document rows", "cosine, token rows (max)", "TrackStar, token rows (max)", "BM25", "random"],
+        help="the methods whose top 10 are tail-patched",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fact_tracing.json")
+    kernel_options(p)
     args = p.parse_args()
+    portable_or_exit(args)
     torch.set_num_threads(2)
     cfg = HardConfig(seed=args.seed, entities=args.entities)
     t0 = time.time()
@@ -146,7 +187,7 @@ def main() -> None:
         ("TrackStar, token rows (max)", lambda: TrackStar()),
     ]
     for unit, normalised, variants in (
-        ("document", False, [("cosine, document rows", lambda: Cosine())]),
+        ("document", False, [("cosine, document rows", lambda: Cosine()), ("dot product, document rows", lambda: Dot())]),
         ("token", False, token_variants),
         ("token", True, [(f"{name}, Adam-normalised", method) for name, method in token_variants]),
     ):
@@ -197,6 +238,21 @@ def main() -> None:
     lines += ["", "Recall@10 by relation:", "", "| method | " + " | ".join(RELATIONS) + " |", "|---" * (1 + len(RELATIONS)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{recall(r, f'relation {rel}'):.3f}" for rel in RELATIONS) + " |")
+    patched = tail_patch_table(model_dir, docs, questions, relevant, value_first, rankings, args) if args.tail_patch_lr > 0 else {}
+    if patched:
+        lines += [
+            "",
+            f"Tail-patch: one SGD step (lr {args.tail_patch_lr:g}) on each document alone; the held-out answer's log-probability gain, 10⁻³ nats:",
+            "",
+            "| documents patched | mean gain | 95% interval | minus BM25's top 10 (paired) | share with gain > 0 | documents |",
+            "|---|---|---|---|---|---|",
+        ]
+        milli = lambda m, lo, hi: f"{m * 1e3:+.2f} [{lo * 1e3:+.2f}, {hi * 1e3:+.2f}]"  # noqa: E731
+        for name, r in patched.items():
+            paired = milli(*r["minus_bm25"]) if "minus_bm25" in r else ""
+            lines.append(
+                f"| {name} | {r['mean'] * 1e3:.2f} | [{r['low'] * 1e3:.2f}, {r['high'] * 1e3:.2f}] | {paired} | {r['positive']:.2f} | {r['documents']} |"
+            )
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +263,7 @@ def main() -> None:
                 "documents": len(docs),
                 "answered": float(correct.mean()),
                 "results": results,
+                "tail_patch": patched,
                 "seconds": seconds,
                 "table": text,
             },
@@ -214,6 +271,42 @@ def main() -> None:
         )
     )
     print(f"\nwrote {args.out}")
+
+
+def tail_patch_table(model_dir, docs, questions, relevant, value_first, rankings, args) -> dict[str, dict]:
+    """Tail-patch gains of each named method's top 10 per question, and of the documents stating
+    each question's fact (entity first / value first): mean, its t-interval over questions (per
+    question the mean of its documents), the share of documents with a positive gain."""
+    from scipy import stats
+
+    model, tokenizer = load_model(str(model_dir))
+    task = LanguageModelTask(tokenizer)
+    queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in questions]
+
+    def interval(means: np.ndarray) -> tuple[float, float, float]:
+        half = stats.t.ppf(0.975, len(means) - 1) * stats.sem(means)
+        return float(means.mean()), float(means.mean() - half), float(means.mean() + half)
+
+    def summary(per_question: list[np.ndarray], against: np.ndarray | None = None) -> dict:
+        means = np.array([g.mean() for g in per_question if len(g)])
+        mean, low, high = interval(means)
+        out = {"mean": mean, "low": low, "high": high, "positive": float(np.mean(np.concatenate(per_question) > 0))}
+        out["documents"] = int(sum(len(g) for g in per_question))
+        if against is not None:  # paired over the same questions
+            out["minus_bm25"] = interval(means - against)
+        return out
+
+    top = {
+        name: tail_patch_gains(model, task, docs, queries, rankings[name][:, :10], lr=args.tail_patch_lr, progress=True) for name in args.tail_patch
+    }
+    bm25 = top["BM25"].mean(1) if "BM25" in top else None
+    out = {f"{name}: top 10": summary(list(gains), bm25) for name, gains in top.items()}
+    width = max(map(len, relevant))
+    stating = np.array([rel + rel[:1] * (width - len(rel)) for rel in relevant])  # padded to a rectangle; padding dropped below
+    gains = tail_patch_gains(model, task, docs, queries, stating, lr=args.tail_patch_lr, progress=True)
+    for label, want in (("entity first", False), ("value first", True)):
+        out[f"documents stating the fact, {label}"] = summary([g[: len(vf)][np.array(vf) == want] for g, vf in zip(gains, value_first)])
+    return out
 
 
 if __name__ == "__main__":

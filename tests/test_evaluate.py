@@ -220,3 +220,11 @@ def test_tail_patch_top_proponents_raise_the_target_more_than_random(gpt2, token
     top2 = np.argsort(scores.values[:, 0])[-2:]
     rate = np.mean([float(grad(train[i]) @ grad(queries[0])) for i in top2])
     assert out["top_k"] == pytest.approx(1e-4 * rate, rel=0.02)  # one small step: first order holds
+
+    from headwater.retrain import tail_patch_gains
+
+    gains = tail_patch_gains(gpt2, task, train, queries, top2[None, :], lr=1e-4)  # [1 query, 2 picks]
+    per_record = [1e-4 * float(grad(train[i]) @ grad(queries[0])) for i in top2]
+    np.testing.assert_allclose(gains[0], per_record, rtol=0.02)
+    with pytest.raises(UserError, match="picks must be"):
+        tail_patch_gains(gpt2, task, train, queries, np.array([[len(train)]]))

@@ -3,7 +3,8 @@
 - `subset_masks` + `retrain_outcomes`: train on random subsets (over seeds, across processes) and
   measure the queries, the ground truth of LDS (metrics.py).
 - `leave_k_out`: remove a method's top proponents vs random records, retrain, compare.
-- `tail_patch`: one optimizer step on each top proponent alone, from the trained model.
+- `tail_patch`: one optimizer step on each top proponent alone, from the trained model;
+  `tail_patch_gains` does it for any ranking's picks.
 - `RetrainLM`: the built-in `train_and_measure` for causal LMs (replays a `TrainConfig`).
 
 `train_and_measure(mask [n] bool, seed) -> outcomes [q]` is the user's contract: train on the
@@ -84,33 +85,50 @@ def leave_k_out(scores: Scores, k: int, train_and_measure, seeds: list[int], see
 def tail_patch(model, task, train_records, queries, scores: Scores, k: int = 10, lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
     """TrackStar's check: one SGD step of size `lr` on each of a query's k top-scored training
     records, alone, from the trained model; the mean increase of the query's target
-    log-probability (−loss), against the same for k random records."""
-    from torch.func import functional_call
-
+    log-probability (−loss), against the same for k random records. To first order the gain is
+    `lr` times the dot product of the record's and the target's whole gradients: the trained
+    model's local sensitivity, which retraining need not agree with (docs/benchmarks.md)."""
     train, qrecords = as_records(train_records), as_records(queries)
     if scores.n_train != len(train) or scores.n_queries != len(qrecords):
         raise UserError(
             f"scores of {scores.n_train} records × {scores.n_queries} queries do not match {len(train)} records and {len(qrecords)} queries"
         )
-    values = scores.total().values
+    if not 0 < k <= len(train):
+        raise UserError(f"k must be between 1 and {len(train)}, got {k}")
+    top = np.argsort(-scores.total().values, axis=0)[:k].T
+    rng = np.random.default_rng(seed)
+    rand = np.stack([rng.choice(len(train), size=k, replace=False) for _ in qrecords])
+    gains = tail_patch_gains(model, task, train, qrecords, np.concatenate([top, rand], axis=1), lr)
+    return {"top_k": float(gains[:, :k].mean()), "random": float(gains[:, k:].mean())}
+
+
+def tail_patch_gains(model, task, train_records, queries, picks: np.ndarray, lr: float = 1e-3, progress: bool = False) -> np.ndarray:
+    """[q, k] increase of query j's target log-probability (−loss) after one SGD step of size `lr`
+    on training record `picks[j, i]` alone, from the trained model: the tail-patch of any
+    ranking (an attribution method's, a lexical retriever's, a random one) on the same footing."""
+    from torch.func import functional_call
+    from tqdm.auto import tqdm
+
+    train, qrecords = as_records(train_records), as_records(queries)
+    picks = np.asarray(picks)
+    if picks.ndim != 2 or len(picks) != len(qrecords) or picks.size and not 0 <= picks.min() <= picks.max() < len(train):
+        raise UserError(f"picks must be [{len(qrecords)} queries, k] indices into {len(train)} training records, got shape {picks.shape}")
     params = {n: p.detach() for n, p in model.named_parameters()}
     bound = lambda p: lambda *a, **kw: functional_call(model, p, a, kw)
     encode = lambda r: task.collate([task.whole(r)])
-    rng = np.random.default_rng(seed)
-    top, rand = [], []
-    for j in range(len(qrecords)):
+    gains = np.zeros(picks.shape)
+    for j in tqdm(range(len(qrecords)), desc="tail-patch", disable=not progress):
         qbatch = encode(qrecords[j])
         with torch.no_grad():
             base = -float(task.loss(bound(params), qbatch).sum())
-        for picks, out in ((np.argsort(-values[:, j])[:k], top), (rng.choice(len(train), size=k, replace=False), rand)):
-            for i in picks:
-                p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-                loss = task.loss(bound(p), encode(train[int(i)])).sum()
-                grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
-                stepped = {n: t - lr * g if g is not None else t for (n, t), g in zip(p.items(), grads)}
-                with torch.no_grad():
-                    out.append(-float(task.loss(bound(stepped), qbatch).sum()) - base)
-    return {"top_k": float(np.mean(top)), "random": float(np.mean(rand))}
+        for c, i in enumerate(picks[j]):
+            p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
+            loss = task.loss(bound(p), encode(train[int(i)])).sum()
+            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+            stepped = {n: t - lr * g if g is not None else t for (n, t), g in zip(p.items(), grads)}
+            with torch.no_grad():
+                gains[j, c] = -float(task.loss(bound(stepped), qbatch).sum()) - base
+    return gains
 
 
 class RetrainLM:

@@ -131,7 +131,11 @@ def evaluate_tail_patch(
     patch_lr: float = typer.Option(1e-3, "--patch-lr", help="Size of the single SGD step on each record."),
     baseline_seed: int = BASELINE_SEED,
 ):
-    """One SGD step on each top proponent alone: mean increase of the target log-probability vs random records."""
+    """One SGD step on each top proponent alone: mean increase of the target log-probability vs random records.
+
+    The trained model's local sensitivity, not what a record did in training: it can favour records
+    that raise the answer's word in every context (docs/benchmarks.md, fact tracing); retraining
+    (lds, leave-k-out) says what data did."""
     from ..data import load_records
     from ..models import load_model
     from ..retrain import tail_patch
