@@ -7,6 +7,7 @@ from reference import cnn, image_records
 from headwater.collect import GradientCollector
 from headwater.config import CurvatureConfig, ProjectionConfig
 from headwater.curvature import Curvature, curvature_batches, fisher_loss, fit_curvature
+from headwater.methods.influence import dense_gauss_newton
 from headwater.task import LanguageModelTask, ModuleTask
 
 
@@ -96,26 +97,36 @@ def test_ekfac_inverse_hvp_is_close_to_the_dense_damped_solve(capsys):
         assert (approx(m.eigenvalues(True)) - dense[name]).norm() < (approx(m.eigenvalues(False)) - dense[name]).norm()
 
 
-def test_small_convolutions_keep_their_whole_fisher_block():
+@pytest.mark.parametrize("block_fisher", [None, "true"])
+def test_small_convolutions_keep_their_whole_fisher_block(block_fisher):
     """Convolutions of at most `dense_conv_blocks` parameters apply functions of their whole
-    Fisher block, built independently from per-example gradients under the same sampled labels;
-    larger ones, and linear layers of any size, keep EK-FAC's diagonal in the Kronecker basis."""
+    Fisher block; larger ones, and linear layers of any size, keep EK-FAC's diagonal in the
+    Kronecker basis, from per-example gradients under the sampled labels. A classifier's blocks
+    are by default the exact Gauss–Newton blocks (the expectation over the classes, built
+    independently from the softmax); with dense_fisher="true" they use the sampled labels too."""
     model, task, records = cnn(), ModuleTask("cross_entropy"), image_records(12)
     sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     limit = sorted(sizes[n] for n in convs)[-2]  # every convolution but the largest
-    config = CurvatureConfig(fisher="true", batch_size=4, seed=3, dense_conv_blocks=limit)
+    config = CurvatureConfig(fisher="true", batch_size=4, seed=3, dense_conv_blocks=limit, dense_fisher=block_fisher)
     curv = fit_curvature(model, task, records, config=config, progress=False)
-    dense, _ = dense_fisher(model, task, records, config)
+    sampled, col = dense_fisher(model, task, records, config)
+    gn = dense_gauss_newton(model, task, records).matrix
+    exact = {n: gn[a:b, a:b] for n, (a, b) in col.segments.items()}
     g = torch.Generator().manual_seed(0)
     for name, m in curv.modules.items():
         assert (m.block is not None) == (name in convs and sizes[name] <= limit)
-        block = dense[name] if m.block is not None else kron_basis(m) @ torch.diag(m.corrected.flatten()) @ kron_basis(m).T
-        lam = 0.1 * float(torch.diagonal(dense[name]).mean())
-        assert float(m.eigenvalues().mean()) == pytest.approx(float(torch.diagonal(dense[name]).mean()), rel=1e-10)
+        if m.block is not None:
+            block = exact[name] if block_fisher is None else sampled[name]
+        else:
+            block = kron_basis(m) @ torch.diag(m.corrected.flatten()) @ kron_basis(m).T
+        lam = 0.1 * float(torch.diagonal(block).mean())
+        assert float(m.eigenvalues().mean()) == pytest.approx(float(torch.diagonal(block).mean()), rel=1e-10)
         v = torch.randn(3, *m.corrected.shape, generator=g, dtype=torch.float64)
         want = torch.linalg.solve(block + lam * torch.eye(len(block), dtype=torch.float64), v.reshape(3, -1).T).T.reshape(v.shape)
         torch.testing.assert_close(m.apply(v, lambda e: 1 / (e + lam)), want, rtol=1e-8, atol=1e-12)
+        if m.block is None:  # the Kronecker modules' diagonal is the sampled Fisher's either way
+            torch.testing.assert_close(m.corrected.flatten(), torch.diagonal(kron_basis(m).T @ sampled[name] @ kron_basis(m)), rtol=1e-8, atol=1e-14)
     assert sum(m.block is not None for m in curv.modules.values()) == len(convs) - 1
 
 

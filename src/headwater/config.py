@@ -244,6 +244,12 @@ class CurvatureConfig(Config):
         "in the Kronecker eigenbasis, which fits them poorly (benchmarks/ekfac_blocks.py). 0: none. Default: 4096 (128 MiB). "
         "SOURCE keeps the Kronecker blocks (docs/benchmarks.md).",
     )
+    dense_fisher: str | None = option(
+        None,
+        "Fisher of those whole blocks: true, exact or empirical as --fisher. Default: --fisher, except exact in place of true for a "
+        "classifier of up to 64 classes (one sampled label per example estimates a block's P² entries with rank at most the number of examples).",
+        choices=("true", "exact", "empirical"),
+    )
 
 
 @dataclass

@@ -194,6 +194,32 @@ def fisher_draws(task: Task, model: torch.nn.Module, config: CurvatureConfig, ba
         yield {**batch, task.target_key: torch.full_like(target, c)}, task.loss, True
 
 
+def block_fisher(task: Task, model: torch.nn.Module, config: CurvatureConfig, batch: dict) -> str:
+    """The Fisher of the whole convolution blocks: `config.dense_fisher`, or by default, in place of
+    the sampled true Fisher, its exact expectation over the classes for a ModuleTask classifier of
+    at most MAX_CLASSES classes (a block has P² entries, and one sampled label per example
+    estimates it with rank at most the number of examples), else `config.fisher`."""
+    if config.dense_fisher is not None:
+        return config.dense_fisher
+    if config.fisher != "true" or not (isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"):
+        return config.fisher
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        classes = task.outputs(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).shape[-1]
+    return "exact" if classes <= MAX_CLASSES else config.fisher
+
+
+def rotated(curv: dict, calls, device) -> dict[str, torch.Tensor]:
+    """Per-example gradients in each module's Kronecker eigenbasis, {module: [B, d_out, d_in_aug]}:
+    Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up."""
+    out: dict[str, torch.Tensor] = {}
+    for tm, a, delta in calls:
+        m = curv[tm.name]
+        rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(device), tm.augment(a).double() @ m.q_a.to(device))
+        out[tm.name] = out.get(tm.name, 0) + rot
+    return out
+
+
 def draw_weights(losses: torch.Tensor, weighted: bool) -> torch.Tensor:
     """Each example's weight [B] (float64) in a `fisher_draws` term: p_c = e^(−loss_c), or 1."""
     return torch.exp(-losses.double()) if weighted else torch.ones_like(losses, dtype=torch.float64)
@@ -271,20 +297,24 @@ def fit_curvature(
             for n, c in corr.items()
             if n in convs and c.numel() <= config.dense_conv_blocks
         }
+        block_config = dataclasses.replace(config, fisher=block_fisher(task, collector.model, config, batches[0])) if dense else config
         for col, i, batch in tqdm(passes, desc="curvature: eigenvalue correction", disable=not progress):
             for labelled, loss, weighted in fisher_draws(task, col.model, config, batch, i):
                 losses, calls = col.module_grads(labelled, loss)
-                per_example: dict[str, torch.Tensor] = {}
-                for tm, a, delta in calls:  # Q_Sᵀ DW_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ; calls of one module add up
-                    m = curv[tm.name]
-                    rot = torch.einsum("bto,bti->boi", delta.double() @ m.q_s.to(dev), tm.augment(a).double() @ m.q_a.to(dev))
-                    per_example[tm.name] = per_example.get(tm.name, 0) + rot
                 w = draw_weights(losses, weighted).to(dev)
-                for name, rot in per_example.items():
+                for name, rot in rotated(curv, calls, dev).items():
                     corr[name] += torch.einsum("b,boi->oi", w, rot**2)
-                    if name in dense:
+                    if name in dense and block_config.fisher == config.fisher:
                         flat = rot.reshape(rot.shape[0], -1)
                         dense[name] += (flat * w[:, None]).T @ flat
+            if block_config.fisher == config.fisher:
+                continue
+            for labelled, loss, weighted in fisher_draws(task, col.model, block_config, batch, i):  # the blocks' own Fisher
+                losses, calls = col.module_grads(labelled, loss)
+                w = draw_weights(losses, weighted).to(dev)
+                for name, rot in rotated(curv, [c for c in calls if c[0].name in dense], dev).items():
+                    flat = rot.reshape(rot.shape[0], -1)
+                    dense[name] += (flat * w[:, None]).T @ flat
         _all_reduce([*corr.values(), *dense.values()])
         for name, c in corr.items():
             curv[name].corrected = (c / n_examples).cpu()
