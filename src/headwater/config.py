@@ -342,11 +342,11 @@ class InfluenceConfig(Config):
         target, except under CG for a ModuleTask classifier, whose exact expectation over the
         classes CG converges to a better solve with (one sample per example is a noisy estimate
         of a confident classifier's Fisher; benchmarks/cg.py)."""
-        from .task import ModuleTask
+        from .task import is_classifier
 
         if self.curvature.fisher is not None:
             return self.curvature
-        exact = self.cg_steps > 0 and isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"
+        exact = self.cg_steps > 0 and is_classifier(task)
         return dataclasses.replace(self.curvature, fisher="exact" if exact else "true")
 
 

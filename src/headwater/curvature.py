@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .collect import GradientCollector
 from .config import CurvatureConfig, ProjectionConfig
 from .errors import UserError
-from .task import ModuleTask, Task, collated_batches, whole_examples
+from .task import ModuleTask, Task, collated_batches, is_classifier, whole_examples
 
 
 @dataclass
@@ -173,6 +173,13 @@ DENSE_CONV_BLOCKS = 4096  # CurvatureConfig.dense_conv_blocks's default: a block
 MAX_CLASSES = 64  # fisher="exact" takes one backward pass per class
 
 
+def class_count(task: ModuleTask, model: torch.nn.Module, batch: dict) -> int:
+    """How many classes the classifier's outputs on `batch` have (one forward pass)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return task.outputs(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).shape[-1]
+
+
 def fisher_draws(task: Task, model: torch.nn.Module, config: CurvatureConfig, batch: dict, index: int):
     """The (batch, loss function, weighted) terms whose per-example gradients' outer products sum
     to the batch's Fisher. One term with `fisher_loss`'s labels, except for fisher="exact" (a ModuleTask
@@ -182,11 +189,9 @@ def fisher_draws(task: Task, model: torch.nn.Module, config: CurvatureConfig, ba
     if config.fisher != "exact":
         yield batch, fisher_loss(task, config, index), False
         return
-    if not (isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"):
+    if not is_classifier(task):
         raise UserError("fisher='exact' (the expectation over every class) needs a ModuleTask classifier (loss_fn='cross_entropy'): use 'true'")
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        classes = task.outputs(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).shape[-1]
+    classes = class_count(task, model, batch)
     if classes > MAX_CLASSES:
         raise UserError(f"fisher='exact' takes a backward pass per class and the model has {classes} (at most {MAX_CLASSES}); use fisher='true'")
     target = batch[task.target_key]
@@ -201,12 +206,9 @@ def block_fisher(task: Task, model: torch.nn.Module, config: CurvatureConfig, ba
     estimates it with rank at most the number of examples), else `config.fisher`."""
     if config.dense_fisher is not None:
         return config.dense_fisher
-    if config.fisher != "true" or not (isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"):
+    if config.fisher != "true" or not is_classifier(task):
         return config.fisher
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        classes = task.outputs(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).shape[-1]
-    return "exact" if classes <= MAX_CLASSES else config.fisher
+    return "exact" if class_count(task, model, batch) <= MAX_CLASSES else config.fisher
 
 
 def rotated(curv: dict, calls, device) -> dict[str, torch.Tensor]:

@@ -184,6 +184,12 @@ class ModuleTask:
         return {"type": "module", "loss": loss, "input_key": self.input_key, "target_key": self.target_key}
 
 
+def is_classifier(task: Task) -> bool:
+    """Whether the task is a ModuleTask classifier (cross-entropy over classes), whose Fisher and
+    Gauss–Newton matrix can be taken over every class."""
+    return isinstance(task, ModuleTask) and task.loss_fn == "cross_entropy"
+
+
 # ------------------------------------------------------------------------------- language models
 
 

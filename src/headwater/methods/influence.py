@@ -31,7 +31,7 @@ from ..index import Index
 from ..measurement import Measurement, objective_fn
 from ..projection import project
 from ..scores import Scores
-from ..task import ModuleTask, Task, collated_batches, whole_examples
+from ..task import ModuleTask, Task, collated_batches, is_classifier, whole_examples
 from .base import Blocks, Method, query_records, training_data
 
 Grads = dict[str, torch.Tensor]  # module name -> [q, d_out, d_in_aug]
@@ -128,7 +128,7 @@ class DenseCurvature:
 
 def dense_gauss_newton(model: torch.nn.Module, task: ModuleTask, records, modules: list[str] | None = None) -> DenseCurvature:
     """Exact GN of a classifier's mean cross-entropy over `records` for the tracked modules."""
-    if not isinstance(task, ModuleTask) or task.loss_fn != "cross_entropy":
+    if not is_classifier(task):
         raise UserError("the dense Gauss–Newton is for ModuleTask classifiers (loss_fn='cross_entropy')")
     collector = GradientCollector(model, task, ProjectionConfig("none"), modules)
     batch = task.collate(whole_examples(task, records))
