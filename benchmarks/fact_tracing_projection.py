@@ -27,6 +27,7 @@ from pathlib import Path
 import fact_tracing
 import numpy as np
 import torch
+from fact_tracing_variants import metrics
 
 from headwater import BuildConfig, ProjectionConfig, build_index
 from headwater.demos.facts import prepare
@@ -37,21 +38,13 @@ PROJECTIONS = ("factored 256", "factored 1024", "dense 256")
 
 def recalls(scores: np.ndarray, relevant: list[list[int]], value_first: list[list[bool]]) -> dict:
     """Recall@10, MRR, and Recall@10 of the stating documents by which they name first, from
-    record scores [n, q]."""
-    ranks = np.argsort(-scores, axis=0, kind="stable")
-    recall, mrr, found = [], [], {False: [], True: []}
-    for j, (rel, vf) in enumerate(zip(relevant, value_first)):
-        position = np.empty(len(ranks), dtype=np.int64)
-        position[ranks[:, j]] = np.arange(len(ranks))
-        recall.append(np.mean([position[d] < 10 for d in rel]))
-        mrr.append(1 / (1 + min(position[d] for d in rel)))
-        for d, v in zip(rel, vf):
-            found[v].append(position[d] < 10)
+    record scores [n, q] (`fact_tracing_variants.metrics` with each order as its flags)."""
+    first = metrics(scores, relevant, [[not v for v in vf] for vf in value_first])
     return {
-        "recall": float(np.mean(recall)),
-        "mrr": float(np.mean(mrr)),
-        "entity first": float(np.mean(found[False])),
-        "value first": float(np.mean(found[True])),
+        "recall": first["recall"],
+        "mrr": first["mrr"],
+        "entity first": first["entity_first"],
+        "value first": metrics(scores, relevant, value_first)["entity_first"],
     }
 
 
