@@ -152,6 +152,23 @@ def portable_or_exit(args: argparse.Namespace) -> None:
     args.workdir = args.workdir or Path("/tmp/headwater-fact-tracing" + ("-native" if args.native_kernels else ""))
 
 
+def asked_questions(args: argparse.Namespace, docs: list[dict], questions: list[dict]) -> tuple[list[dict], Path, list[list[int]]]:
+    """The held-out questions the fact-tracing benchmarks ask (`args.queries` of them drawn with
+    `args.seed`), the queries file they are written to in `args.workdir`, and each one's stating
+    documents (indices into `docs`)."""
+    questions = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))
+    qfile = args.workdir / "queries.jsonl"
+    qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in questions))
+    ids = {d["id"]: i for i, d in enumerate(docs)}
+    return questions, qfile, [[ids[r] for r in q["relevant"]] for q in questions]
+
+
+def value_first(docs: list[dict], questions: list[dict], relevant: list[list[int]]) -> list[list[bool]]:
+    """Per question, whether each stating document names the value before the entity."""
+    texts = [d["text"] for d in docs]
+    return [[texts[i].index(q["completion"].strip()) < texts[i].index(q["entity"]) for i in rel] for q, rel in zip(questions, relevant)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=120)
@@ -174,11 +191,7 @@ def main() -> None:
     t0 = time.time()
     model_dir, docs, questions = prepare(args.workdir, cfg, corpus=hard_corpus)
     train_s = time.time() - t0
-    questions = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))
-    qfile = args.workdir / "queries.jsonl"
-    qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in questions))
-    ids = {d["id"]: i for i, d in enumerate(docs)}
-    relevant = [[ids[r] for r in q["relevant"]] for q in questions]
+    questions, qfile, relevant = asked_questions(args, docs, questions)
     correct = answered(model_dir, questions)
     rankings, seconds = {}, {}
     token_variants = [
@@ -216,12 +229,11 @@ def main() -> None:
     results = {}
     groups = {"all": np.ones(len(questions), bool), "answered": correct, "not answered": ~correct}
     groups.update({f"relation {r}": np.array([q["relation"] == r for q in questions]) for r in RELATIONS})
-    texts = [d["text"] for d in docs]
-    value_first = [[texts[i].index(q["completion"].strip()) < texts[i].index(q["entity"]) for i in rel] for q, rel in zip(questions, relevant)]
+    stated_value_first = value_first(docs, questions, relevant)
     for name, order in rankings.items():
         results[name] = {g: ranking_metrics(order[m], [rel for rel, keep in zip(relevant, m) if keep], k=10) for g, m in groups.items() if m.any()}
         for label, want in (("entity first", False), ("value first", True)):  # which comes first in the stating sentence
-            hits = [d in row[:10].tolist() for row, rel, vf in zip(order, relevant, value_first) for d, f in zip(rel, vf) if f == want]
+            hits = [d in row[:10].tolist() for row, rel, vf in zip(order, relevant, stated_value_first) for d, f in zip(rel, vf) if f == want]
             results[name][f"documents stating {label}"] = {"recall": float(np.mean(hits)), "documents": len(hits)}
     lines = [
         f"{len(docs)} documents, {len(questions)} held-out questions ({correct.mean():.0%} answered by the model; training {train_s:.0f} s)",
@@ -238,7 +250,7 @@ def main() -> None:
     lines += ["", "Recall@10 by relation:", "", "| method | " + " | ".join(RELATIONS) + " |", "|---" * (1 + len(RELATIONS)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{recall(r, f'relation {rel}'):.3f}" for rel in RELATIONS) + " |")
-    patched = tail_patch_table(model_dir, docs, questions, relevant, value_first, rankings, args) if args.tail_patch_lr > 0 else {}
+    patched = tail_patch_table(model_dir, docs, questions, relevant, stated_value_first, rankings, args) if args.tail_patch_lr > 0 else {}
     if patched:
         lines += [
             "",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -59,12 +58,8 @@ def main() -> None:
     fact_tracing.portable_or_exit(args)
     torch.set_num_threads(2)
     model_dir, docs, questions = prepare(args.workdir, fact_tracing.HardConfig(seed=args.seed), corpus=fact_tracing.hard_corpus)
-    questions = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))  # as fact_tracing.py draws them
-    qfile = args.workdir / "queries.jsonl"
-    qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in questions))
-    ids, texts = {d["id"]: i for i, d in enumerate(docs)}, [d["text"] for d in docs]
-    relevant = [[ids[r] for r in q["relevant"]] for q in questions]
-    value_first = [[texts[i].index(q["completion"].strip()) < texts[i].index(q["entity"]) for i in rel] for q, rel in zip(questions, relevant)]
+    questions, qfile, relevant = fact_tracing.asked_questions(args, docs, questions)
+    value_first = fact_tracing.value_first(docs, questions, relevant)
 
     results = {"BM25": recalls(BM25().fit(docs).score(str(qfile)).values, relevant, value_first)}
     timings = args.workdir / "projection_build_seconds.json"  # a cached index keeps the time it took to build

@@ -69,9 +69,7 @@ def unique_picks(order: np.ndarray, other: np.ndarray, k: int = 10) -> list[int]
 def head_to_head(args, docs: list[dict], questions: list[dict]) -> tuple[list[dict], dict[str, list[int]]]:
     """The benchmark's sampled questions and, per method, each one's unique pick against the other
     (TrackStar on the token index that fact_tracing.py built in the same workdir, BM25)."""
-    sampled = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))  # as fact_tracing.py draws them
-    qfile = args.workdir / "queries.jsonl"
-    qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in sampled))
+    sampled, qfile, _ = fact_tracing.asked_questions(args, docs, questions)
     index = args.workdir / "index-token"
     if not index.exists():
         raise SystemExit(f"no token index at {index}: run benchmarks/fact_tracing.py with the same --workdir first")

@@ -156,11 +156,8 @@ def main() -> None:
     cfg = fact_tracing.HardConfig(seed=args.seed)
     model_dir, docs, questions = prepare(args.workdir, cfg, corpus=fact_tracing.hard_corpus)
     entities = sorted({q["entity"] for q in questions})
-    questions = random.Random(args.seed).sample(questions, min(args.queries, len(questions)))  # as fact_tracing.py draws them
-    qfile = args.workdir / "queries.jsonl"
-    qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "prompt", "completion")}) + "\n" for q in questions))
-    ids, texts, n = {d["id"]: i for i, d in enumerate(docs)}, [d["text"] for d in docs], len(docs)
-    relevant = [[ids[r] for r in q["relevant"]] for q in questions]
+    questions, qfile, relevant = fact_tracing.asked_questions(args, docs, questions)
+    texts, n = [d["text"] for d in docs], len(docs)
     entity_first = [[texts[i].index(q["entity"]) < texts[i].index(q["completion"].strip()) for i in rel] for q, rel in zip(questions, relevant)]
     index = Index(args.workdir / "index-token")
     results = {}
