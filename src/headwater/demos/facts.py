@@ -208,8 +208,9 @@ VARIANTS = [
 ]
 
 
-def run(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int = 16, retrain: bool = False, top_k: int = 10) -> dict:
-    """Run the whole demo; prints and writes `results.md` and `results.json` to `workdir`."""
+def run(workdir: Path, seed: int = 0, projection_dim: int | None = None, batch_size: int = 16, retrain: bool = False, top_k: int = 10) -> dict:
+    """Run the whole demo; prints and writes `results.md` and `results.json` to `workdir`.
+    `projection_dim` per tracked module defaults to the library's (`ProjectionConfig.dim`)."""
     import datasets
     import transformers
 
@@ -223,6 +224,7 @@ def run(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int
     relevant = [[doc_ids.index(r) for r in q["relevant"]] for q in questions]
     questions_file = str(workdir / "questions.jsonl")
     acc = float(answered(model_dir, questions).mean())
+    projection = ProjectionConfig(seed=seed) if projection_dim is None else ProjectionConfig(dim=projection_dim, seed=seed)
     rankings: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     for unit in ("document", "sentence", "token"):
@@ -231,14 +233,15 @@ def run(workdir: Path, seed: int = 0, projection_dim: int = 256, batch_size: int
             config = BuildConfig(
                 model=str(model_dir),
                 data=str(workdir / "train.jsonl"),
-                projection=ProjectionConfig(dim=projection_dim, seed=seed),
+                projection=projection,
                 batch_size=batch_size,
                 unit=unit,
                 storage_dtype="float32",
                 optimizer_state=str(model_dir / "optimizer.pt") if normalised else None,
             )
-            # named after the model: an index resumes only for the model it was built from
-            name = f"{model_dir.name}-index-{unit}{'-adamnorm' if normalised else ''}"
+            # named after the model and the projection: an index resumes only for the model and
+            # projection it was built with
+            name = f"{model_dir.name}-index-{unit}-{projection.kind}{projection.dim}{'-adamnorm' if normalised else ''}"
             index = build_index(workdir / name, config=config, resume=True)
             build_s = time.time() - t
             for vname, vunit, vnorm, method in VARIANTS:
