@@ -308,14 +308,15 @@ def tail_patch_table(model_dir, docs, questions, relevant, value_first, rankings
             out["minus_bm25"] = interval(means - against)
         return out
 
-    top = {
-        name: tail_patch_gains(model, task, docs, queries, rankings[name][:, :10], lr=args.tail_patch_lr, progress=True) for name in args.tail_patch
-    }
-    bm25 = top["BM25"].mean(1) if "BM25" in top else None
-    out = {f"{name}: top 10": summary(list(gains), bm25) for name, gains in top.items()}
     width = max(map(len, relevant))
     stating = np.array([rel + rel[:1] * (width - len(rel)) for rel in relevant])  # padded to a rectangle; padding dropped below
-    gains = tail_patch_gains(model, task, docs, queries, stating, lr=args.tail_patch_lr, progress=True)
+    # one call, so that a document several rankings pick is stepped once
+    picks = np.concatenate([rankings[name][:, :10] for name in args.tail_patch] + [stating], axis=1)
+    gains = tail_patch_gains(model, task, docs, queries, picks, lr=args.tail_patch_lr, progress=True)
+    *parts, gains = np.split(gains, 10 * np.arange(1, len(args.tail_patch) + 1), axis=1)
+    top = dict(zip(args.tail_patch, parts))
+    bm25 = top["BM25"].mean(1) if "BM25" in top else None
+    out = {f"{name}: top 10": summary(list(g), bm25) for name, g in top.items()}
     for label, want in (("entity first", False), ("value first", True)):
         out[f"documents stating the fact, {label}"] = summary([g[: len(vf)][np.array(vf) == want] for g, vf in zip(gains, value_first)])
     return out

@@ -228,3 +228,29 @@ def test_tail_patch_top_proponents_raise_the_target_more_than_random(gpt2, token
     np.testing.assert_allclose(gains[0], per_record, rtol=0.02)
     with pytest.raises(UserError, match="picks must be"):
         tail_patch_gains(gpt2, task, train, queries, np.array([[len(train)]]))
+
+
+def test_tail_patch_gains_equal_one_sgd_step_per_pair(gpt2, tokenizer, lm_records):
+    """Records picked by several queries (stepped once, shared) give each pair's gain as a
+    separate SGD step on a copy of the model would."""
+    import copy
+
+    from headwater import LanguageModelTask
+    from headwater.retrain import tail_patch_gains
+
+    task = LanguageModelTask(tokenizer)
+    queries = [{"prompt": "the capital of zorblat is", "completion": " quenti"}, {"prompt": "tela was", "completion": " a mountain"}]
+    picks = np.array([[1, 3, 1], [3, 0, 1]])
+    gains = tail_patch_gains(gpt2, task, lm_records, queries, picks, lr=1e-2)
+
+    def query_logprob(model, q):
+        with torch.no_grad():
+            return -float(task.loss(model, task.collate([task.whole(q)])).sum())
+
+    for j, c in np.ndindex(picks.shape):
+        model = copy.deepcopy(gpt2)
+        task.loss(model, task.collate([task.whole(lm_records[picks[j, c]])])).sum().backward()
+        with torch.no_grad():
+            for param in model.parameters():
+                param -= 1e-2 * param.grad
+        assert gains[j, c] == pytest.approx(query_logprob(model, queries[j]) - query_logprob(gpt2, queries[j]), rel=1e-4, abs=1e-7)

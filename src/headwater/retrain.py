@@ -116,18 +116,20 @@ def tail_patch_gains(model, task, train_records, queries, picks: np.ndarray, lr:
     params = {n: p.detach() for n, p in model.named_parameters()}
     bound = lambda p: lambda *a, **kw: functional_call(model, p, a, kw)
     encode = lambda r: task.collate([task.whole(r)])
+    qbatches = [encode(q) for q in qrecords]
+    with torch.no_grad():
+        base = np.array([-float(task.loss(bound(params), b).sum()) for b in qbatches])
     gains = np.zeros(picks.shape)
-    for j in tqdm(range(len(qrecords)), desc="tail-patch", disable=not progress):
-        qbatch = encode(qrecords[j])
+    # one step per picked record, shared by every query that picked it (hub documents are
+    # picked by most queries)
+    for i in tqdm(np.unique(picks), desc="tail-patch", disable=not progress):
+        p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
+        loss = task.loss(bound(p), encode(train[int(i)])).sum()
+        grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        stepped = {n: t - lr * g if g is not None else t for (n, t), g in zip(p.items(), grads)}
         with torch.no_grad():
-            base = -float(task.loss(bound(params), qbatch).sum())
-        for c, i in enumerate(picks[j]):
-            p = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-            loss = task.loss(bound(p), encode(train[int(i)])).sum()
-            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
-            stepped = {n: t - lr * g if g is not None else t for (n, t), g in zip(p.items(), grads)}
-            with torch.no_grad():
-                gains[j, c] = -float(task.loss(bound(stepped), qbatch).sum()) - base
+            for j, c in zip(*np.nonzero(picks == i)):
+                gains[j, c] = -float(task.loss(bound(stepped), qbatches[j]).sum()) - base[j]
     return gains
 
 
