@@ -1,13 +1,24 @@
 """Stage attribution against retraining with each stage skipped, over several seeds.
 
-Two settings, each a tiny GPT-2 trained in four stages ("pretrain", "sft", "inject" plants a
-behaviour, "repair" partly undoes it; the world and data of `headwater demo stages`):
+A tiny GPT-2 trained in four stages ("pretrain", "sft", "inject" plants a behaviour, "repair"
+partly undoes it; the world and data of `headwater demo stages`), in two settings:
 
 - trainer: the Hugging Face Trainer, a fresh optimizer per stage (AdamW, SGD with Nesterov
   momentum; linear, cosine, constant schedules), recorded by the TrajectoryRecorder callback;
 - persistent: one SGD optimizer (momentum 0.9, coupled weight decay) across all four stages in a
   plain loop, each stage with its own learning rate: the momentum buffer and the decay carry each
   stage's gap into the next, which only the propagated and curvature estimators model.
+
+and fine-tuning stages of a pre-trained model (the pretraining sentences and half the
+question/answer pairs, AdamW, not recorded: the run's θ_0, as a user's base checkpoint):
+
+- finetune ×s: four stages ("sft" the other half of the pairs, "inject", "repair", "polish" all
+  the pairs again) with one SGD optimizer as in persistent, each stage its own schedule (warm-up
+  and cosine, constant, step, linear decay) and learning rates scaled by s = 1, 0.3, 0.1: how the
+  estimators fare as the stages shrink from moving a behaviour by several nats to a fraction of one;
+- finetune-trainer ×s: the same stages through the Trainer, a fresh optimizer each (AdamW with
+  warm-up and cosine, SGD with Nesterov momentum, AdamW with decay 0.1, SGD with momentum and
+  linear decay), learning rates scaled likewise.
 
 For every seed, stage and behaviour the true effect is f(θ_T) − f(θ_T with the stage skipped),
 by retraining the later stages as recorded; and the same with only 1% of the stage taken out
@@ -19,7 +30,7 @@ over stages × behaviours (pooled over seeds, and the mean of the per-seed value
 agreement, how often the stage with the largest effect is named, and the error over the stages
 before the last.
 
-    python benchmarks/stages.py                # 5 seeds × 2 settings, ~5 min on 2 cores
+    python benchmarks/stages.py                # 5 seeds × 8 settings, ~5 min on 2 cores
     python benchmarks/stages.py --seeds 2      # quicker
     python benchmarks/stages.py --summarise    # the tables again from results/stages.json, no training
 
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import time
@@ -54,27 +66,58 @@ ESTIMATORS = {  # name: (which recording, curvature matrix); naive and propagate
 # first-order estimator, however exact its propagation, can hope for.
 LOCAL = "retraining with 1% out, × 100 (exact to first order)"
 
-PERSISTENT_LR = {"pretrain": 0.03, "sft": 0.01, "inject": 0.01, "repair": 0.005}
-PERSISTENT_EPOCHS = {"pretrain": 3, "sft": 3, "inject": 2, "repair": 2}
+# stage: (learning rate, epochs, schedule over the stage's steps: fraction done -> multiplier)
+constant = lambda x: 1.0  # noqa: E731
+PERSISTENT = {"pretrain": (0.03, 3, constant), "sft": (0.01, 3, constant), "inject": (0.01, 2, constant), "repair": (0.005, 2, constant)}
+FINETUNE = {
+    "sft": (0.01, 2, lambda x: min(1.0, x / 0.1) * 0.5 * (1 + np.cos(np.pi * x))),  # warm-up, cosine
+    "inject": (0.01, 2, constant),
+    "repair": (0.005, 2, lambda x: 1.0 if x < 0.5 else 0.3),  # a step schedule
+    "polish": (0.005, 2, lambda x: 1.0 - x),  # linear decay
+}
+FINETUNE_SCALES = (1.0, 0.3, 0.1)
+FINETUNE_PLANS = [  # the same stages through the Trainer, a fresh optimizer each
+    demo.StagePlan("sft", "adamw_torch", 1e-3, "cosine", 2, warmup=0.1),
+    demo.StagePlan("inject", "sgd", 0.05, "constant", 2, optim_args="momentum=0.9,nesterov=True"),
+    demo.StagePlan("repair", "adamw_torch", 1e-3, "constant", 2, weight_decay=0.1),
+    demo.StagePlan("polish", "sgd", 0.05, "linear", 2, optim_args="momentum=0.9"),
+]
 
 
-def persistent_run(path: Path, model, task, stages: dict, seed: int) -> None:
-    """All stages with one SGD optimizer (its momentum buffer carries across stages)."""
+def persistent_run(path: Path, model, task, stages: dict, plan: dict, seed: int, scale: float = 1.0) -> None:
+    """The stages of `plan` with one SGD optimizer (its momentum buffer carries across stages),
+    each with its own learning rate (times `scale`) and schedule."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     recorder = TrajectoryRecorder(path, model, checkpoint_every=1)
     g = torch.Generator().manual_seed(seed)
-    for plan in demo.PLANS:
-        for group in opt.param_groups:
-            group["lr"] = PERSISTENT_LR[plan.name]
-        recorder.begin_stage(plan.name, opt)
-        records = stages[plan.name]
-        for _ in range(PERSISTENT_EPOCHS[plan.name]):
-            for chosen in torch.randperm(len(records), generator=g).split(8):
-                step(model, task, [records[i] for i in chosen.tolist()])
-                opt.step()
-                recorder.step(opt, ids=[records[i]["id"] for i in chosen.tolist()])
-                opt.zero_grad()
+    for name, (lr, epochs, schedule) in plan.items():
+        recorder.begin_stage(name, opt)
+        records = stages[name]
+        batches = [chosen.tolist() for _ in range(epochs) for chosen in torch.randperm(len(records), generator=g).split(8)]
+        for t, chosen in enumerate(batches):
+            for group in opt.param_groups:
+                group["lr"] = scale * lr * schedule(t / len(batches))
+            step(model, task, [records[i] for i in chosen])
+            opt.step()
+            recorder.step(opt, ids=[records[i]["id"] for i in chosen])
+            opt.zero_grad()
     recorder.close()
+
+
+def finetune_data(model, task, stages: dict, seed: int) -> dict:
+    """Pre-train `model` (AdamW, unrecorded: the run's θ_0, as a user's base checkpoint) on the
+    pretraining sentences and half the question/answer pairs; the four fine-tuning stages' records:
+    the other half ("sft"), "inject", "repair", and all the pairs again ("polish")."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    sft = stages["sft"]
+    base = stages["pretrain"] + sft[: len(sft) // 2]
+    for _ in range(4):
+        for chosen in torch.randperm(len(base), generator=g).split(8):
+            step(model, task, [base[i] for i in chosen.tolist()])
+            opt.step()
+            opt.zero_grad()
+    return {"sft": sft[len(sft) // 2 :], "inject": stages["inject"], "repair": stages["repair"], "polish": sft}
 
 
 def step(model, task, records) -> None:
@@ -141,9 +184,22 @@ def run_setting(setting: str, seed: int, workdir: Path) -> dict:
     if setting == "trainer":
         traj, model, task, stages, behaviours, _ = demo.train_pipeline(workdir, seed, checkpoint_every=1)
         truth = lambda removed: demo.true_effects(traj, model, task, stages, behaviours, workdir, seed, removed)  # noqa: E731
+    elif setting.startswith("finetune-trainer"):
+        stages, behaviours, task, model, path = demo.fresh_run(workdir, seed)
+        stages = finetune_data(model, task, stages, seed)
+        plans = [dataclasses.replace(plan, lr=plan.lr * float(setting.split("×")[1])) for plan in FINETUNE_PLANS]
+        recorder = TrajectoryRecorder(path, checkpoint_every=1)
+        for plan in plans:
+            demo.train_stage(model, task, stages[plan.name], plan, workdir, recorder, seed)
+        traj = Trajectory(path)
+        truth = lambda removed: demo.true_effects(traj, model, task, stages, behaviours, workdir, seed, removed, plans)  # noqa: E731
     else:
         stages, behaviours, task, model, path = demo.fresh_run(workdir, seed)
-        persistent_run(path, model, task, stages, seed)
+        if setting == "persistent":
+            persistent_run(path, model, task, stages, PERSISTENT, seed)
+        else:
+            stages = finetune_data(model, task, stages, seed)
+            persistent_run(path, model, task, stages, FINETUNE, seed, scale=float(setting.split("×")[1]))
         traj = Trajectory(path)
         truth = lambda removed: persistent_truth(traj, model, task, stages, behaviours, removed)  # noqa: E731
     seconds = {"training": time.time() - t}
@@ -223,7 +279,8 @@ def table(results: dict, seeds: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--settings", nargs="+", default=["trainer", "persistent"], choices=["trainer", "persistent"])
+    finetune = [f"finetune{kind} ×{x:g}" for kind in ("", "-trainer") for x in FINETUNE_SCALES]
+    p.add_argument("--settings", nargs="+", default=["trainer", "persistent", *finetune], choices=["trainer", "persistent", *finetune])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/headwater-bench-stages"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stages.json")
@@ -235,7 +292,10 @@ def main() -> None:
         saved = json.loads(args.out.read_text())
         raw, meta = saved["runs"], saved["args"]
     else:
-        raw = {setting: [run_setting(setting, seed, args.workdir / setting / str(seed)) for seed in range(args.seeds)] for setting in args.settings}
+        raw = {
+            setting: [run_setting(setting, seed, args.workdir / setting.replace(" ×", "-") / str(seed)) for seed in range(args.seeds)]
+            for setting in args.settings
+        }
         meta = {k: str(v) for k, v in vars(args).items()}
     results = summaries(raw)
     text = table(results, len(next(iter(raw.values()))))

@@ -137,19 +137,21 @@ def behaviour_values(model, task: LanguageModelTask, behaviours: dict) -> np.nda
         return np.array([float(task.loss(model.eval(), task.collate([task.whole(r) for r in rs])).mean()) for rs in behaviours.values()])
 
 
-def true_effects(traj: Trajectory, model, task, stages: dict, behaviours: dict, workdir: Path, seed: int, removed: float = 1.0) -> np.ndarray:
+def true_effects(
+    traj: Trajectory, model, task, stages: dict, behaviours: dict, workdir: Path, seed: int, removed: float = 1.0, plans: list[StagePlan] = PLANS
+) -> np.ndarray:
     """E_k = f(θ_T) − f(θ_T with stage k skipped), by retraining the later stages from stage k's
     start, as recorded (the same data, settings and seeds; each stage a fresh optimizer). With
     `removed` < 1, from θ_end(k) moved that fraction of the way back to θ_start(k)."""
     final = behaviour_values(model, task, behaviours)
-    out = np.zeros((len(PLANS), len(behaviours)))
-    for k, plan in enumerate(PLANS):
+    out = np.zeros((len(plans), len(behaviours)))
+    for k, plan in enumerate(plans):
         skipped = copy.deepcopy(model)
         start, end = traj.params_at(plan.name, False), traj.params_at(plan.name, True)
         with torch.no_grad():
             for n, p in skipped.named_parameters():
                 p.copy_(end[n] - removed * (end[n] - start[n]))
-        for later in PLANS[k + 1 :]:
+        for later in plans[k + 1 :]:
             train_stage(skipped, task, stages[later.name], later, workdir, None, seed)
         out[k] = final - behaviour_values(skipped, task, behaviours)
     return out
