@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import shutil
 import time
@@ -76,12 +75,6 @@ FINETUNE = {
     "polish": (0.005, 2, lambda x: 1.0 - x),  # linear decay
 }
 FINETUNE_SCALES = (1.0, 0.3, 0.1)
-FINETUNE_PLANS = [  # the same stages through the Trainer, a fresh optimizer each
-    demo.StagePlan("sft", "adamw_torch", 1e-3, "cosine", 2, warmup=0.1),
-    demo.StagePlan("inject", "sgd", 0.05, "constant", 2, optim_args="momentum=0.9,nesterov=True"),
-    demo.StagePlan("repair", "adamw_torch", 1e-3, "constant", 2, weight_decay=0.1),
-    demo.StagePlan("polish", "sgd", 0.05, "linear", 2, optim_args="momentum=0.9"),
-]
 
 
 def persistent_run(path: Path, model, task, stages: dict, plan: dict, seed: int, scale: float = 1.0) -> None:
@@ -97,33 +90,11 @@ def persistent_run(path: Path, model, task, stages: dict, plan: dict, seed: int,
         for t, chosen in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = scale * lr * schedule(t / len(batches))
-            step(model, task, [records[i] for i in chosen])
+            demo.backward_token_mean(model, task, [records[i] for i in chosen])
             opt.step()
             recorder.step(opt, ids=[records[i]["id"] for i in chosen])
             opt.zero_grad()
     recorder.close()
-
-
-def finetune_data(model, task, stages: dict, seed: int) -> dict:
-    """Pre-train `model` (AdamW, unrecorded: the run's θ_0, as a user's base checkpoint) on the
-    pretraining sentences and half the question/answer pairs; the four fine-tuning stages' records:
-    the other half ("sft"), "inject", "repair", and all the pairs again ("polish")."""
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    sft = stages["sft"]
-    base = stages["pretrain"] + sft[: len(sft) // 2]
-    for _ in range(4):
-        for chosen in torch.randperm(len(base), generator=g).split(8):
-            step(model, task, [base[i] for i in chosen.tolist()])
-            opt.step()
-            opt.zero_grad()
-    return {"sft": sft[len(sft) // 2 :], "inject": stages["inject"], "repair": stages["repair"], "polish": sft}
-
-
-def step(model, task, records) -> None:
-    """Backward of the batch's token-mean loss (the Trainer's reduction)."""
-    batch = task.collate([task.whole(r) for r in records])
-    (task.loss(model, batch).sum() / batch["target_mask"][:, 1:].sum()).backward()
 
 
 def persistent_truth(traj: Trajectory, model, task, stages: dict, behaviours: dict, removed: float) -> np.ndarray:
@@ -149,7 +120,7 @@ def persistent_truth(traj: Trajectory, model, task, stages: dict, behaviours: di
                 rec = traj.steps[t]
                 for group in opt.param_groups:
                     group["lr"] = rec.lr[0]
-                step(skipped, task, [by_id[i] for i in rec.ids])
+                demo.backward_token_mean(skipped, task, [by_id[i] for i in rec.ids])
                 opt.step()
                 opt.zero_grad()
         out[k] = final - demo.behaviour_values(skipped, task, behaviours)
@@ -181,24 +152,16 @@ def estimates(recordings: dict, model, task, stages: dict, behaviours: dict, rem
 def run_setting(setting: str, seed: int, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    if setting == "trainer":
-        traj, model, task, stages, behaviours, _ = demo.train_pipeline(workdir, seed, checkpoint_every=1)
-        truth = lambda removed: demo.true_effects(traj, model, task, stages, behaviours, workdir, seed, removed)  # noqa: E731
-    elif setting.startswith("finetune-trainer"):
-        stages, behaviours, task, model, path = demo.fresh_run(workdir, seed)
-        stages = finetune_data(model, task, stages, seed)
-        plans = [dataclasses.replace(plan, lr=plan.lr * float(setting.split("×")[1])) for plan in FINETUNE_PLANS]
-        recorder = TrajectoryRecorder(path, checkpoint_every=1)
-        for plan in plans:
-            demo.train_stage(model, task, stages[plan.name], plan, workdir, recorder, seed)
-        traj = Trajectory(path)
+    if setting == "trainer" or setting.startswith("finetune-trainer"):
+        finetune = float(setting.split("×")[1]) if "×" in setting else None
+        traj, model, task, stages, behaviours, plans, _ = demo.train_pipeline(workdir, seed, checkpoint_every=1, finetune=finetune)
         truth = lambda removed: demo.true_effects(traj, model, task, stages, behaviours, workdir, seed, removed, plans)  # noqa: E731
     else:
         stages, behaviours, task, model, path = demo.fresh_run(workdir, seed)
         if setting == "persistent":
             persistent_run(path, model, task, stages, PERSISTENT, seed)
         else:
-            stages = finetune_data(model, task, stages, seed)
+            stages = demo.pretrain_base(model, task, stages, seed)
             persistent_run(path, model, task, stages, FINETUNE, seed, scale=float(setting.split("×")[1]))
         traj = Trajectory(path)
         truth = lambda removed: persistent_truth(traj, model, task, stages, behaviours, removed)  # noqa: E731

@@ -28,11 +28,12 @@ x86_with_mkl = pytest.mark.skipif(
 
 
 def stages_demo(workdir: Path, env: dict, *flags: str) -> dict:
-    """Run `headwater demo stages` (about 15 s); its estimates and retrained truth."""
+    """Run `headwater demo stages` (about 30 s); its estimates and retrained truth, both pipelines."""
     cmd = [sys.executable, "-m", "headwater", "demo", "stages", "--workdir", str(workdir), *flags]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    return {"stdout": r.stdout, **{f: json.loads((workdir / f).read_text()) for f in ("effects.json", "truth.json")}}
+    files = ("effects.json", "truth.json", "finetune/effects.json", "finetune/truth.json")
+    return {"stdout": r.stdout, **{f: json.loads((workdir / f).read_text()) for f in files}}
 
 
 def test_portable_environment_sets_every_kernel_choice():
@@ -53,7 +54,8 @@ def test_portable_demo_is_bit_identical_under_another_cpus_environment(tmp_path)
     there = stages_demo(tmp_path / "there", {**BASE, **OTHER_CPU})
     for run in (here, there):
         assert run["stdout"].startswith("portable kernels: MKL_CBWR=COMPATIBLE, ATen DEFAULT, 2 threads\n")
-    assert here["effects.json"] == there["effects.json"] and here["truth.json"] == there["truth.json"]
+    for f in ("effects.json", "truth.json", "finetune/effects.json", "finetune/truth.json"):
+        assert here[f] == there[f], f
 
 
 @x86_with_mkl

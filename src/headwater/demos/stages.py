@@ -8,11 +8,15 @@
    callback recording each stage (AdamW, SGD with Nesterov momentum, different schedules).
 3. Estimate every stage's effect on three behaviours (naive, propagated, curvature-aware) and
    measure the truth: retrain with each stage skipped, the later stages replayed as recorded.
+4. The same for four fine-tuning stages of a pre-trained model ("sft", "inject", "repair",
+   "polish"), at 0.3 of the learning rates above: the regime where the curvature estimate is
+   clearly better than the naive one (`docs/stages.md`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -53,6 +57,15 @@ PLANS = [
     StagePlan("inject", "sgd", 0.05, "constant", 2, optim_args="momentum=0.9,nesterov=True"),
     StagePlan("repair", "adamw_torch", 1e-3, "constant", 2, weight_decay=0.1),
 ]
+
+
+FINETUNE_PLANS = [  # fine-tuning stages of a pre-trained model (`pretrain_base`)
+    StagePlan("sft", "adamw_torch", 1e-3, "cosine", 2, warmup=0.1),
+    StagePlan("inject", "sgd", 0.05, "constant", 2, optim_args="momentum=0.9,nesterov=True"),
+    StagePlan("repair", "adamw_torch", 1e-3, "constant", 2, weight_decay=0.1),
+    StagePlan("polish", "sgd", 0.05, "linear", 2, optim_args="momentum=0.9"),
+]
+FINETUNE_SCALE = 0.3  # the demo's fine-tuning learning rates, times FINETUNE_PLANS'
 
 
 def make_data(seed: int = 0) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
@@ -96,6 +109,28 @@ def collator(task: LanguageModelTask):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
     return collate
+
+
+def backward_token_mean(model, task: LanguageModelTask, records: list[dict]) -> None:
+    """Backward of the batch's token-mean loss (the Trainer's reduction)."""
+    batch = task.collate([task.whole(r) for r in records])
+    (task.loss(model, batch).sum() / batch["target_mask"][:, 1:].sum()).backward()
+
+
+def pretrain_base(model, task: LanguageModelTask, stages: dict, seed: int) -> dict:
+    """Pre-train `model` (AdamW, unrecorded: the run's θ_0, as a user's base checkpoint) on the
+    pretraining sentences and half the question/answer pairs; the fine-tuning stages' records:
+    the other half ("sft"), "inject", "repair", and all the pairs again ("polish")."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    sft = stages["sft"]
+    base = stages["pretrain"] + sft[: len(sft) // 2]
+    for _ in range(4):
+        for chosen in torch.randperm(len(base), generator=g).split(8):
+            backward_token_mean(model, task, [base[i] for i in chosen.tolist()])
+            opt.step()
+            opt.zero_grad()
+    return {"sft": sft[len(sft) // 2 :], "inject": stages["inject"], "repair": stages["repair"], "polish": sft}
 
 
 def train_stage(model, task: LanguageModelTask, records: list[dict], plan: StagePlan, workdir: Path, recorder: TrajectoryRecorder | None, seed: int):
@@ -187,9 +222,10 @@ def fresh_run(workdir: Path, seed: int):
     return stages, behaviours, task, model, workdir / "trajectory"
 
 
-def train_pipeline(workdir: Path, seed: int = 0, checkpoint_every: int | None = None):
-    """Train the four stages through the Trainer, recorded; (trajectory, model, task, stage
-    records, behaviour records, seconds)."""
+def train_pipeline(workdir: Path, seed: int = 0, checkpoint_every: int | None = None, finetune: float | None = None):
+    """Train the four stages through the Trainer, recorded; with `finetune`, pre-train a base
+    first (unrecorded) and record FINETUNE_PLANS at their learning rates times `finetune`.
+    (trajectory, model, task, stage records, behaviour records, plans, seconds)."""
     import datasets
     import transformers
 
@@ -197,23 +233,27 @@ def train_pipeline(workdir: Path, seed: int = 0, checkpoint_every: int | None = 
     transformers.utils.logging.set_verbosity_error()
     stages, behaviours, task, model, traj_path = fresh_run(workdir, seed)
     t = time.time()
+    plans = PLANS
+    if finetune is not None:
+        stages = pretrain_base(model, task, stages, seed)
+        plans = [dataclasses.replace(plan, lr=plan.lr * finetune) for plan in FINETUNE_PLANS]
     recorder = TrajectoryRecorder(traj_path, checkpoint_every=checkpoint_every)
-    for plan in PLANS:
+    for plan in plans:
         print(f"training stage {plan.name} ({len(stages[plan.name])} records, {plan.optim}, {plan.schedule})", flush=True)
         train_stage(model, task, stages[plan.name], plan, workdir, recorder, seed)
-    return Trajectory(traj_path), model, task, stages, behaviours, time.time() - t
+    return Trajectory(traj_path), model, task, stages, behaviours, plans, time.time() - t
 
 
-def run_pipeline(workdir: Path, seed: int = 0) -> tuple[StageEffects, np.ndarray, dict]:
+def run_pipeline(workdir: Path, seed: int = 0, finetune: float | None = None) -> tuple[StageEffects, np.ndarray, dict]:
     """Train the four stages (recorded), estimate, retrain for the truth; (effects, truth, timings)."""
-    traj, model, task, stages, behaviours, seconds = train_pipeline(workdir, seed)
+    traj, model, task, stages, behaviours, plans, seconds = train_pipeline(workdir, seed, finetune=finetune)
     timings = {"training": seconds}
     t = time.time()
     effects = StageAttribution(traj, model, task, StageConfig(batch_loss="token-mean"), data=stages).effects(behaviours)
     timings["estimates"] = time.time() - t
     t = time.time()
     print("retraining with each stage skipped (the true effects)", flush=True)
-    truth = true_effects(traj, model, task, stages, behaviours, workdir, seed)
+    truth = true_effects(traj, model, task, stages, behaviours, workdir, seed, plans=plans)
     timings["retraining"] = time.time() - t
     return effects, truth, timings
 
@@ -221,10 +261,10 @@ def run_pipeline(workdir: Path, seed: int = 0) -> tuple[StageEffects, np.ndarray
 COLUMNS = ("naive", "propagated", "curvature", "curvature (linear)")
 
 
-def report(effects: StageEffects, truth: np.ndarray, timings: dict) -> str:
+def report(effects: StageEffects, truth: np.ndarray, timings: dict, title: str) -> str:
     cols = [c for c in COLUMNS if c in effects.estimates]
     lines = [
-        "# headwater demo: training-stage attribution",
+        f"## {title}",
         "",
         "Effect of each stage on each behaviour's mean completion loss, kept − skipped (negative: the stage made the completions",
         "more likely). Estimates are the measurement at the estimated counterfactual parameters; (linear) is its first-order readout.",
@@ -248,17 +288,29 @@ def report(effects: StageEffects, truth: np.ndarray, timings: dict) -> str:
     return "\n".join(lines)
 
 
+PIPELINES = {  # name: (title, learning-rate scale of FINETUNE_PLANS, or None for PLANS from scratch)
+    "scratch": ("Four stages from scratch (pretraining included)", None),
+    "finetune": (f"Four fine-tuning stages of a pre-trained model (learning rates x {FINETUNE_SCALE:g})", FINETUNE_SCALE),
+}
+
+
 def run(workdir: Path, seed: int = 0, retrain: bool = False) -> dict:
-    """The whole demo; prints and writes results.md, effects.json, bars.png and waterfall.png."""
+    """The whole demo, both pipelines; prints and writes results.md, and per pipeline (the
+    fine-tuning one under finetune/) effects.json, truth.json, bars.png and waterfall.png."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    effects, truth, timings = run_pipeline(workdir, seed)
-    effects.save(workdir)
-    bar_chart(effects, workdir / "bars.png", truth)
-    waterfall(effects, workdir / "waterfall.png")
-    text = report(effects, truth, timings)
+    texts, out = ["# headwater demo: training-stage attribution"], {}
+    for name, (title, finetune) in PIPELINES.items():
+        where = workdir if finetune is None else workdir / name
+        where.mkdir(parents=True, exist_ok=True)
+        effects, truth, timings = run_pipeline(where, seed, finetune)
+        effects.save(where)
+        bar_chart(effects, where / "bars.png", truth)
+        waterfall(effects, where / "waterfall.png")
+        (where / "truth.json").write_text(json.dumps({"stages": effects.stages, "behaviours": effects.behaviours, "truth": truth.tolist()}, indent=2))
+        texts.append(report(effects, truth, timings, title))
+        out[name] = {e: agreement(v, truth) for e, v in effects.estimates.items()}
+    text = "\n\n".join(texts)
     (workdir / "results.md").write_text(text + "\n")
-    (workdir / "truth.json").write_text(json.dumps({"stages": effects.stages, "behaviours": effects.behaviours, "truth": truth.tolist()}, indent=2))
     print(text)
-    print(f"wrote {workdir / 'results.md'}, {workdir / 'bars.png'}, {workdir / 'waterfall.png'}")
-    return {e: agreement(v, truth) for e, v in effects.estimates.items()}
+    print(f"wrote {workdir / 'results.md'}, bars.png and waterfall.png in {workdir} and {workdir / 'finetune'}")
+    return out
