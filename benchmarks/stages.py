@@ -24,13 +24,15 @@ For every seed, stage and behaviour the true effect is f(θ_T) − f(θ_T with t
 by retraining the later stages as recorded; and the same with only 1% of the stage taken out
 (θ_end − 0.01·Δ, the moments likewise), the local question, where first-order estimates are
 exact in the limit. Both runs are recorded with a checkpoint every step; the estimators run on
-that recording and on the same recording with only the stage boundaries (the default). Prints,
+that recording and on the same recording with only the stage boundaries (the default), there
+with the path between boundaries interpolated (the default) or replayed over the recorded
+batches (`curvature_path="replayed"`). Prints,
 per setting, removed fraction and estimator, the Pearson and Spearman correlation with the truth
 over stages × behaviours (pooled over seeds, and the mean of the per-seed values), sign
 agreement, how often the stage with the largest effect is named, and the error over the stages
 before the last.
 
-    python benchmarks/stages.py                # 5 seeds × 8 settings, ~5 min on 2 cores
+    python benchmarks/stages.py                # 5 seeds × 8 settings, ~7 min on 2 cores
     python benchmarks/stages.py --seeds 2      # quicker
     python benchmarks/stages.py --summarise    # the tables again from results/stages.json, no training
 
@@ -54,10 +56,12 @@ from headwater import StageAttribution, StageConfig, Trajectory, TrajectoryRecor
 from headwater.demos import stages as demo
 
 REMOVED = (1.0, 0.01)
-ESTIMATORS = {  # name: (which recording, curvature matrix); naive and propagated come with each
-    "curvature": ("boundaries", "gauss-newton"),  # the default
-    "curvature, Hessian": ("boundaries", "hessian"),
-    "curvature, Hessian, checkpoint every step": ("every", "hessian"),
+ESTIMATORS = {  # name: (which recording, curvature matrix, path); naive and propagated come with each
+    "curvature": ("boundaries", "gauss-newton", "interpolated"),  # the default
+    "curvature, Hessian": ("boundaries", "hessian", "interpolated"),
+    "curvature, Hessian, checkpoint every step": ("every", "hessian", "interpolated"),
+    "curvature, replayed path": ("boundaries", "gauss-newton", "replayed"),
+    "curvature, Hessian, replayed path": ("boundaries", "hessian", "replayed"),
 }
 
 # Not an estimator: the local question's true answer (retraining with 1% out) scaled to the whole
@@ -140,8 +144,8 @@ def boundaries_only(traj: Trajectory, path: Path) -> Trajectory:
 
 def estimates(recordings: dict, model, task, stages: dict, behaviours: dict, removed: float) -> dict:
     out = {}
-    for name, (which, matrix) in ESTIMATORS.items():
-        config = StageConfig(batch_loss="token-mean", curvature_matrix=matrix, removed=removed)
+    for name, (which, matrix, path) in ESTIMATORS.items():
+        config = StageConfig(batch_loss="token-mean", curvature_matrix=matrix, curvature_path=path, removed=removed)
         effects = StageAttribution(recordings[which], model, task, config, data=stages).effects(behaviours)
         if not out:
             out.update({k: v for k, v in effects.estimates.items() if not k.startswith("curvature")})

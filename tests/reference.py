@@ -7,6 +7,7 @@ one-at-a-time passes use different kernels, whose float32 round-off (~1e-7 relat
 dependent) says nothing about the method."""
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,7 @@ RUNS = {  # replayable training runs of 8 steps over 24 records (sgd: explicit p
     ),
     "adamw": TrainConfig("adamw", lr=0.03, schedule="linear", epochs=2, train_batch_size=6, beta2=0.99, weight_decay=0.05, data_seed=2),
 }
+RUNS["nesterov"] = dataclasses.replace(RUNS["sgd"], nesterov=True)
 
 
 def run_cli(cwd, *args, code=0):

@@ -29,7 +29,7 @@ def f_at(replay, weights, measure):
     return float(measure(replay.bind(replay.train(weights))))
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adamw"])
 def test_metagradient_matches_finite_differences_of_retraining(opt):
     model, task, records, _, measure = setup()
     replay = Replay(model, task, records, RUNS[opt])

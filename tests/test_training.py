@@ -22,11 +22,11 @@ def setup(n=24):
 
 def torch_optimizer(params, run: TrainConfig):
     if run.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1.0, momentum=run.momentum, weight_decay=run.weight_decay)
+        return torch.optim.SGD(params, lr=1.0, momentum=run.momentum, weight_decay=run.weight_decay, nesterov=run.nesterov)
     return torch.optim.AdamW(params, lr=1.0, betas=(run.beta1, run.beta2), eps=run.adam_eps, weight_decay=run.weight_decay)
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adamw"])
 def test_replay_is_the_torch_optim_run(opt):
     """With all weights 1 the replayable loop is exactly the ordinary torch.optim training run."""
     model, task, records = setup()

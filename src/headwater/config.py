@@ -119,6 +119,10 @@ H_MODEL_DTYPE = (
 )
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 H_MOMENTUM = "Heavy-ball momentum of the optimizer (SGD)."
+H_BATCH_LOSS = (
+    "How the run reduced a batch's loss: token-mean (the Hugging Face Trainer: summed token losses over the "
+    "batch's target tokens) or example-mean (each record's loss averaged over the batch)."
+)
 H_CHECKPOINT_LR = "Learning rate in effect at each checkpoint (repeatable, one per checkpoint): TracIn's weights, SOURCE's segments."
 H_CHECKPOINT_STEPS = "Optimizer steps each checkpoint's segment covers (repeatable, one per checkpoint; SOURCE)."
 H_MEASUREMENT = (
@@ -412,6 +416,7 @@ class TrainConfig(Config):
     epochs: int = option(1, "Epochs of the training run.")
     train_batch_size: int = option(8, "Examples per optimizer step of the training run.")
     momentum: float = option(0.0, H_MOMENTUM)
+    nesterov: bool = option(False, "Nesterov momentum (SGD with momentum, as torch.optim.SGD(nesterov=True)).")
     beta1: float = option(0.9, "AdamW's first-moment decay.")
     beta2: float = option(0.999, "AdamW's second-moment decay.")
     adam_eps: float = option(1e-8, "AdamW's epsilon.")
@@ -443,6 +448,7 @@ class MagicConfig(Config):
         "Step ε of MAGIC's check of itself: the metagradient against a finite difference along a random ε-reweighting of "
         "the records (one more training run; 0 skips it). The scores keep the result; MAGIC warns when the two disagree by over 10%.",
     )
+    batch_loss: str = option("token-mean", H_BATCH_LOSS, choices=("token-mean", "example-mean"))  # read when MAGIC replays a recorded stage
 
 
 @dataclass
@@ -499,8 +505,11 @@ class AttributeConfig(Config):
     ensemble: list[str] | None = option(None, "A further independently trained model (repeatable; TRAK's ensemble).")
     init_model: str | None = option(None, H_INIT_MODEL)
     trajectory: str | None = option(
-        None, "A run recorded by TrajectoryRecorder: its stage-end checkpoints, learning rates and steps (TracIn, SOURCE)."
+        None,
+        "A run recorded by TrajectoryRecorder: its stage-end checkpoints, learning rates and steps (TracIn, SOURCE), or the "
+        "stage MAGIC replays exactly as it ran (--stage; --data holds that stage's records).",
     )
+    stage: str | None = option(None, "With --trajectory and --method magic: the recorded stage to replay (default: the last).")
     device: str = option("cpu", H_DEVICE)
     model_dtype: str = option("auto", H_MODEL_DTYPE, choices=MODEL_DTYPES)
     scores_dtype: str = option("float32", "Precision of the written scores: float32 or float64.", choices=("float32", "float64"))

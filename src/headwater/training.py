@@ -184,28 +184,47 @@ class Replay:
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         with torch.enable_grad():
             losses = self.task.loss(Bound(self.model, {**params, **self.buffers}), batch)
-            loss = (w * losses).sum() / len(idx)
+            loss = (w * losses).sum() / self.loss_normaliser(idx, batch)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-        if cfg.clip_norm is not None:
-            norm = torch.sqrt(sum((g**2).sum() for g in grads))
-            scale = torch.clamp(cfg.clip_norm / (norm + 1e-6), max=1.0)
-            grads = [g * scale for g in grads]
+        grads = self.clip(t, grads)
         out: State = {}
         for n, g in zip(self.names, grads):
-            p = params[n]
+            p, decay = params[n], self.weight_decay(n)
             if cfg.optimizer == "sgd":
-                if cfg.weight_decay:
-                    g = g + cfg.weight_decay * p
+                if decay:
+                    g = g + decay * p
                 if cfg.momentum:
-                    g = out[f"m.{n}"] = cfg.momentum * s[f"m.{n}"] + g
+                    buf = out[f"m.{n}"] = cfg.momentum * s[f"m.{n}"] + g
+                    g = g + cfg.momentum * buf if cfg.nesterov else buf
                 out[f"p.{n}"] = p - lr * g
             else:
-                b1, b2 = cfg.beta1, cfg.beta2
+                b1, b2, count = cfg.beta1, cfg.beta2, self.count(t)
                 m = out[f"m.{n}"] = b1 * s[f"m.{n}"] + (1 - b1) * g
                 v = out[f"v.{n}"] = b2 * s[f"v.{n}"] + (1 - b2) * g * g
-                m_hat, v_hat = m / (1 - b1 ** (t + 1)), v / (1 - b2 ** (t + 1))
-                out[f"p.{n}"] = p * (1 - lr * cfg.weight_decay) - lr * m_hat / (_safe_sqrt(v_hat) + cfg.adam_eps)
+                m_hat, v_hat = m / (1 - b1**count), v / (1 - b2**count)
+                out[f"p.{n}"] = p * (1 - lr * decay) - lr * m_hat / (_safe_sqrt(v_hat) + cfg.adam_eps)
         return out if create_graph else {k: v.detach() for k, v in out.items()}
+
+    # What a replay of a recorded run (`stages.StageReplay`) takes from the recording instead:
+    def loss_normaliser(self, idx: list[int], batch: dict) -> int:
+        """What a step's summed loss is divided by: its examples."""
+        return len(idx)
+
+    def clip(self, t: int, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Step t's gradients after `clip_norm` (their global norm clipped)."""
+        if self.config.clip_norm is None:
+            return grads
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        scale = torch.clamp(self.config.clip_norm / (norm + 1e-6), max=1.0)
+        return tuple(g * scale for g in grads)
+
+    def weight_decay(self, name: str) -> float:
+        """Parameter `name`'s weight decay (SGD: coupled; AdamW: decoupled)."""
+        return self.config.weight_decay
+
+    def count(self, t: int) -> int:
+        """AdamW's step count at step t (its bias correction)."""
+        return t + 1
 
     def weights_for(self, w: torch.Tensor, t: int) -> torch.Tensor:
         return w[self.schedule[t]]
@@ -241,7 +260,11 @@ class Replay:
                 entry["exp_avg_sq"] = s[f"v.{n}"].clone()
             state[i] = entry
         group = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "params": list(range(len(self.names))), "param_names": list(self.names)}
-        group.update({"betas": (cfg.beta1, cfg.beta2), "eps": cfg.adam_eps} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum})
+        group.update(
+            {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.adam_eps}
+            if cfg.optimizer == "adamw"
+            else {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
+        )
         return {"state": state, "param_groups": [group]}
 
     def load(self, s: State) -> torch.nn.Module:

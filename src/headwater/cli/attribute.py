@@ -62,6 +62,8 @@ def attribute(
     if out.suffix != ".safetensors":
         raise UserError(f"--out must be a .safetensors file, got {out}")
     cls = METHODS[a.method]
+    if a.stage and not (a.trajectory and a.method == "magic"):
+        raise UserError("--stage names the recorded stage MAGIC replays: it goes with --method magic and --trajectory")
     concept_method = cls in CONCEPT_METHODS
     if concept_method:  # the concept is the query
         if a.queries or a.measurement not in ("default", "concept"):
@@ -156,6 +158,8 @@ def _training_side(a: AttributeConfig):
         return records, None, None
     # the model attributed; TracIn and MAGIC can do without one (their task comes from their models)
     path = a.model or (a.checkpoint[-1] if a.method == "tracin" and a.checkpoint else None) or (a.init_model if a.method == "magic" else None)
+    if a.method == "magic" and a.trajectory:
+        path = a.model or a.init_model  # the architecture; the recorded stage's start gives the parameters
     if not path:
         raise UserError(
             "give the model to attribute (--model)" if a.method != "magic" else "MAGIC replays the training run from its initial model (--init-model)"
@@ -188,6 +192,8 @@ def _method(a: AttributeConfig, cls, config, model, task):
         for seg in segments:
             seg.adam_scale = scales[id(seg.checkpoints[0])]
         return cls(segments, task, config, final_model=model)
+    if a.method == "magic" and a.trajectory:
+        return cls(model, task, config, trajectory=a.trajectory, stage=a.stage)
     if a.method == "magic":
         if not a.init_model:
             raise UserError("MAGIC replays the training run from its initial model (--init-model)")

@@ -48,16 +48,37 @@ class MAGIC(Method):
     name = "magic"
     config_class = MagicConfig
 
-    def __init__(self, model: torch.nn.Module | None = None, task: Task | None = None, config: MagicConfig | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        task: Task | None = None,
+        config: MagicConfig | None = None,
+        trajectory=None,
+        stage: str | None = None,
+    ):
+        """With `trajectory` (a `TrajectoryRecorder` run or its path), MAGIC replays its `stage`
+        (default: the last) exactly as recorded instead of `config.run`; `model` then only gives
+        the architecture, and the records to fit are that stage's."""
         self.model, self.task = model, task
         self.config = config or MagicConfig()
+        self.trajectory, self.stage = trajectory, stage
 
     def fit(self, train, progress: bool = False) -> MAGIC:
         self.data = training_data(train)
         if self.model is None or self.task is None:
             raise UserError("MAGIC needs the run's initial model and task= (the index's model is the trained one)")
-        seeds = self.config.replay_seeds or [self.config.run.data_seed]
-        self.replays = [Replay(self.model, self.task, self.data.records, dataclasses.replace(self.config.run, data_seed=s)) for s in seeds]
+        if self.trajectory is not None:
+            from ..stages.replay import StageReplay
+            from ..stages.trajectory import Trajectory
+
+            if self.config.replay_seeds:
+                raise UserError("a recorded stage is one run: replay_seeds do not apply to MAGIC on a trajectory")
+            traj = self.trajectory if isinstance(self.trajectory, Trajectory) else Trajectory(self.trajectory)
+            stage = self.stage or traj.stages[-1].name
+            self.replays = [StageReplay(traj, stage, self.model, self.task, self.data.records, self.config.batch_loss)]
+        else:
+            seeds = self.config.replay_seeds or [self.config.run.data_seed]
+            self.replays = [Replay(self.model, self.task, self.data.records, dataclasses.replace(self.config.run, data_seed=s)) for s in seeds]
         self.progress = progress
         return self
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import H_BATCH, H_MEASUREMENT, H_PROBE, H_SAMPLE_SEED, MEASUREMENTS, Config, option
+from ..config import H_BATCH, H_BATCH_LOSS, H_MEASUREMENT, H_PROBE, H_SAMPLE_SEED, MEASUREMENTS, Config, option
 from ..errors import UserError
 
 
@@ -12,18 +12,21 @@ from ..errors import UserError
 class StageConfig(Config):
     """How stage effects are estimated from a recorded trajectory."""
 
-    batch_loss: str = option(
-        "token-mean",
-        "How the run reduced a batch's loss: token-mean (the Hugging Face Trainer: summed token losses over the "
-        "batch's target tokens) or example-mean (each record's loss averaged over the batch).",
-        choices=("token-mean", "example-mean"),
-    )
+    batch_loss: str = option("token-mean", H_BATCH_LOSS, choices=("token-mean", "example-mean"))
     curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
     curvature_matrix: str = option(
         "gauss-newton",
         "The later steps' curvature, at the run's parameters for each step: gauss-newton (positive semi-definite, robust when "
         "only stage boundaries are saved) or hessian (exact to first order for SGD-family runs recorded with a checkpoint every step).",
         choices=("gauss-newton", "hessian"),
+    )
+    curvature_path: str = option(
+        "interpolated",
+        "Where the later steps' curvature is taken between saved parameters: interpolated (by learning rate spent between the "
+        "stage boundaries and any checkpoints) or replayed (each stage replayed from its start over its recorded batches, "
+        "so every step's own parameters: as a checkpoint every step would give, at one forward and backward pass per step "
+        "and memory for every step's parameters; stages that cannot be replayed stay interpolated, and the result says which).",
+        choices=("interpolated", "replayed"),
     )
     removed: float = option(
         1.0,

@@ -139,7 +139,8 @@ class StageAttribution:
             self.trajectory.stage(name)  # refuses an unknown stage
         self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
         self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
-        self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded
+        self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded or replayed
+        self._path_replayed, self._interpolated = False, []  # curvature_path="replayed": done?, the stages that could not be (and why)
         # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
         self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
 
@@ -203,6 +204,8 @@ class StageAttribution:
         """(step, V [B, P]) -> C V, C the curvature (`config.curvature_matrix`) of the step's batch
         loss at the run's parameters for that step (`_path_point`)."""
         twice_differentiable_attention(self.model)
+        if self.config.curvature_path == "replayed":
+            self._replay_path()
         stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
 
         def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
@@ -221,10 +224,33 @@ class StageAttribution:
 
         return hvp
 
+    def _replay_path(self, progress: bool = False) -> None:
+        """Every step's starting parameters, from replaying each stage over its recorded batches
+        (`StageReplay`); a stage that cannot be replayed keeps the interpolated path."""
+        from .replay import StageReplay
+
+        if self._path_replayed:
+            return
+        self._path_replayed = True
+        for stage in self.trajectory.stages:
+            try:
+                if stage.name not in self.data:
+                    raise UserError("its records were not given")
+                replay = StageReplay(self.trajectory, stage.name, self.model, self.task, self.data[stage.name], self.config.batch_loss)
+            except UserError as exc:
+                self._interpolated.append(f"{stage.name} ({exc})")
+                continue
+            s, ones = replay.initial_state(), replay.ones()
+            for t in tqdm(range(stage.stop - stage.start), desc=f"replaying {stage.name}", disable=not progress):
+                self._saved.setdefault(stage.start + t, self.space.flatten({n: s[f"p.{n}"] for n in replay.names}))
+                s = replay.step(s, t, replay.weights_for(ones, t))
+        self._saved_steps = sorted(set(self._saved_steps) | set(self._saved))
+
     def _path_point(self, t: int) -> torch.Tensor:
-        """θ_t [P], the parameters step t started from: between the nearest saved parameters
-        before and after it (stage boundaries, the recorder's `checkpoint_every` checkpoints),
-        interpolated by the learning rate spent, as the run moves in proportion to it."""
+        """θ_t [P], the parameters step t started from: replayed (`curvature_path="replayed"`), or between the
+        nearest saved parameters before and after it (stage boundaries, the recorder's
+        `checkpoint_every` checkpoints), interpolated by the learning rate spent, as the run moves
+        in proportion to it."""
         saved = self._saved_steps
         i = bisect.bisect_right(saved, t) - 1
         a, b = saved[i], saved[min(i + 1, len(saved) - 1)]
@@ -293,6 +319,8 @@ class StageAttribution:
         n = len(self.trajectory.stages)
         gaps = {"naive": [end - start for start, end in self.boundaries], "propagated": [self.counterfactual_gap(k) for k in range(n)]}
         if self.config.curvature and self.data:
+            if self.config.curvature_path == "replayed":
+                self._replay_path(progress)
             hvp = self._hvp()
             gaps["curvature"] = [self.counterfactual_gap(k, hvp) for k in tqdm(range(n), desc="curvature", disable=not progress)]
         gaps = {name: [self.config.removed * e for e in es] for name, es in gaps.items()}
@@ -310,6 +338,8 @@ class StageAttribution:
             ignores.append("curvature (no stage records given)")
         if diverged:
             ignores.append("estimates whose linearised propagation diverged (NaN): " + ", ".join(diverged))
+        if self._interpolated:
+            ignores.append("the replayed path of stages that could not be replayed (interpolated instead): " + "; ".join(self._interpolated))
         return StageEffects(
             [s.name for s in self.trajectory.stages],
             list(batches),
