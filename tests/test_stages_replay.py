@@ -60,7 +60,7 @@ def test_magic_on_a_recorded_stage_matches_finite_differences(recorded):
         e[i] = eps
         fd = (f(replay.ones() + e) - f(replay.ones() - e)) / (2 * eps)
         assert -scores.values[i, 0] == pytest.approx(fd, rel=1e-5, abs=1e-9)
-    assert np.all(scores.values[unpicked] == 0)  # records the stage never saw
+    assert unpicked and np.all(scores.values[unpicked] == 0)  # records the stage never saw
     assert abs(scores.values[picked, 0]).max() > 1e-4
 
 
@@ -143,3 +143,37 @@ def test_the_replayed_path_says_which_stages_it_could_not_replay(recorded):
     notes = [n for n in effects["replayed"].ignores if "replayed path" in n]
     assert len(notes) == 1 and "momentum (its records were not given)" in notes[0] and "continued" not in notes[0]
     np.testing.assert_allclose(effects["replayed"].estimates["curvature"], effects["interpolated"].estimates["curvature"], rtol=1e-9, atol=1e-12)
+
+
+def test_plain_adam_without_decay_and_a_record_twice_in_a_batch(tmp_path):
+    """torch.optim.Adam with no weight decay is AdamW: it replays; a record drawn twice into one
+    batch (sampling with replacement) counts twice in MAGIC's score, as finite differences say."""
+    model, task, records = problem()
+    recorder = hw.TrajectoryRecorder(tmp_path / "traj", model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    recorder.begin_stage("adam", opt)
+    for chosen in ([0, 0, 1, 2], [3, 0, 4, 4], [1, 2, 0, 5]):
+        task.loss(model, task.collate([task.whole(records[i]) for i in chosen])).mean().backward()
+        opt.step()
+        recorder.step(opt, ids=[records[i]["id"] for i in chosen])
+        opt.zero_grad()
+    recorder.close()
+    traj = hw.Trajectory(tmp_path / "traj")
+    replay = StageReplay(traj, "adam", model, task, records, batch_loss="example-mean")
+    got = replay.train()
+    for name, want in traj.params_at("adam", True).items():
+        torch.testing.assert_close(got[f"p.{name}"], want, rtol=0, atol=1e-10)
+    query = [{"x": torch.ones(4, dtype=torch.float64), "y": torch.tensor(0.5, dtype=torch.float64)}]
+    config = hw.MagicConfig(smoothness_check=0, batch_loss="example-mean")
+    scores = hw.MAGIC(model, task, config, trajectory=traj).fit(records).score(query)
+    batch = task.collate([task.whole(query[0])])
+    f = lambda w: float(task.loss(replay.bind(replay.train(w)), batch).sum())  # noqa: E731
+    for i in (0, 4):  # drawn three times (twice in one batch) and twice in one batch
+        e = torch.zeros(len(records), dtype=torch.float64)
+        e[i] = 1e-5
+        fd = (f(replay.ones() + e) - f(replay.ones() - e)) / 2e-5
+        assert -scores.values[i, 0] == pytest.approx(fd, rel=1e-5)
+    with pytest.raises(hw.UserError, match="a recorded stage"):
+        hw.MAGIC(model, task, hw.MagicConfig(batch_loss="token-mean")).fit(records)
+    with pytest.raises(hw.UserError, match="--nesterov needs SGD with momentum"):
+        hw.TrainConfig("adamw", nesterov=True)

@@ -402,7 +402,7 @@ class BM25Config(Config):
 class TrainConfig(Config):
     """A deterministic training recipe, replayed by `training.Replay` (MAGIC, retraining, the demos).
 
-    SGD uses heavy-ball momentum and coupled weight decay (as torch.optim.SGD); AdamW decoupled
+    SGD uses heavy-ball or Nesterov momentum and coupled weight decay (as torch.optim.SGD); AdamW decoupled
     decay and bias correction (as torch.optim.AdamW). The loss of a step is the mean over its
     examples of each example's loss.
     """
@@ -432,6 +432,8 @@ class TrainConfig(Config):
             raise UserError("--train-batch-size and --epochs must be at least 1")
         if not 0 <= self.warmup < 1:
             raise UserError(f"--warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.nesterov and (self.optimizer != "sgd" or not self.momentum):
+            raise UserError("--nesterov needs SGD with momentum (--optimizer sgd --momentum > 0)")
 
 
 @dataclass
@@ -448,7 +450,8 @@ class MagicConfig(Config):
         "Step ε of MAGIC's check of itself: the metagradient against a finite difference along a random ε-reweighting of "
         "the records (one more training run; 0 skips it). The scores keep the result; MAGIC warns when the two disagree by over 10%.",
     )
-    batch_loss: str = option("token-mean", H_BATCH_LOSS, choices=("token-mean", "example-mean"))  # read when MAGIC replays a recorded stage
+    # a recorded stage's reduction (default token-mean); MAGIC's own replays of `run` average examples
+    batch_loss: str | None = option(None, H_BATCH_LOSS, choices=("token-mean", "example-mean"))
 
 
 @dataclass

@@ -100,8 +100,15 @@ def fingerprint_records(ds: datasets.Dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def record_ids(ds: datasets.Dataset) -> list[Any]:
-    """The user-facing id of each record: its `id` column if it has one, else its position."""
+def id_positions(ids: list) -> dict[str, int]:
+    """Each record id's position, keyed by its text (ids recorded in JSON come back as text or numbers alike)."""
+    return {str(i): k for k, i in enumerate(ids)}
+
+
+def record_ids(ds: datasets.Dataset | list[dict]) -> list[Any]:
+    """The user-facing id of each record: its `id` column (field) if it has one, else its position."""
+    if isinstance(ds, list):
+        return [r.get("id", i) for i, r in enumerate(ds)]
     if "id" in ds.column_names:
         return list(ds["id"])
     return list(range(len(ds)))

@@ -75,6 +75,12 @@ def encode_records(task: Task, records) -> list:
     return [ex for i in range(len(records)) for ex in task.encode(records[i])]
 
 
+def targets_in(batch: dict) -> int:
+    """How many predicted targets a batch holds (its target tokens; one per example otherwise)."""
+    mask = batch.get("target_mask")
+    return int(mask[:, 1:].sum()) if mask is not None else len(next(iter(batch.values())))
+
+
 def whole_examples(task: Task, records) -> list:
     """One example per record, with all its targets."""
     return [task.whole(records[i]) for i in range(len(records))]

@@ -2,7 +2,7 @@
 
 `Replay(model, task, records, TrainConfig(...))` runs the recipe functionally on the model's
 trainable parameters: a fixed data order from `data_seed`, the optimizer written out (SGD with
-heavy-ball momentum and coupled decay as torch.optim.SGD; AdamW with bias correction and
+heavy-ball or Nesterov momentum and coupled decay as torch.optim.SGD; AdamW with bias correction and
 decoupled decay as torch.optim.AdamW), the learning-rate schedule of the Hugging Face Trainer
 (linear warm-up from 0, then constant, linear or cosine decay to 0), optional global-norm
 clipping. The same settings give bit-identical runs, so MAGIC can differentiate through one,
@@ -326,7 +326,8 @@ class Replay:
                         is_grads_batched=batched,
                     )
                 g_w = grads[-1].detach().double()
-                beta[self.schedule[t]] += g_w.T if batched else g_w
+                # index_add_, not +=: a recorded batch (StageReplay) may hold a record twice
+                beta.index_add_(0, torch.as_tensor(self.schedule[t]), g_w.T if batched else g_w)
                 lam = {key: torch.zeros(shape(s_t[key]), dtype=s_t[key].dtype) if g is None else g.detach() for key, g in zip(s_t, grads[:-1])}
                 bar.update(1)
         bar.close()

@@ -160,6 +160,8 @@ def _training_side(a: AttributeConfig):
     path = a.model or (a.checkpoint[-1] if a.method == "tracin" and a.checkpoint else None) or (a.init_model if a.method == "magic" else None)
     if a.method == "magic" and a.trajectory:
         path = a.model or a.init_model  # the architecture; the recorded stage's start gives the parameters
+        if not path:
+            raise UserError("MAGIC on a trajectory takes the architecture from a model of the run (--model)")
     if not path:
         raise UserError(
             "give the model to attribute (--model)" if a.method != "magic" else "MAGIC replays the training run from its initial model (--init-model)"

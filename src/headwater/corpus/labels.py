@@ -141,7 +141,7 @@ def _join(frame: pd.DataFrame, train_ids: list, what: str) -> pd.DataFrame:
 
 def _ids(records) -> list:
     """Record ids as the index names them: the `id` column, else positions."""
-    return [r.get("id", i) for i, r in enumerate(records)] if isinstance(records, list) else record_ids(records)
+    return record_ids(records)
 
 
 def labels_from_columns(records, columns: list[str]) -> Labels:

@@ -29,7 +29,7 @@ import torch
 from ..stages import StageAttribution, StageEffects, Trajectory, TrajectoryRecorder
 from ..stages.config import StageConfig
 from ..stages.report import bar_chart, waterfall
-from ..task import LanguageModelTask
+from ..task import LanguageModelTask, targets_in
 from ..toy import tiny_gpt2, word_tokenizer
 
 ANIMALS = "fox owl bear wolf heron otter lynx crane stag hare falcon badger mole seal swan toad".split()
@@ -114,7 +114,7 @@ def collator(task: LanguageModelTask):
 def backward_token_mean(model, task: LanguageModelTask, records: list[dict]) -> None:
     """Backward of the batch's token-mean loss (the Trainer's reduction)."""
     batch = task.collate([task.whole(r) for r in records])
-    (task.loss(model, batch).sum() / batch["target_mask"][:, 1:].sum()).backward()
+    (task.loss(model, batch).sum() / targets_in(batch)).backward()
 
 
 def pretrain_base(model, task: LanguageModelTask, stages: dict, seed: int) -> dict:

@@ -54,15 +54,13 @@ def training_data(train) -> TrainingData:
             raise UserError("the indexes were built from different training data")
         return TrainingData(train[0].records, train[0].train_ids, list(train))
     records = as_records(train)
-    ids = [r.get("id", i) for i, r in enumerate(records)] if isinstance(records, list) else record_ids(records)
+    ids = record_ids(records)
     return TrainingData(records, ids, [])
 
 
 def query_records(queries):
     """(records, ids) of the queries."""
     records = as_records(queries)
-    if isinstance(records, list):
-        return records, [r.get("id", i) for i, r in enumerate(records)]
     return records, record_ids(records)
 
 

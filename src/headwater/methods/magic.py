@@ -75,8 +75,12 @@ class MAGIC(Method):
                 raise UserError("a recorded stage is one run: replay_seeds do not apply to MAGIC on a trajectory")
             traj = self.trajectory if isinstance(self.trajectory, Trajectory) else Trajectory(self.trajectory)
             stage = self.stage or traj.stages[-1].name
-            self.replays = [StageReplay(traj, stage, self.model, self.task, self.data.records, self.config.batch_loss)]
+            self.replays = [StageReplay(traj, stage, self.model, self.task, self.data.records, self.config.batch_loss or "token-mean")]
         else:
+            if self.config.batch_loss == "token-mean":
+                raise UserError(
+                    "MAGIC's replay of --optimizer/--lr/... averages each example's loss; --batch-loss is for a recorded stage (--trajectory)"
+                )
             seeds = self.config.replay_seeds or [self.config.run.data_seed]
             self.replays = [Replay(self.model, self.task, self.data.records, dataclasses.replace(self.config.run, data_seed=s)) for s in seeds]
         self.progress = progress
@@ -104,12 +108,16 @@ class MAGIC(Method):
         passed = check["relative_error"] <= SMOOTH_ENOUGH  # NaN (a diverged run) fails too
         check.update(passed=passed, seed=self.replays[0].config.data_seed, replays=len(self.replays))
         if not passed:
+            run = (
+                f"stage {self.stage or 'the last'} of the recorded run" if self.trajectory is not None else f"the run with data seed {check['seed']}"
+            )
+            remedy = "" if self.trajectory is not None else "averaging replay_seeds can help, and "
             warnings.warn(
-                f"MAGIC: for a random {eps:g}-reweighting of the records the metagradient of the run with data seed "
-                f"{check['seed']} predicts {check['predicted']:.3g} and retraining gives {check['finite_difference']:.3g} "
+                f"MAGIC: for a random {eps:g}-reweighting of the records the metagradient of {run} "
+                f"predicts {check['predicted']:.3g} and retraining gives {check['finite_difference']:.3g} "
                 f"({check['relative_error']:.0%} apart): training is not smooth in the records' weights here (ReLU kinks, "
-                "Adam's first steps or the edge of stability), so one run's scores may not predict retraining; averaging "
-                "replay_seeds can help, and `headwater evaluate lds` compares methods against retraining",
+                f"Adam's first steps or the edge of stability), so one run's scores may not predict retraining; {remedy}"
+                "`headwater evaluate lds` compares methods against retraining",
                 stacklevel=2,
             )
         return {"smoothness": check}

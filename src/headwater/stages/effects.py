@@ -36,15 +36,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..concepts.vector import resolve_measurement
-from ..data import as_records, record_ids
+from ..data import as_records, id_positions, record_ids
 from ..errors import UserError
 from ..measurement import Loss, Measurement
 from ..scores import Scores
-from ..task import Task, TokenExample, collated_batches, whole_examples
+from ..task import Task, TokenExample, collated_batches, targets_in, whole_examples
 from ..training import Bound, twice_differentiable_attention
 from .config import StageConfig
 from .gauss_newton import curvature_products, output_curvature
 from .propagation import ParamSpace, adjoint, forward, step_maps
+from .replay import StageReplay
 from .trajectory import Trajectory
 
 
@@ -97,12 +98,6 @@ class StageEffects:
         }
         (out / "effects.json").write_text(json.dumps(payload, indent=2))
         return out
-
-
-def targets_in(batch: dict) -> int:
-    """How many predicted targets a batch holds (its target tokens; one per example otherwise)."""
-    mask = batch.get("target_mask")
-    return int(mask[:, 1:].sum()) if mask is not None else len(next(iter(batch.values())))
 
 
 class StageAttribution:
@@ -227,11 +222,8 @@ class StageAttribution:
     def _replay_path(self, progress: bool = False) -> None:
         """Every step's starting parameters, from replaying each stage over its recorded batches
         (`StageReplay`); a stage that cannot be replayed keeps the interpolated path."""
-        from .replay import StageReplay
-
         if self._path_replayed:
             return
-        self._path_replayed = True
         for stage in self.trajectory.stages:
             try:
                 if stage.name not in self.data:
@@ -245,6 +237,7 @@ class StageAttribution:
                 self._saved.setdefault(stage.start + t, self.space.flatten({n: s[f"p.{n}"] for n in replay.names}))
                 s = replay.step(s, t, replay.weights_for(ones, t))
         self._saved_steps = sorted(set(self._saved_steps) | set(self._saved))
+        self._path_replayed = True
 
     def _path_point(self, t: int) -> torch.Tensor:
         """θ_t [P], the parameters step t started from: replayed (`curvature_path="replayed"`), or between the
@@ -277,7 +270,7 @@ class StageAttribution:
         records = self.data[stage.name]
         ids = self.trajectory.steps[t].ids
         if ids is not None:
-            position = {str(r): i for i, r in enumerate(self._ids(stage.name))}
+            position = id_positions(self._ids(stage.name))
             chosen = [position[str(i)] for i in ids if str(i) in position]
         else:
             g = torch.Generator().manual_seed(self.config.sample_seed + k)
@@ -288,7 +281,7 @@ class StageAttribution:
 
     def _ids(self, stage: str) -> list:
         records = self.data[stage]
-        return [r.get("id", i) for i, r in enumerate(records)] if isinstance(records, list) else record_ids(records)
+        return record_ids(records)
 
     # ------------------------------------------------------------------ estimators
 
@@ -365,7 +358,7 @@ class StageAttribution:
         st, records, ids = self.trajectory.stages[k], self.data[stage], self._ids(stage)
         batches = self._behaviour_batches(behaviours)
         _, q = self._values(self.boundaries[-1][1], batches, grad=True)
-        position = {str(r): i for i, r in enumerate(ids)}
+        position = id_positions(ids)
         gamma_total = torch.zeros_like(q)
         per_record: dict[int, torch.Tensor] = {}
 

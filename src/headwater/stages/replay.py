@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data import as_records, record_ids
+from ..data import as_records, id_positions, record_ids
 from ..errors import UserError
-from ..task import Task
+from ..task import Task, targets_in
 from ..training import Replay, State
-from .effects import targets_in
 from .trajectory import StepRecord, Trajectory
 
 
@@ -50,20 +49,19 @@ class StageReplay(Replay):
         if any(r.accumulation != 1 for r in steps):
             raise UserError(f"stage {stage!r} accumulated gradients over several backward passes: its replay is not supported")
         adam = steps[0].kind == "adam"
-        if adam != steps[0].decoupled:
+        if adam != steps[0].decoupled and any(wd for r in steps for wd in r.weight_decay):  # without decay the two agree
             raise UserError(
                 f"stage {stage!r} uses {'Adam with coupled (L2)' if adam else 'SGD with decoupled'} weight decay: MAGIC replays AdamW and SGD"
             )
         if _one_value(steps, "dampening", stage):
             raise UserError(f"stage {stage!r} uses SGD dampening: MAGIC's replay does not")
         records = as_records(records)
-        ids = [r.get("id", i) for i, r in enumerate(records)] if isinstance(records, list) else record_ids(records)
-        position = {str(i): k for k, i in enumerate(ids)}
+        position = id_positions(record_ids(records))
         missing = next((i for r in steps for i in r.ids if str(i) not in position), None)
         if missing is not None:
             raise UserError(f"record {missing!r} of stage {stage!r}'s batches is not among the {len(records)} records given")
         self.recorded = [[position[str(i)] for i in r.ids] for r in steps]
-        if any(len({r.lr[g] for g in range(len(r.lr))}) != 1 for r in steps):
+        if any(len(set(r.lr)) != 1 for r in steps):
             raise UserError(f"stage {stage!r} gives its parameter groups different learning rates: MAGIC replays one per step")
         config = TrainConfig(
             optimizer="adamw" if adam else "sgd",
@@ -82,9 +80,14 @@ class StageReplay(Replay):
         self.token_mean = batch_loss == "token-mean"
         self.start, self.moments = traj.params_at(stage, False), traj.moments_at(stage, False)
         super().__init__(model, task, records, config)
-        absent = [n for n in self.names if n not in self.start]
+        # what the optimizer held, not what the model marks trainable (a model loaded to replay
+        # trains everything; the run may have frozen some)
+        stepped = {n for names in st.groups for n in names}
+        params = dict(model.named_parameters())
+        absent = sorted(n for n in stepped if n not in params or n not in self.start)
         if absent:
-            raise UserError(f"the trajectory holds no parameter {absent[0]!r} of the model: another architecture")
+            raise UserError(f"the model or the trajectory has no parameter {absent[0]!r} of stage {stage!r}'s optimizer: another architecture")
+        self.names = [n for n in params if n in stepped]
 
     def batches(self, n: int) -> list[list[int]]:
         return self.recorded

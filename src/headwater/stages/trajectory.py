@@ -76,11 +76,15 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, bool]:
     """("sgd" | "adam", decoupled weight decay?) from the optimizer's class and settings."""
     name = type(optimizer).__name__.lower()
     group = optimizer.param_groups[0]
-    if "betas" in group:
+    if group.get("maximize"):
+        raise UserError("an optimizer that maximizes is not supported by the stage estimators")
+    # optimizers whose groups look like Adam's or SGD's but whose step is another
+    other = any(o in name for o in ("nadam", "radam", "adamax", "adagrad", "adadelta", "rmsprop", "lion", "lamb", "sparseadam"))
+    if "betas" in group and not other:
         if group.get("amsgrad"):
             raise UserError("AMSGrad is not supported by the stage estimators")
         return "adam", "adamw" in name or bool(group.get("decoupled_weight_decay", False))
-    if "momentum" in group or name == "sgd":
+    if ("momentum" in group or name == "sgd") and not other:
         return "sgd", "sgdw" in name or bool(group.get("decoupled_weight_decay", False))
     raise UserError(f"the stage estimators know SGD (with momentum, Nesterov, weight decay) and Adam/AdamW, not {type(optimizer).__name__}")
 
