@@ -135,7 +135,8 @@ class StageAttribution:
         self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
         self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
         self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded or replayed
-        self._path_replayed, self._interpolated = False, []  # curvature_path="replayed": done?, the stages that could not be (and why)
+        self._replay_tried: set[int] = set()  # curvature_path="replayed": stages replayed, or tried
+        self._interpolated: list[str] = []  # the stages that could not be replayed, and why
         # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
         self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
 
@@ -195,12 +196,13 @@ class StageAttribution:
 
     # ------------------------------------------------------------------ curvature
 
-    def _hvp(self):
+    def _hvp(self, first_stage: int = 0, progress: bool = False):
         """(step, V [B, P]) -> C V, C the curvature (`config.curvature_matrix`) of the step's batch
-        loss at the run's parameters for that step (`_path_point`)."""
+        loss at the run's parameters for that step (`_path_point`), for steps of stage
+        `first_stage` on."""
         twice_differentiable_attention(self.model)
         if self.config.curvature_path == "replayed":
-            self._replay_path()
+            self._replay_path(first_stage, progress)
         stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
 
         def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
@@ -219,12 +221,14 @@ class StageAttribution:
 
         return hvp
 
-    def _replay_path(self, progress: bool = False) -> None:
-        """Every step's starting parameters, from replaying each stage over its recorded batches
-        (`StageReplay`); a stage that cannot be replayed keeps the interpolated path."""
-        if self._path_replayed:
-            return
-        for stage in self.trajectory.stages:
+    def _replay_path(self, first_stage: int, progress: bool = False) -> None:
+        """The starting parameters of every step of stage `first_stage` on, from replaying each
+        stage over its recorded batches (`StageReplay`); a stage that cannot be replayed keeps
+        the interpolated path."""
+        for k, stage in enumerate(self.trajectory.stages):
+            if k < first_stage or k in self._replay_tried:
+                continue
+            self._replay_tried.add(k)
             try:
                 if stage.name not in self.data:
                     raise UserError("its records were not given")
@@ -237,7 +241,6 @@ class StageAttribution:
                 self._saved.setdefault(stage.start + t, self.space.flatten({n: s[f"p.{n}"] for n in replay.names}))
                 s = replay.step(s, t, replay.weights_for(ones, t))
         self._saved_steps = sorted(set(self._saved_steps) | set(self._saved))
-        self._path_replayed = True
 
     def _path_point(self, t: int) -> torch.Tensor:
         """θ_t [P], the parameters step t started from: replayed (`curvature_path="replayed"`), or between the
@@ -312,9 +315,7 @@ class StageAttribution:
         n = len(self.trajectory.stages)
         gaps = {"naive": [end - start for start, end in self.boundaries], "propagated": [self.counterfactual_gap(k) for k in range(n)]}
         if self.config.curvature and self.data:
-            if self.config.curvature_path == "replayed":
-                self._replay_path(progress)
-            hvp = self._hvp()
+            hvp = self._hvp(first_stage=1, progress=progress)  # skipping stage k replays the stages after it
             gaps["curvature"] = [self.counterfactual_gap(k, hvp) for k in tqdm(range(n), desc="curvature", disable=not progress)]
         gaps = {name: [self.config.removed * e for e in es] for name, es in gaps.items()}
         estimates = {}
@@ -376,7 +377,7 @@ class StageAttribution:
             for i in chosen:
                 per_record[i] = per_record.get(i, 0) + gamma * scale
 
-        adjoint(self.trajectory, self.maps, q, self._hvp() if curvature else None, on_step=on_step)
+        adjoint(self.trajectory, self.maps, q, self._hvp(first_stage=k) if curvature else None, on_step=on_step)
         # Steps whose batch was not recorded weigh every record of the stage alike: each record is
         # in a batch with probability |B|/n, and then weighs 1/|B| (1/its batch's targets).
         examples = whole_examples(self.task, records)
