@@ -81,6 +81,12 @@ def targets_in(batch: dict) -> int:
     return int(mask[:, 1:].sum()) if mask is not None else len(next(iter(batch.values())))
 
 
+def batch_normaliser(batch: dict, batch_loss: str) -> int:
+    """What a run divided a batch's summed loss by: its target tokens (token-mean, the Hugging
+    Face Trainer) or its examples (example-mean)."""
+    return targets_in(batch) if batch_loss == "token-mean" else len(next(iter(batch.values())))
+
+
 def whole_examples(task: Task, records) -> list:
     """One example per record, with all its targets."""
     return [task.whole(records[i]) for i in range(len(records))]

@@ -139,18 +139,13 @@ def _join(frame: pd.DataFrame, train_ids: list, what: str) -> pd.DataFrame:
     return table
 
 
-def _ids(records) -> list:
-    """Record ids as the index names them: the `id` column, else positions."""
-    return record_ids(records)
-
-
 def labels_from_columns(records, columns: list[str]) -> Labels:
     """Labels read from columns of the training records themselves."""
     have = records.column_names if hasattr(records, "column_names") else list(records[0])
     missing = [c for c in columns if c not in have]
     if missing:
         raise UserError(f"the records have no column {missing[0]!r} (columns: {', '.join(have)})")
-    ids = _ids(records)
+    ids = record_ids(records)
     frame = pd.DataFrame({"id": ids, **{c: [r[c] for r in records] for c in columns}})
     table = _join(frame, ids, "the records' columns")
     table.attrs.pop("matched")
@@ -184,7 +179,7 @@ def classify_records(
         best = p.max(-1)
         labels += [names[int(i)] for i in best.indices]
         conf += best.values.tolist()
-    table = pd.DataFrame({"id": _ids(records), column: labels, f"{column}{CONFIDENCE}": conf})
+    table = pd.DataFrame({"id": record_ids(records), column: labels, f"{column}{CONFIDENCE}": conf})
     return Labels(table, {"kind": "classifier", "model": model, "column": column, "classes": len(names)})
 
 

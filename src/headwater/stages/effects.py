@@ -40,7 +40,7 @@ from ..data import as_records, id_positions, record_ids
 from ..errors import UserError
 from ..measurement import Loss, Measurement
 from ..scores import Scores
-from ..task import Task, TokenExample, collated_batches, targets_in, whole_examples
+from ..task import Task, TokenExample, batch_normaliser, collated_batches, whole_examples
 from ..training import Bound, twice_differentiable_attention
 from .config import StageConfig
 from .gauss_newton import curvature_products, output_curvature
@@ -137,6 +137,7 @@ class StageAttribution:
         self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded or replayed
         self._replay_tried: set[int] = set()  # curvature_path="replayed": stages replayed, or tried
         self._interpolated: list[str] = []  # the stages that could not be replayed, and why
+        self._positions: dict[str, dict[str, int]] = {}  # stage -> record id -> position in its data
         # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
         self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
 
@@ -209,7 +210,7 @@ class StageAttribution:
             batch = self._step_batch(t, stage_of[t])
             if batch is None:
                 return torch.zeros_like(v)
-            normaliser = self._batch_normaliser(batch)
+            normaliser = batch_normaliser(batch, self.config.batch_loss)
             return curvature_products(
                 self.task,
                 lambda th: self.task.loss(self._bound(th), batch).sum() / normaliser,
@@ -261,10 +262,6 @@ class StageAttribution:
             self._saved[step] = self.space.flatten(self.trajectory.params_before(step))
         return self._saved[step]
 
-    def _batch_normaliser(self, batch) -> int:
-        """What the run divided a batch's summed loss by: its target tokens or its examples."""
-        return targets_in(batch) if self.config.batch_loss == "token-mean" else len(next(iter(batch.values())))
-
     def _step_batch(self, t: int, k: int):
         """The records of step t (or a seeded sample of its stage's records when not recorded)."""
         stage = self.trajectory.stages[k]
@@ -273,7 +270,9 @@ class StageAttribution:
         records = self.data[stage.name]
         ids = self.trajectory.steps[t].ids
         if ids is not None:
-            position = id_positions(self._ids(stage.name))
+            if stage.name not in self._positions:  # once per stage, not per curvature product
+                self._positions[stage.name] = id_positions(self._ids(stage.name))
+            position = self._positions[stage.name]
             chosen = [position[str(i)] for i in ids if str(i) in position]
         else:
             g = torch.Generator().manual_seed(self.config.sample_seed + k)
@@ -283,8 +282,7 @@ class StageAttribution:
         return self.task.collate([self.task.whole(records[i]) for i in chosen])
 
     def _ids(self, stage: str) -> list:
-        records = self.data[stage]
-        return record_ids(records)
+        return record_ids(self.data[stage])
 
     # ------------------------------------------------------------------ estimators
 
@@ -373,7 +371,7 @@ class StageAttribution:
                 return
             chosen = [position[str(i)] for i in rec_ids if str(i) in position]
             batch = self.task.collate([self.task.whole(records[i]) for i in chosen])
-            scale = 1 / self._batch_normaliser(batch)
+            scale = 1 / batch_normaliser(batch, self.config.batch_loss)
             for i in chosen:
                 per_record[i] = per_record.get(i, 0) + gamma * scale
 

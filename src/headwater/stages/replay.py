@@ -17,7 +17,7 @@ import torch
 from ..config import TrainConfig
 from ..data import as_records, id_positions, record_ids
 from ..errors import UserError
-from ..task import Task, targets_in
+from ..task import Task, batch_normaliser
 from ..training import Replay, State
 from .trajectory import StepRecord, Trajectory
 
@@ -77,7 +77,7 @@ class StageReplay(Replay):
         if any(r.weight_decay != steps[0].weight_decay for r in steps):
             raise UserError(f"stage {stage!r} changes its weight decay between steps: MAGIC replays one per parameter group")
         self.decays = {n: wd for names, wd in zip(st.groups, steps[0].weight_decay) for n in names}
-        self.token_mean = batch_loss == "token-mean"
+        self.batch_loss = batch_loss
         self.start, self.moments = traj.params_at(stage, False), traj.moments_at(stage, False)
         super().__init__(model, task, records, config)
         # what the optimizer held, not what the model marks trainable (a model loaded to replay
@@ -103,13 +103,13 @@ class StageReplay(Replay):
         return s
 
     def loss_normaliser(self, idx: list[int], batch: dict) -> int:
-        return targets_in(batch) if self.token_mean else len(idx)
+        return batch_normaliser(batch, self.batch_loss)
 
     def clip(self, t: int, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return grads if self.clips[t] == 1.0 else tuple(g * self.clips[t] for g in grads)
 
     def weight_decay(self, name: str) -> float:
-        return self.decays.get(name, 0.0)
+        return self.decays[name]
 
     def count(self, t: int) -> int:
         return self.counts[t]
