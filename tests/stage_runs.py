@@ -83,3 +83,36 @@ def run_stage(recorder, model, task, records, opt, steps, name, batch=6, clip=No
         lr_sched.step()
         opt.zero_grad()
     recorder.end_stage()
+
+
+def retrain_without(traj, k: int, records):
+    """The run with stage k's updates skipped: stage k+1 starts from stage k's start (parameters
+    and, when its optimizer continues, the optimizer state); later stages replay their batches
+    with their recorded settings, as torch.optim.SGD (and SGDW) compute them."""
+    model, task, _ = problem()
+    first = traj.stages[k]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(traj.params_at(first.name, False)[n])
+    buffers = {n: v.clone() for n, v in traj.moments_at(first.name, False).get("momentum_buffer", {}).items()}
+    for stage in traj.stages[k + 1 :]:
+        if stage.recreated:
+            buffers = {}
+        for t in range(stage.start, stage.stop):
+            rec = traj.steps[t]
+            model.zero_grad()
+            task.loss(model, task.collate([task.whole(r) for r in records if r["id"] in rec.ids])).mean().backward()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    gi = next(i for i, grp in enumerate(stage.groups) if name in grp)
+                    lr, wd, mu = rec.lr[gi], rec.weight_decay[gi], rec.momentum[gi]
+                    grad = p.grad * rec.clip
+                    if rec.decoupled:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        grad = grad + wd * p
+                    if mu:
+                        buffers[name] = grad.clone() if name not in buffers else mu * buffers[name] + grad
+                        grad = buffers[name]
+                    p.sub_(lr * grad)
+    return model

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from reference import mlp, mlp_records
-from stage_runs import D, N, batch_hessian, make_optimizer, problem, run_stage
+from stage_runs import D, N, batch_hessian, make_optimizer, problem, retrain_without, run_stage
 
 import headwater as hw
 from headwater.stages.gauss_newton import curvature_products, output_curvature
@@ -109,39 +109,6 @@ def record_run(path, persist: bool):
     run_stage(recorder, model, task, records, make_optimizer("momentum", model), 7, "tune", sched="cosine", seed=12)
     run_stage(recorder, model, task, records, make_optimizer("sgdw", model), 5, "late", seed=13)
     return model, task, records
-
-
-def retrain_without(traj, k: int, records):
-    """The run with stage k's updates skipped: stage k+1 starts from stage k's start (parameters
-    and, when its optimizer continues, the optimizer state); later stages replay their batches
-    with their recorded settings, as torch.optim.SGD (and SGDW) compute them."""
-    model, task, _ = problem()
-    first = traj.stages[k]
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(traj.params_at(first.name, False)[n])
-    buffers = {n: v.clone() for n, v in traj.moments_at(first.name, False).get("momentum_buffer", {}).items()}
-    for stage in traj.stages[k + 1 :]:
-        if stage.recreated:
-            buffers = {}
-        for t in range(stage.start, stage.stop):
-            rec = traj.steps[t]
-            model.zero_grad()
-            task.loss(model, task.collate([task.whole(r) for r in records if r["id"] in rec.ids])).mean().backward()
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    gi = next(i for i, grp in enumerate(stage.groups) if name in grp)
-                    lr, wd, mu = rec.lr[gi], rec.weight_decay[gi], rec.momentum[gi]
-                    grad = p.grad * rec.clip
-                    if rec.decoupled:
-                        p.mul_(1 - lr * wd)
-                    else:
-                        grad = grad + wd * p
-                    if mu:
-                        buffers[name] = grad.clone() if name not in buffers else mu * buffers[name] + grad
-                        grad = buffers[name]
-                    p.sub_(lr * grad)
-    return model
 
 
 @pytest.mark.parametrize("persist", [True, False])

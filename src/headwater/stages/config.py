@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import H_BATCH, H_BATCH_LOSS, H_MEASUREMENT, H_PROBE, H_SAMPLE_SEED, MEASUREMENTS, Config, option
+from ..config import H_BATCH, H_BATCH_LOSS, H_MEASUREMENT, H_MODULES, H_PROBE, H_SAMPLE_SEED, MEASUREMENTS, Config, CurvatureConfig, option
 from ..errors import UserError
 
 
@@ -16,13 +16,20 @@ class StageConfig(Config):
     curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
     curvature_matrix: str = option(
         "gauss-newton",
-        "The later steps' curvature, at the run's parameters for each step: gauss-newton (positive semi-definite, robust when "
-        "only stage boundaries are saved) or hessian (exact to first order for SGD-family runs recorded with a checkpoint every step).",
-        choices=("gauss-newton", "hessian"),
+        "The later steps' curvature: per step, at the run's parameters for that step, gauss-newton (positive semi-definite, robust "
+        "when only stage boundaries are saved) or hessian (exact to first order for SGD-family runs recorded with a checkpoint "
+        "every step); or, at scale, ekfac: one EK-FAC fit per later stage (on its records, at its start and end checkpoints), "
+        "made exact on the span of the gaps entering the stage by a few Gauss–Newton products at its midpoint, and each stage "
+        "crossed in its eigenbasis (SGD: elementwise, the cost of first-order propagation; Adam: one basis product per step), "
+        "with no forward or backward pass per step.",
+        choices=("gauss-newton", "hessian", "ekfac"),
     )
+    ekfac: CurvatureConfig = option(CurvatureConfig(), "How each later stage's EK-FAC curvature is fitted (--curvature-matrix ekfac).")
+    modules: list[str] | None = option(None, H_MODULES)
     curvature_path: str = option(
         "interpolated",
-        "Where the later steps' curvature is taken between saved parameters: interpolated (by learning rate spent between the "
+        "Where the later steps' curvature is taken between saved parameters (ekfac's correction: at each stage's middle step): "
+        "interpolated (by learning rate spent between the "
         "stage boundaries and any checkpoints) or replayed (each stage replayed from its start over its recorded batches, "
         "so every step's own parameters: as a checkpoint every step would give, at one forward and backward pass per step "
         "and memory for every step's parameters; stages that cannot be replayed stay interpolated, and the result says which).",
@@ -39,7 +46,10 @@ class StageConfig(Config):
         "parameters θ_T − e), linear (∇f(θ_T)·e, first order), or both.",
         choices=("evaluated", "linear", "both"),
     )
-    hvp_examples: int = option(64, "Records per Hessian-vector product when a step's batch was not recorded (a seeded sample of the stage's).")
+    hvp_examples: int = option(
+        64,
+        "Records per curvature product when a step's batch was not recorded, and per stage for ekfac's correction (a seeded sample of the stage's).",
+    )
     measurement: str = option("default", H_MEASUREMENT, choices=MEASUREMENTS)
     probe: str | None = option(None, H_PROBE)
     batch_size: int = option(8, H_BATCH)

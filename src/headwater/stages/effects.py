@@ -13,7 +13,9 @@ differ in how e_k is obtained:
   schedule: decay, coupled L2, momentum, Adam's recorded preconditioner, clipping, re-creation;
 - curvature: the same with each later step's curvature (Hessian-vector products of the step's
   batch at the run's parameters for that step, interpolated between the saved checkpoints):
-  exact for least squares, and exact to first order with a checkpoint every step.
+  exact for least squares, and exact to first order with a checkpoint every step. At scale
+  (`curvature_matrix="ekfac"`) each later stage's curvature is one EK-FAC fit instead, and the
+  gap crosses the stage elementwise in its eigenbasis (`eigenbasis.py`).
 
 `StageConfig.removed` < 1 takes out only that fraction of a stage's updates: the gaps are linear
 in it, and the smaller it is the closer the run's response is to the linearisation.
@@ -35,14 +37,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..collect import tracked_modules
 from ..concepts.vector import resolve_measurement
+from ..curvature import Curvature, fit_curvature
 from ..data import as_records, id_positions, record_ids
 from ..errors import UserError
 from ..measurement import Loss, Measurement
+from ..normalizer import floored
 from ..scores import Scores
 from ..task import Task, TokenExample, batch_normaliser, collated_batches, whole_examples
 from ..training import Bound, twice_differentiable_attention
 from .config import StageConfig
+from .eigenbasis import StageEigenbasis
 from .gauss_newton import curvature_products, output_curvature
 from .propagation import ParamSpace, adjoint, forward, step_maps
 from .replay import StageReplay
@@ -107,7 +113,8 @@ class StageAttribution:
         effects = stages.effects({"hostile": hostile_prompts, "maths": maths_prompts})
 
     `data` maps stage names to their training records (needed for the curvature estimator and for
-    `records`); the naive and propagated estimators need none.
+    `records`); the naive and propagated estimators need none. With `curvature_matrix="ekfac"`,
+    `curvatures` may give a stage's EK-FAC fit (`fit_curvature`) instead of fitting it here.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class StageAttribution:
         config: StageConfig | None = None,
         data: dict | None = None,
         measurement: Measurement | None = None,
+        curvatures: dict[str, Curvature] | None = None,
     ):
         self.trajectory = trajectory if isinstance(trajectory, Trajectory) else Trajectory(trajectory)
         self.model, self.task = model, task
@@ -130,7 +138,8 @@ class StageAttribution:
         self.space = ParamSpace(self.trajectory.params, {n: params[n].shape for n in self.trajectory.params})
         self.buffers = dict(model.named_buffers())
         self.data = {name: as_records(records) for name, records in (data or {}).items()}
-        for name in self.data:
+        self.curvatures = dict(curvatures or {})
+        for name in [*self.data, *self.curvatures]:
             self.trajectory.stage(name)  # refuses an unknown stage
         self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
         self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
@@ -138,6 +147,7 @@ class StageAttribution:
         self._replay_tried: set[int] = set()  # curvature_path="replayed": stages replayed, or tried
         self._interpolated: list[str] = []  # the stages that could not be replayed, and why
         self._positions: dict[str, dict[str, int]] = {}  # stage -> record id -> position in its data
+        self._bases: dict[int, StageEigenbasis | None] = {}  # curvature_matrix="ekfac": per stage, None without records
         # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
         self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
 
@@ -155,13 +165,18 @@ class StageAttribution:
         return self.space.flatten(end.get(key, {})) - self.space.flatten(start.get(key, {}))
 
     def _preconditioners(self) -> dict[str, torch.Tensor]:
-        """Adam's 1/(√v̂ + ε) per stage, from the second moment at the stage's end."""
+        """Adam's 1/(√v̂ + ε) per stage, from the second moment at the stage's end, each tensor's
+        floored at `normalizer.V_FLOOR` of its mean. A coordinate whose gradient stayed at zero
+        (GPT-2's attention key biases) ends at v ≈ 0, and 1/ε there turns any gradient the
+        counterfactual gives it into a step 10⁵ times its neighbours', where the real Adam step
+        is bounded by its learning rate: linearised, its second moment's response is lost."""
         out = {}
         for stage in self.trajectory.stages:
             last = self.trajectory.steps[stage.stop - 1]
             if last.kind != "adam":
                 continue
-            v = self.space.flatten(self.trajectory.moments_at(stage.name, True).get("exp_avg_sq", {}), missing=-1.0)
+            second = self.trajectory.moments_at(stage.name, True).get("exp_avg_sq", {})
+            v = self.space.flatten({n: floored(t.double()) for n, t in second.items()}, missing=-1.0)
             beta2 = self.space.per_group(stage.groups, last.beta2)
             eps = self.space.per_group(stage.groups, last.eps)
             v_hat = v.clamp_min(0) / (1 - beta2**last.count)
@@ -201,10 +216,10 @@ class StageAttribution:
         """(step, V [B, P]) -> C V, C the curvature (`config.curvature_matrix`) of the step's batch
         loss at the run's parameters for that step (`_path_point`), for steps of stage
         `first_stage` on."""
+        stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
         twice_differentiable_attention(self.model)
         if self.config.curvature_path == "replayed":
             self._replay_path(first_stage, progress)
-        stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
 
         def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
             batch = self._step_batch(t, stage_of[t])
@@ -221,6 +236,25 @@ class StageAttribution:
             )
 
         return hvp
+
+    def _eigenbases(self, first_stage: int, progress: bool = False) -> dict[int, StageEigenbasis | None]:
+        """Each stage's EK-FAC eigenbasis from stage `first_stage` on: the fit given in `curvatures`,
+        or one fitted on the stage's records, pooled over its start and end checkpoints (None for
+        a stage with neither: it propagates to first order)."""
+        modules = tracked_modules(self.model, self.config.modules)
+        for k, stage in enumerate(self.trajectory.stages):
+            if k < first_stage or k in self._bases:
+                continue
+            curvature = self.curvatures.get(stage.name)
+            if curvature is None and stage.name in self.data:
+                models = [self.trajectory.checkpoint(stage.name, self.model, end) for end in (False, True)]
+                curvature = fit_curvature(models, self.task, self.data[stage.name], self.config.modules, self.config.ekfac, progress=progress)
+                self.curvatures[stage.name] = curvature
+            scale = 1.0
+            if self.config.batch_loss == "token-mean" and stage.name in self.data:
+                scale = 1 / targets_per_example(self.task, self.data[stage.name])
+            self._bases[k] = StageEigenbasis(curvature, modules, self.space, scale) if curvature is not None else None
+        return self._bases
 
     def _replay_path(self, first_stage: int, progress: bool = False) -> None:
         """The starting parameters of every step of stage `first_stage` on, from replaying each
@@ -295,7 +329,7 @@ class StageAttribution:
         run's movement is reported as NaN (the estimate is omitted, not extrapolated)."""
         start, end = self.boundaries[k]
         d_theta, d_m = end - start, self._moment_gap(k)
-        bound = 10 * float((self.boundaries[-1][1] - self.boundaries[0][0]).norm() + d_theta.norm())
+        bound = self._gap_bound(k)
         for stage in self.trajectory.stages[k + 1 :]:
             if stage.recreated:
                 d_m = torch.zeros_like(d_m)
@@ -305,6 +339,83 @@ class StageAttribution:
                 return torch.full_like(d_theta, float("nan"))
         return d_theta
 
+    def _gap_bound(self, k: int) -> float:
+        """Ten times the whole run's movement plus stage k's: a gap beyond it has diverged."""
+        start, end = self.boundaries[k]
+        return 10 * float((self.boundaries[-1][1] - self.boundaries[0][0]).norm() + (end - start).norm())
+
+    def eigenbasis_gaps(self, progress: bool = False) -> list[torch.Tensor]:
+        """Every stage's e_k [P] with each later stage crossed in its EK-FAC eigenbasis
+        (`curvature_matrix="ekfac"`). The gaps cross the stages together: on entering stage j,
+        the curvature is made exact on the span of the gaps entering it and their curvature
+        products (a few Gauss–Newton products per gap and stage, at the stage's midpoint on a
+        sample of its records: `_stage_products`), where KFAC misses the blocks between layers."""
+        bases = self._eigenbases(first_stage=1, progress=progress)
+        stages = self.trajectory.stages
+        gaps = [(end - start, self._moment_gap(k)) for k, (start, end) in enumerate(self.boundaries)]
+        for j in tqdm(range(1, len(stages)), desc="curvature (EK-FAC)", disable=not progress):
+            stage, maps = stages[j], self.maps[stages[j].start : stages[j].stop]
+            if stage.recreated:
+                gaps[:j] = [(d_theta, torch.zeros_like(d_m)) for d_theta, d_m in gaps[:j]]
+            basis = bases.get(j)
+            if basis is None:
+                for k in range(j):
+                    for m in maps:
+                        gaps[k] = forward(m, *gaps[k])
+                continue
+            basis = self._corrected(j, basis, torch.stack([v for gap in gaps[:j] for v in gap]))
+            gaps[:j] = [basis.carry(maps, *gaps[k]) for k in range(j)]
+            gaps[:j] = [(d if float(d.norm()) <= self._gap_bound(k) else torch.full_like(d, float("nan")), m) for k, (d, m) in enumerate(gaps[:j])]
+        return [d_theta for d_theta, _ in gaps]
+
+    def _corrected(self, j: int, basis: StageEigenbasis, vectors: torch.Tensor) -> StageEigenbasis:
+        """Stage j's basis made exact on the span of `vectors` [B, P] and their Gauss–Newton
+        products (as is, without the stage's records)."""
+        vectors = vectors[torch.isfinite(vectors).all(1) & vectors.ne(0).any(1)]
+        if self.trajectory.stages[j].name not in self.data or not len(vectors):
+            return basis
+        span = orthonormal(torch.cat([vectors, self._stage_products(j, vectors)]))
+        return basis.corrected(span, self._stage_products(j, span))
+
+    def _eigenbasis_adjoint(self, first_stage: int):
+        """(hvp, on_boundary) for `adjoint` with each stage's eigenbasis from `first_stage` on,
+        corrected on the span of the adjoint vectors entering it from the end of the run."""
+        bases = dict(self._eigenbases(first_stage))
+        stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
+
+        def on_boundary(j: int, a_theta: torch.Tensor, a_m: torch.Tensor) -> None:
+            if bases.get(j) is not None:
+                bases[j] = self._corrected(j, bases[j], torch.cat([a_theta, a_m]))
+
+        def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
+            basis = bases.get(stage_of[t])
+            return basis.products(v) if basis is not None else torch.zeros_like(v)
+
+        return hvp, on_boundary
+
+    def _stage_products(self, j: int, vectors: torch.Tensor) -> torch.Tensor:
+        """C V [B, P] for V [B, P]: the Gauss–Newton matrix of stage j's batch loss at its middle
+        step's parameters, on a seeded sample of `hvp_examples` of its records (its expected
+        per-step curvature)."""
+        twice_differentiable_attention(self.model)
+        stage, records = self.trajectory.stages[j], self.data[self.trajectory.stages[j].name]
+        g = torch.Generator().manual_seed(self.config.sample_seed + j)
+        chosen = torch.randperm(len(records), generator=g)[: self.config.hvp_examples].tolist()
+        batches = list(collated_batches(self.task, [self.task.whole(records[i]) for i in chosen], self.config.batch_size))
+        normaliser = sum(batch_normaliser(b, self.config.batch_loss) for b in batches)
+        theta = self._path_point((stage.start + stage.stop - 1) // 2)
+        return sum(
+            curvature_products(
+                self.task,
+                lambda th, b=b: self.task.loss(self._bound(th), b).sum() / normaliser,
+                lambda th, b=b: output_curvature(self.task, self._bound(th), b, normaliser),
+                theta,
+                vectors,
+                "gauss-newton",
+            )
+            for b in batches
+        )
+
     def effects(self, behaviours: dict, progress: bool = False) -> StageEffects:
         """Every stage's effect on every behaviour (a dict name → query records)."""
         batches = self._behaviour_batches(behaviours)
@@ -312,8 +423,10 @@ class StageAttribution:
         final, q = self._values(theta_T, batches, grad=True)
         n = len(self.trajectory.stages)
         gaps = {"naive": [end - start for start, end in self.boundaries], "propagated": [self.counterfactual_gap(k) for k in range(n)]}
-        if self.config.curvature and self.data:
-            hvp = self._hvp(first_stage=1, progress=progress)  # skipping stage k replays the stages after it
+        if self.config.curvature and self.config.curvature_matrix == "ekfac" and (self.data or self.curvatures):
+            gaps["curvature"] = self.eigenbasis_gaps(progress)
+        elif self.config.curvature and self.data:
+            hvp = self._hvp(first_stage=1, progress=progress)
             gaps["curvature"] = [self.counterfactual_gap(k, hvp) for k in tqdm(range(n), desc="curvature", disable=not progress)]
         gaps = {name: [self.config.removed * e for e in es] for name, es in gaps.items()}
         estimates = {}
@@ -326,8 +439,13 @@ class StageAttribution:
         values = [self._values(theta, batches)[0] for theta in [self.boundaries[0][0]] + [end for _, end in self.boundaries]]
         completeness = np.stack([values[k + 1] - values[k] for k in range(n)])
         ignores = list(self.trajectory.ignores) + ["the second-moment gap's effect on later Adam steps", "Adam's bias-correction step count"]
-        if self.config.curvature and not self.data:
+        if self.config.curvature and not self.data and not self.curvatures:
             ignores.append("curvature (no stage records given)")
+        if "curvature" in gaps and self.config.curvature_matrix == "ekfac":
+            ignores.append("each later stage's curvature away from one EK-FAC fit, corrected on the span of the gaps entering it")
+            flat = [s.name for k, s in enumerate(self.trajectory.stages) if k >= 1 and self._bases.get(k) is None]
+            if flat:
+                ignores.append("the curvature of stages with neither records nor a fit (first order there): " + ", ".join(flat))
         if diverged:
             ignores.append("estimates whose linearised propagation diverged (NaN): " + ", ".join(diverged))
         if self._interpolated:
@@ -350,7 +468,9 @@ class StageAttribution:
         of every step whose batch held it (all the stage's steps alike when batches were not
         recorded). The records account for the stage's own gradients: what the stage inherits
         (a momentum buffer from the stage before, decay of the parameters it started from) is
-        part of its effect but no record's."""
+        part of its effect but no record's. With `curvature`, the adjoint carries each step's
+        curvature as `config.curvature_matrix` says (ekfac: each stage's eigenbasis, corrected
+        on the span of the adjoint vectors entering it from the end of the run)."""
         if stage not in self.data:
             raise UserError(f"give the training records of stage {stage!r} (data={{{stage!r}: records}})")
         k = [s.name for s in self.trajectory.stages].index(stage)
@@ -375,12 +495,16 @@ class StageAttribution:
             for i in chosen:
                 per_record[i] = per_record.get(i, 0) + gamma * scale
 
-        adjoint(self.trajectory, self.maps, q, self._hvp(first_stage=k) if curvature else None, on_step=on_step)
+        hvp, on_boundary = None, None
+        if curvature and self.config.curvature_matrix == "ekfac":
+            hvp, on_boundary = self._eigenbasis_adjoint(k)
+        elif curvature:
+            hvp = self._hvp(first_stage=k)
+        adjoint(self.trajectory, self.maps, q, hvp, on_boundary, on_step)
         # Steps whose batch was not recorded weigh every record of the stage alike: each record is
         # in a batch with probability |B|/n, and then weighs 1/|B| (1/its batch's targets).
-        examples = whole_examples(self.task, records)
-        per_target = np.mean([sum(e.target_mask[1:]) if isinstance(e, TokenExample) else 1 for e in examples])
-        uniform = gamma_total / (len(records) * (per_target if self.config.batch_loss == "token-mean" else 1))
+        per_target = targets_per_example(self.task, records) if self.config.batch_loss == "token-mean" else 1
+        uniform = gamma_total / (len(records) * per_target)
         values = np.zeros((len(records), q.shape[0]))
         for i in range(len(records)):
             w = per_record.get(i, 0) + uniform
@@ -405,3 +529,16 @@ class StageAttribution:
                 loss = self.task.loss(self._bound(th), batch).sum()
                 out = out + torch.autograd.grad(loss, th)[0] / 2
         return out
+
+
+def targets_per_example(task: Task, records) -> float:
+    """The mean number of predicted targets per record (1 for a record that is one example)."""
+    return float(np.mean([sum(e.target_mask[1:]) if isinstance(e, TokenExample) else 1 for e in whole_examples(task, records)]))
+
+
+def orthonormal(vectors: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis [r, P] of the span of `vectors` [B, P], directions below 1e-10 of the
+    largest dropped."""
+    q, r = torch.linalg.qr(vectors.T)
+    keep = r.diagonal().abs() > 1e-10 * r.diagonal().abs().max()
+    return q.T[keep]

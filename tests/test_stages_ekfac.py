@@ -1,0 +1,235 @@
+"""The at-scale curvature estimator (`curvature_matrix="ekfac"`): each later stage crossed in its
+EK-FAC eigenbasis.
+
+On full-batch least squares with one output every step's Hessian is the same Kronecker product,
+2·E[x̃x̃ᵀ] ⊗ [1], so with that curvature the eigenbasis crossing is exact and must equal retraining
+with the stage skipped; a fitted EK-FAC (sampled Fisher) must come close to it.
+"""
+
+import numpy as np
+import pytest
+import torch
+from reference import mlp, mlp_records
+from stage_runs import N, batch_hessian, problem, retrain_without, run_stage
+
+import headwater as hw
+from headwater.collect import tracked_modules
+from headwater.curvature import Curvature, ModuleCurvature
+from headwater.stages.eigenbasis import StageEigenbasis
+from headwater.stages.propagation import ParamSpace, StepMap, forward
+
+STAGES = ["pre", "mid", "tune", "late"]
+PROBES = [
+    {"x": torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64), "y": torch.tensor(0.0, dtype=torch.float64)},
+    {"x": torch.tensor([0.0, 1.0, 1.0, -1.0], dtype=torch.float64), "y": torch.tensor(0.0, dtype=torch.float64)},
+]
+
+
+def sgdw(model, lr):
+    from stage_runs import SGDW
+
+    return SGDW([{"params": list(model.parameters()), "weight_decay": 0.05}], lr=lr, momentum=0.9)
+
+
+def full_batch_run(path, persist: bool):
+    """Four full-batch stages, one parameter group each (the basis gives a module's bias its
+    weight's decay): momentum SGD with coupled L2, continued with new settings when `persist`;
+    a fresh momentum SGD on warm-up + cosine with clipping; SGDW."""
+    model, task, records = problem()
+    recorder = hw.TrajectoryRecorder(path, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+    run_stage(recorder, model, task, records, opt, 6, "pre", batch=N)
+    if persist:
+        for group in opt.param_groups:
+            group["momentum"], group["lr"] = 0.5, 0.05
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5, weight_decay=0.05)
+    run_stage(recorder, model, task, records, opt, 5, "mid", batch=N)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+    run_stage(recorder, model, task, records, opt, 7, "tune", batch=N, clip=0.5, sched="cosine")
+    run_stage(recorder, model, task, records, sgdw(model, 0.1), 5, "late", batch=N)
+    return model, task, records
+
+
+def exact_curvature(model, records) -> Curvature:
+    """The Hessian of one example's squared error, averaged, as a Kronecker block: 2 ⊗ E[x̃x̃ᵀ]."""
+    x = torch.stack([torch.cat([r["x"], torch.ones(1, dtype=torch.float64)]) for r in records])
+    lam_a, q_a = torch.linalg.eigh(x.T @ x / len(x))
+    (name,) = tracked_modules(model)
+    one = torch.ones(1, 1, dtype=torch.float64)
+    block = ModuleCurvature(q_a, lam_a, one, 2 * one[0], torch.outer(2 * one[0], lam_a))
+    return Curvature({name: block}, hw.CurvatureConfig())
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_the_eigenbasis_crossing_equals_retraining_with_the_stage_skipped(tmp_path, persist):
+    model, task, records = full_batch_run(tmp_path / "traj", persist)
+    traj = hw.Trajectory(tmp_path / "traj")
+    assert [s.recreated for s in traj.stages] == [True, not persist, True, True]
+    config = hw.StageConfig(measurement="prediction", batch_loss="example-mean", curvature_matrix="ekfac")
+    curvatures = {s: exact_curvature(model, records) for s in STAGES}
+    effects = hw.StageAttribution(traj, model, task, config, curvatures=curvatures).effects({"a": PROBES[:1], "b": PROBES[1:]})
+    truth = np.zeros((len(STAGES), 2))
+    for k in range(len(STAGES)):
+        skipped = retrain_without(traj, k, records)
+        with torch.no_grad():
+            truth[k] = effects.final - np.array([float(skipped(p["x"][None]).squeeze()) for p in PROBES])
+    np.testing.assert_allclose(effects.estimates["curvature"], truth, rtol=1e-8, atol=1e-10)
+    assert not np.allclose(effects.estimates["propagated"], truth, rtol=1e-3)  # the curvature is what makes it exact
+
+
+def dense_corrected_effects(traj, att, fits, hessian) -> torch.Tensor:
+    """Reference for the corrected crossing, [stages, probes]: each stage's curvature as the dense
+    matrix C_basis + V (VᵀHV − VᵀC_basis V) Vᵀ, V an orthonormal basis of the gaps entering the
+    stage and their products with the exact Hessian H, applied at every step."""
+    flat, gaps = att.space.flatten, []
+    for s in traj.stages:
+        moments = [flat(traj.moments_at(s.name, end).get("momentum_buffer", {})) for end in (False, True)]
+        gaps.append((flat(traj.params_at(s.name, True)) - flat(traj.params_at(s.name, False)), moments[1] - moments[0]))
+    for j, stage in enumerate(traj.stages[1:], 1):
+        if stage.recreated:
+            gaps[:j] = [(d, torch.zeros_like(m)) for d, m in gaps[:j]]
+        entering = torch.stack([v for d, m in gaps[:j] for v in (d, m) if v.any()])
+        _, sv, vh = torch.linalg.svd(torch.cat([entering, entering @ hessian]), full_matrices=False)
+        v = vh[sv > 1e-10 * sv.max()]
+        (block,) = fits[stage.name].modules.values()
+        basis = block.q_a @ torch.diag(block.corrected[0]) @ block.q_a.T  # one output: Q_S = [1]
+        curvature = basis + v.T @ (v @ hessian @ v.T - v @ basis @ v.T) @ v
+        for t in range(stage.start, stage.stop):
+            gaps[:j] = [forward(att.maps[t], d, m, curvature @ d) for d, m in gaps[:j]]
+    probes = torch.stack([torch.cat([p["x"], torch.ones(1, dtype=torch.float64)]) for p in PROBES])
+    return torch.stack([probes @ d for d, _ in gaps])
+
+
+def test_a_fitted_ekfac_comes_close_and_its_subspace_correction_is_exact_there(tmp_path):
+    """The sampled Fisher of least squares is the Hessian in expectation: fitted on the stages'
+    records, the eigenbasis estimate is near the exact one, nearer than first-order propagation.
+    Given the records, each stage's curvature is also made exact on the span of the gaps entering
+    it (and their products): that equals a dense reference, and is nearer still."""
+    model, task, records = full_batch_run(tmp_path / "traj", persist=True)
+    traj = hw.Trajectory(tmp_path / "traj")
+    behaviours = {"a": PROBES[:1], "b": PROBES[1:]}
+    data = {s: records for s in STAGES}
+    exact = hw.StageAttribution(traj, model, task, hw.StageConfig(measurement="prediction", batch_loss="example-mean"), data).effects(behaviours)
+    config = hw.StageConfig(measurement="prediction", batch_loss="example-mean", curvature_matrix="ekfac", hvp_examples=N)
+    fits = {
+        s.name: hw.fit_curvature([traj.checkpoint(s.name, model, end) for end in (False, True)], task, records * 20, progress=False)
+        for s in traj.stages
+    }
+    fitted = hw.StageAttribution(traj, model, task, config, curvatures=fits).effects(behaviours).estimates["curvature"]
+    err = np.abs(fitted - exact.estimates["curvature"]).max()
+    first_order = np.abs(exact.estimates["propagated"] - exact.estimates["curvature"]).max()
+    assert err < 0.03 * first_order, (err, first_order)
+    att = hw.StageAttribution(traj, model, task, config, data, curvatures=fits)
+    corrected = att.effects(behaviours).estimates["curvature"]
+    hessian = batch_hessian(records, {r["id"] for r in records})
+    np.testing.assert_allclose(corrected, dense_corrected_effects(traj, att, fits, hessian), rtol=1e-9, atol=1e-12)
+    assert np.abs(corrected - exact.estimates["curvature"]).max() < 0.1 * err
+
+
+def test_the_basis_rotates_tracked_modules_and_crosses_sgd_steps_elementwise():
+    """Rotation is orthonormal and leaves untracked parameters alone; products are the dense
+    Kronecker block's; an SGD stage crossed elementwise in the basis equals stepping with them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).double()
+    params = dict(model.named_parameters())
+    space = ParamSpace(list(params), {n: p.shape for n, p in params.items()})
+    modules = tracked_modules(model)
+    blocks = {}
+    for name, tm in modules.items():
+        q_a = torch.linalg.qr(torch.randn(tm.d_in_aug, tm.d_in_aug, dtype=torch.float64))[0]
+        q_s = torch.linalg.qr(torch.randn(tm.d_out, tm.d_out, dtype=torch.float64))[0]
+        lam = torch.rand(tm.d_out, tm.d_in_aug, dtype=torch.float64)
+        blocks[name] = ModuleCurvature(q_a, torch.ones(tm.d_in_aug), q_s, torch.ones(tm.d_out), lam)
+    basis = StageEigenbasis(Curvature(blocks, hw.CurvatureConfig()), modules, space, scale=0.5)
+    v = torch.randn(3, space.size, dtype=torch.float64)
+    np.testing.assert_allclose(basis.unrotate(basis.rotate(v)), v, atol=1e-12)
+    rotated, plain = space.unflatten(basis.rotate(v)[0]), space.unflatten(v[0])
+    assert torch.equal(rotated["1.weight"], plain["1.weight"])  # the norm is not tracked
+    assert not torch.allclose(rotated["0.weight"], plain["0.weight"])
+    # C v against the dense block of the first module: 0.5 (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ on [W | b]
+    tm, block = modules["0"], blocks["0"]
+    q = torch.kron(block.q_s, block.q_a)
+    dense = 0.5 * q @ torch.diag(block.corrected.reshape(-1)) @ q.T
+    w = torch.randn(4, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    flat = space.flatten({"0.weight": w, "0.bias": b})
+    out = space.unflatten(basis.products(flat[None])[0])
+    expected = (dense @ torch.cat([w, b[:, None]], 1).reshape(-1)).reshape(4, 4)
+    np.testing.assert_allclose(torch.cat([out["0.weight"], out["0.bias"][:, None]], 1), expected, atol=1e-12)
+    assert float(out["2.weight"].abs().max()) == 0  # untracked: no curvature
+    # an SGD stage crossed elementwise in the basis equals crossing it step by step with C's products
+    groups = [list(params)]
+    maps = [
+        StepMap(
+            "sgd",
+            *(space.per_group(groups, [x]) for x in (0.1, 0.01, 1 - 0.1 * 0.02, 0.9, 0.0)),
+            space.per_group(groups, [0.0]).bool(),
+            clip,
+            t == 0,
+            1.0,
+            None,
+        )
+        for t, clip in enumerate([1.0, 0.7, 0.5])
+    ]
+    d, m = torch.randn(2, space.size, dtype=torch.float64)
+    stepwise = (d, m)
+    for step in maps:
+        stepwise = forward(step, *stepwise, basis.products(stepwise[0][None])[0])
+    for got, want in zip(basis.carry(maps, d, m), stepwise):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_ekfac_stage_effects_on_an_mlp_track_the_per_step_estimator(tmp_path, optimizer):
+    """On a classifier trained in three stages (SGD or AdamW), the eigenbasis estimate follows per-step
+    Gauss–Newton products (KFAC drops the blocks between layers, so not to round-off), and the
+    config round-trips its nested fit settings."""
+    torch.manual_seed(0)
+    model = mlp(d_in=5, hidden=12)
+    task = hw.ModuleTask("cross_entropy")
+    data = {name: [{"id": f"{name}{i}", **r} for i, r in enumerate(mlp_records(40, d_in=5, seed=s))] for s, name in enumerate(["a", "b", "c"])}
+    recorder = hw.TrajectoryRecorder(tmp_path / "traj", model)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    else:  # Adam stages are crossed in parameter space
+        opt = torch.optim.AdamW(model.parameters(), lr=0.005, weight_decay=0.01)
+    for name, records in data.items():
+        recorder.begin_stage(name, opt)
+        g = torch.Generator().manual_seed(len(name))
+        for _ in range(12):
+            chosen = torch.randperm(len(records), generator=g)[:10].tolist()
+            task.loss(model, task.collate([task.whole(records[i]) for i in chosen])).mean().backward()
+            opt.step()
+            recorder.step(opt, ids=[records[i]["id"] for i in chosen])
+            opt.zero_grad()
+        recorder.end_stage()
+    behaviours = {"x": mlp_records(6, d_in=5, seed=9)[:3], "y": mlp_records(6, d_in=5, seed=9)[3:]}
+    base = dict(measurement="loss", batch_loss="example-mean", readout="linear")
+    per_step = hw.StageAttribution(tmp_path / "traj", model, task, hw.StageConfig(**base), data).effects(behaviours)
+    config = hw.StageConfig(**base, curvature_matrix="ekfac", ekfac=hw.CurvatureConfig(fisher="exact"))
+    assert hw.StageConfig.from_dict(config.to_dict()) == config
+    at_scale = hw.StageAttribution(tmp_path / "traj", model, task, config, data).effects(behaviours)
+    a, b, c = (
+        e.estimates[k][:-1].ravel()
+        for e, k in ((at_scale, "curvature (linear)"), (per_step, "curvature (linear)"), (per_step, "propagated (linear)"))
+    )
+    # (the last stage has nothing after it to cross)
+    assert np.corrcoef(a, b)[0, 1] > 0.95, (a, b)
+    assert np.abs(a - b).max() < 0.2 * np.abs(c - b).max(), (a, b, c)  # far nearer than leaving the curvature out
+
+
+def test_record_contributions_through_the_eigenbasis_equal_the_per_step_ones(tmp_path):
+    """With the exact curvature, a stage's records resolved through the later stages' eigenbases
+    (each corrected on the adjoint's span) equal those resolved with a Hessian product per step."""
+    model, task, records = full_batch_run(tmp_path / "traj", persist=True)
+    traj = hw.Trajectory(tmp_path / "traj")
+    data = {s: records for s in STAGES}
+    base = dict(measurement="prediction", batch_loss="example-mean", hvp_examples=N)
+    per_step = hw.StageAttribution(traj, model, task, hw.StageConfig(**base), data).records("mid", {"a": PROBES}, curvature=True)
+    curvatures = {s: exact_curvature(model, records) for s in STAGES}
+    config = hw.StageConfig(**base, curvature_matrix="ekfac")
+    at_scale = hw.StageAttribution(traj, model, task, config, data, curvatures=curvatures).records("mid", {"a": PROBES}, curvature=True)
+    first_order = hw.StageAttribution(traj, model, task, hw.StageConfig(**base), data).records("mid", {"a": PROBES})
+    np.testing.assert_allclose(at_scale.values, per_step.values, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(first_order.values, per_step.values, rtol=1e-3)
