@@ -32,7 +32,7 @@ over stages × behaviours (pooled over seeds, and the mean of the per-seed value
 agreement, how often the stage with the largest effect is named, and the error over the stages
 before the last.
 
-    python benchmarks/stages.py                # 5 seeds × 8 settings, ~7 min on 2 cores
+    python benchmarks/stages.py                # 5 seeds × 8 settings, ~9 min on 2 cores
     python benchmarks/stages.py --seeds 2      # quicker
     python benchmarks/stages.py --summarise    # the tables again from results/stages.json, no training
 
@@ -62,6 +62,7 @@ ESTIMATORS = {  # name: (which recording, curvature matrix, path); naive and pro
     "curvature, Hessian, checkpoint every step": ("every", "hessian", "interpolated"),
     "curvature, replayed path": ("boundaries", "gauss-newton", "replayed"),
     "curvature, Hessian, replayed path": ("boundaries", "hessian", "replayed"),
+    "curvature, EK-FAC per stage": ("boundaries", "ekfac", "interpolated"),  # the at-scale form
 }
 
 # Not an estimator: the local question's true answer (retraining with 1% out) scaled to the whole
@@ -81,11 +82,11 @@ FINETUNE = {
 FINETUNE_SCALES = (1.0, 0.3, 0.1)
 
 
-def persistent_run(path: Path, model, task, stages: dict, plan: dict, seed: int, scale: float = 1.0) -> None:
+def persistent_run(path: Path, model, task, stages: dict, plan: dict, seed: int, scale: float = 1.0, checkpoint_every: int | None = 1) -> None:
     """The stages of `plan` with one SGD optimizer (its momentum buffer carries across stages),
     each with its own learning rate (times `scale`) and schedule."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    recorder = TrajectoryRecorder(path, model, checkpoint_every=1)
+    recorder = TrajectoryRecorder(path, model, checkpoint_every=checkpoint_every)
     g = torch.Generator().manual_seed(seed)
     for name, (lr, epochs, schedule) in plan.items():
         recorder.begin_stage(name, opt)
@@ -142,11 +143,14 @@ def boundaries_only(traj: Trajectory, path: Path) -> Trajectory:
     return Trajectory(path)
 
 
-def estimates(recordings: dict, model, task, stages: dict, behaviours: dict, removed: float) -> dict:
+def estimates(recordings: dict, model, task, stages: dict, behaviours: dict, removed: float, seconds: dict) -> dict:
+    """Every estimator's effects, [stages, behaviours] each; `seconds` gets each curvature estimator's time."""
     out = {}
     for name, (which, matrix, path) in ESTIMATORS.items():
         config = StageConfig(batch_loss="token-mean", curvature_matrix=matrix, curvature_path=path, removed=removed)
+        t = time.time()
         effects = StageAttribution(recordings[which], model, task, config, data=stages).effects(behaviours)
+        seconds[f"{name} {removed}"] = time.time() - t
         if not out:
             out.update({k: v for k, v in effects.estimates.items() if not k.startswith("curvature")})
         out.update({k.replace("curvature", name): v for k, v in effects.estimates.items() if k.startswith("curvature")})
@@ -173,9 +177,8 @@ def run_setting(setting: str, seed: int, workdir: Path) -> dict:
     recordings = {"every": traj, "boundaries": boundaries_only(traj, workdir / "boundaries")}
     out = {"seconds": seconds}
     for removed in REMOVED:
+        est = estimates(recordings, model, task, stages, behaviours, removed, seconds)
         t = time.time()
-        est = estimates(recordings, model, task, stages, behaviours, removed)
-        seconds[f"estimates {removed}"], t = time.time() - t, time.time()
         true = truth(removed)
         seconds[f"retraining {removed}"] = time.time() - t
         out[str(removed)] = {"estimates": {k: v.tolist() for k, v in est.items()}, "truth": true.tolist()}
@@ -198,6 +201,7 @@ def summary(runs: list[dict], removed: float) -> dict:
         errors = np.concatenate([(e - t).ravel() for e, t in before])
         earlier["rmse"] = float(np.sqrt(np.nanmean(errors**2)))
         out[name] = {
+            "omitted": float(np.mean([np.isnan(r["estimates"][name]).mean() for r in runs])),
             "pooled": pooled,
             "before_last": earlier,
             **{f"mean_{k}": float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
@@ -231,6 +235,7 @@ def table(results: dict, seeds: int) -> str:
                 "| estimator | Pearson | Spearman | sign agreement | names the top stage | stages before the last: Pearson | Spearman | sign | RMSE |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
+            omitted = []
             for name, m in s.items():
                 if float(removed) < 1 and name.endswith("(linear)"):
                     continue  # the same as the evaluated readout this close to the run
@@ -240,6 +245,10 @@ def table(results: dict, seeds: int) -> str:
                     f"{p['spearman']:.3f} ({m['mean_spearman']:.2f} ± {m['std_spearman']:.2f}) | {p['sign']:.2f} | {p['top_stage']:.2f} | "
                     f"{b['pearson']:.3f} | {b['spearman']:.3f} | {b['sign']:.2f} | {b['rmse']:.2f} |"
                 )
+                if m.get("omitted"):
+                    omitted.append(f"{name} {m['omitted']:.0%}")
+            if omitted:  # the figures above are over the rest: say how much that is
+                lines += ["", "Omitted as diverged (NaN), share of stages × behaviours: " + ", ".join(omitted) + "."]
     return "\n".join(lines)
 
 
