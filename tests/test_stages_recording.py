@@ -256,6 +256,17 @@ def test_the_command_line_writes_tables_plots_and_records(tmp_path, tokenizer):
     )
     np.testing.assert_allclose(np.array(got["estimates"]["curvature"]), want.estimates["curvature"], rtol=1e-6)
     assert hw.Scores.load(out / "records-a.safetensors").train_ids == ["a0", "a1", "a2"]
+    # the at-scale estimator, its nested fit settings given as flags
+    flags = ["--curvature-matrix", "ekfac", "--fisher", "empirical", "--curvature-examples", "2"]
+    r = CliRunner().invoke(app, [*args[: args.index("--records")], *flags, "--out", str(tmp_path / "ekfac")])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "ekfac" / "effects.json").read_text())
+    config = hw.StageConfig(batch_loss="example-mean", curvature_matrix="ekfac", ekfac=hw.CurvatureConfig(fisher="empirical", max_examples=2))
+    want = hw.StageAttribution(tmp_path / "traj", model, task, config, data=data).effects(
+        {"capital": [{"prompt": "the capital of zorblat is", "completion": " quenti"}]}
+    )
+    np.testing.assert_allclose(np.array(got["estimates"]["curvature"]), want.estimates["curvature"], rtol=1e-6)
+    assert any("EK-FAC" in i for i in got["ignores"])
     r = CliRunner().invoke(
         app, ["stages", str(tmp_path), "--model", str(tmp_path / "final"), "--behaviour", "x.jsonl", "--out", str(tmp_path / "o2")]
     )
