@@ -144,7 +144,8 @@ def boundaries_only(traj: Trajectory, path: Path) -> Trajectory:
 
 
 def estimates(recordings: dict, model, task, stages: dict, behaviours: dict, removed: float, seconds: dict) -> dict:
-    """Every estimator's effects, [stages, behaviours] each; `seconds` gets each curvature estimator's time."""
+    """Every estimator's effects, [stages, behaviours] each; `seconds` gets each configuration's time (its curvature
+    estimate, with the naive and propagated ones and the evaluations that come with every call)."""
     out = {}
     for name, (which, matrix, path) in ESTIMATORS.items():
         config = StageConfig(batch_loss="token-mean", curvature_matrix=matrix, curvature_path=path, removed=removed)

@@ -50,7 +50,7 @@ def run(multiplier: int, seed: int, workdir: Path) -> dict:
         key = "curvature" if "curvature" in name else "propagated"
         est = effects.estimates[key]
         agreement = demo.agreement(est, truth)
-        rmse = float(np.sqrt(np.mean((est[:-1] - truth[:-1]) ** 2)))
+        rmse = float(np.sqrt(np.nanmean((est[:-1] - truth[:-1]) ** 2)))
         out["estimators"][name] = {"seconds": seconds, "pearson": agreement["pearson"], "spearman": agreement["spearman"], "rmse": rmse}
     return out
 

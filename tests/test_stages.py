@@ -86,6 +86,36 @@ def test_propagation_coefficients_equal_a_brute_force_replay(tmp_path, kind, sch
     assert float(a_theta @ d_theta + a_m @ d_m) == pytest.approx(float(q @ got_theta), rel=1e-10)
 
 
+def test_adams_preconditioner_floors_second_moments_that_stayed_at_zero(tmp_path):
+    """A dead hidden unit (zero weights in and out, zero bias) never gets a gradient, so AdamW
+    leaves its second moments at 0; the stage's preconditioner takes them at 10⁻³ of their
+    tensor's mean, not 1/ε, and keeps every other coordinate's 1/(√v̂ + ε)."""
+    model, task = mlp(d_in=5, hidden=6), hw.ModuleTask("cross_entropy")
+    with torch.no_grad():
+        model[0].weight[2], model[0].bias[2], model[2].weight[:, 2] = 0, 0, 0
+    records = [{"id": f"r{i}", **r} for i, r in enumerate(mlp_records(n=12, d_in=5))]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0, eps=1e-8)
+    recorder = hw.TrajectoryRecorder(tmp_path / "traj", model)
+    batches = [records[i : i + 4] for i in range(0, 12, 4)]
+    recorder.begin_stage("only", opt)
+    for batch in batches:
+        task.loss(model, task.collate([task.whole(r) for r in batch])).mean().backward()
+        opt.step()
+        recorder.step(opt, ids=[r["id"] for r in batch])
+        opt.zero_grad()
+    recorder.close()
+    traj = hw.Trajectory(tmp_path / "traj")
+    got = ParamSpace(traj.params, {n: p.shape for n, p in model.named_parameters()}).unflatten(
+        hw.StageAttribution(traj, model, task, hw.StageConfig(batch_loss="example-mean"))._preconditioners()["only"]
+    )
+    for name, v in traj.moments_at("only", True)["exp_avg_sq"].items():
+        v_hat = v.double() / (1 - 0.999**3)
+        want = 1 / (torch.maximum(v_hat, 1e-3 * v_hat.mean()).sqrt() + 1e-8)
+        np.testing.assert_allclose(got[name], want, rtol=1e-12)
+    assert float(traj.moments_at("only", True)["exp_avg_sq"]["0.bias"][2]) == 0  # the dead unit's
+    assert float(got["0.bias"][2]) < 1e-3 / 1e-8  # far from 1/ε
+
+
 # ------------------------------------------------------------------------------ stages vs retraining
 
 

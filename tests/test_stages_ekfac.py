@@ -6,6 +6,8 @@ On full-batch least squares with one output every step's Hessian is the same Kro
 with the stage skipped; a fitted EK-FAC (sampled Fisher) must come close to it.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ import headwater as hw
 from headwater.collect import tracked_modules
 from headwater.curvature import Curvature, ModuleCurvature
 from headwater.stages.eigenbasis import StageEigenbasis
+from headwater.stages.gauss_newton import curvature_products
 from headwater.stages.propagation import ParamSpace, StepMap, forward
 
 STAGES = ["pre", "mid", "tune", "late"]
@@ -127,37 +130,58 @@ def test_a_fitted_ekfac_comes_close_and_its_subspace_correction_is_exact_there(t
     assert np.abs(corrected - exact.estimates["curvature"]).max() < 0.1 * err
 
 
-def test_the_basis_rotates_tracked_modules_and_crosses_sgd_steps_elementwise():
-    """Rotation is orthonormal and leaves untracked parameters alone; products are the dense
-    Kronecker block's; an SGD stage crossed elementwise in the basis equals stepping with them."""
+class Layouts(torch.nn.Module):
+    """One module of each layout a basis maps: Linear, HF Conv1D (weight stored transposed), a
+    Conv2d kept as a whole block, and an untracked LayerNorm."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.lin, self.norm, self.conv1d = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), Conv1D(2, 4)
+        self.conv = torch.nn.Conv2d(2, 2, 2, bias=False)
+
+
+def random_blocks(modules) -> dict:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).double()
-    params = dict(model.named_parameters())
-    space = ParamSpace(list(params), {n: p.shape for n, p in params.items()})
-    modules = tracked_modules(model)
     blocks = {}
     for name, tm in modules.items():
         q_a = torch.linalg.qr(torch.randn(tm.d_in_aug, tm.d_in_aug, dtype=torch.float64))[0]
         q_s = torch.linalg.qr(torch.randn(tm.d_out, tm.d_out, dtype=torch.float64))[0]
         lam = torch.rand(tm.d_out, tm.d_in_aug, dtype=torch.float64)
-        blocks[name] = ModuleCurvature(q_a, torch.ones(tm.d_in_aug), q_s, torch.ones(tm.d_out), lam)
+        n = tm.d_out * tm.d_in_aug
+        block = (torch.rand(n, dtype=torch.float64), torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]) if name == "conv" else None
+        blocks[name] = ModuleCurvature(q_a, torch.ones(tm.d_in_aug), q_s, torch.ones(tm.d_out), lam, block)
+    return blocks
+
+
+def test_the_basis_rotates_tracked_modules_and_crosses_sgd_steps_elementwise():
+    """Products equal each module's dense block (Kronecker, or a whole block in that basis) on its
+    [W | b] matrix, whatever the weight's layout; untracked parameters are left alone; an SGD stage
+    crossed elementwise in the basis equals stepping with the products; a module's bias takes its
+    weight's settings there."""
+    model = Layouts().double()
+    params = dict(model.named_parameters())
+    space = ParamSpace(list(params), {n: p.shape for n, p in params.items()})
+    modules = tracked_modules(model)
+    assert set(modules) == {"lin", "conv1d", "conv"} and modules["conv1d"].transposed
+    blocks = random_blocks(modules)
     basis = StageEigenbasis(Curvature(blocks, hw.CurvatureConfig()), modules, space, scale=0.5)
     v = torch.randn(3, space.size, dtype=torch.float64)
     np.testing.assert_allclose(basis.unrotate(basis.rotate(v)), v, atol=1e-12)
     rotated, plain = space.unflatten(basis.rotate(v)[0]), space.unflatten(v[0])
-    assert torch.equal(rotated["1.weight"], plain["1.weight"])  # the norm is not tracked
-    assert not torch.allclose(rotated["0.weight"], plain["0.weight"])
-    # C v against the dense block of the first module: 0.5 (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ on [W | b]
-    tm, block = modules["0"], blocks["0"]
-    q = torch.kron(block.q_s, block.q_a)
-    dense = 0.5 * q @ torch.diag(block.corrected.reshape(-1)) @ q.T
-    w = torch.randn(4, 3, dtype=torch.float64)
-    b = torch.randn(4, dtype=torch.float64)
-    flat = space.flatten({"0.weight": w, "0.bias": b})
-    out = space.unflatten(basis.products(flat[None])[0])
-    expected = (dense @ torch.cat([w, b[:, None]], 1).reshape(-1)).reshape(4, 4)
-    np.testing.assert_allclose(torch.cat([out["0.weight"], out["0.bias"][:, None]], 1), expected, atol=1e-12)
-    assert float(out["2.weight"].abs().max()) == 0  # untracked: no curvature
+    assert torch.equal(rotated["norm.weight"], plain["norm.weight"]) and not torch.allclose(rotated["lin.weight"], plain["lin.weight"])
+    out, given = space.unflatten(basis.products(v[:1])[0]), space.unflatten(v[0])
+    assert float(out["norm.weight"].abs().max()) == 0 and float(given["norm.weight"].abs().max()) > 0  # untracked: no curvature
+    for name, tm in modules.items():
+        block = blocks[name]
+        q = torch.kron(block.q_s, block.q_a)
+        inner = block.block[1] @ torch.diag(block.block[0]) @ block.block[1].T if block.block is not None else torch.diag(block.corrected.reshape(-1))
+        dense = 0.5 * q @ inner @ q.T
+        matrix = lambda tensors: torch.cat(  # noqa: E731
+            [tm.weight_matrix(tensors[tm.weight_name]), *([tensors[tm.bias_name][:, None]] if tm.has_bias else [])], 1
+        )
+        np.testing.assert_allclose(matrix(out), (dense @ matrix(given).reshape(-1)).reshape(tm.d_out, tm.d_in_aug), atol=1e-12)
     # an SGD stage crossed elementwise in the basis equals crossing it step by step with C's products
     groups = [list(params)]
     maps = [
@@ -172,12 +196,17 @@ def test_the_basis_rotates_tracked_modules_and_crosses_sgd_steps_elementwise():
         )
         for t, clip in enumerate([1.0, 0.7, 0.5])
     ]
-    d, m = torch.randn(2, space.size, dtype=torch.float64)
+    d, m = torch.randn(2, 3, space.size, dtype=torch.float64)  # three gaps crossing together
     stepwise = (d, m)
     for step in maps:
-        stepwise = forward(step, *stepwise, basis.products(stepwise[0][None])[0])
+        stepwise = forward(step, *stepwise, basis.products(stepwise[0]))
     for got, want in zip(basis.carry(maps, d, m), stepwise):
         np.testing.assert_allclose(got, want, atol=1e-12)
+    # settings per group: in the basis a bias takes its weight's (no copy when they agree)
+    decay = space.per_group([["lin.weight", "conv1d.weight", "conv.weight"], ["lin.bias", "conv1d.bias", "norm.weight", "norm.bias"]], [0.3, 0.7])
+    per_module = space.unflatten(basis.step_map(replace(maps[0], decay=decay)).decay)
+    assert float(per_module["lin.bias"].max()) == 0.3 and float(per_module["norm.bias"].min()) == 0.7
+    assert basis.step_map(maps[0]).decay is maps[0].decay
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -233,3 +262,62 @@ def test_record_contributions_through_the_eigenbasis_equal_the_per_step_ones(tmp
     first_order = hw.StageAttribution(traj, model, task, hw.StageConfig(**base), data).records("mid", {"a": PROBES})
     np.testing.assert_allclose(at_scale.values, per_step.values, rtol=1e-9, atol=1e-12)
     assert not np.allclose(first_order.values, per_step.values, rtol=1e-3)
+
+
+def test_a_token_mean_runs_basis_has_the_gauss_newton_trace_of_its_batch_loss(tokenizer, lm_records):
+    """A token-mean run divides its batch loss by the batch's targets, and EK-FAC is fitted per
+    example (each record's summed loss): scaled by examples / targets, a module's eigenvalues sum to
+    the trace of that module's Gauss–Newton block of the token-mean loss (the EK-FAC diagonal is
+    exact in expectation; the sampled Fisher's noise is the tolerance)."""
+    from headwater.stages.gauss_newton import output_curvature
+    from headwater.stages.later_curvature import targets_per_example
+    from headwater.training import Bound
+
+    torch.manual_seed(0)
+    model = hw.toy.tiny_gpt2(len(tokenizer), n_layer=1, n_embd=8, n_head=2, n_positions=32).double()
+    model.config._attn_implementation = "eager"
+    task = hw.LanguageModelTask(tokenizer)
+    fit = hw.fit_curvature(model, task, lm_records * 200, modules=["transformer.h.0.mlp.c_proj"], progress=False)
+    scale = 1 / targets_per_example(task, lm_records)
+    assert scale < 0.5  # several targets per record: a missing scale would show
+    params = dict(model.named_parameters())
+    space = ParamSpace(list(params), {n: p.shape for n, p in params.items()})
+    batch = task.collate([task.whole(r) for r in lm_records])
+    targets = float(batch["target_mask"][:, 1:].sum())
+    theta = space.flatten(params)
+    offsets = dict(zip(space.names, np.cumsum([0, *space.sizes[:-1]])))
+    rows = [offsets[n] + i for n in ("transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias") for i in range(params[n].numel())]
+    units = torch.eye(space.size, dtype=torch.float64)[rows]
+    products = curvature_products(
+        task, None, lambda th: output_curvature(task, Bound(model, space.unflatten(th)), batch, targets), theta, units, "gauss-newton"
+    )
+    exact_trace = float(products[torch.arange(len(rows)), rows].sum())
+    basis = StageEigenbasis(fit, tracked_modules(model, ["transformer.h.0.mlp.c_proj"]), space, scale)
+    np.testing.assert_allclose(float(basis.eigenvalues.sum()), exact_trace, rtol=0.1)
+
+
+def test_the_adjoints_correction_alone_recovers_the_per_step_records_when_its_span_is_whole(tmp_path):
+    """With a basis that holds no curvature at all (Λ = 0), a stage's records resolved through
+    the later stages rest on the correction alone: on the span of the adjoint vectors entering
+    each stage and their products, which for three behaviours of a 5-parameter model is the whole
+    space, so they equal the per-step Hessian records."""
+    model, task, records = full_batch_run(tmp_path / "traj", persist=True)
+    traj = hw.Trajectory(tmp_path / "traj")
+    data = {s: records for s in STAGES}
+    probes = {
+        "a": PROBES[:1],
+        "b": PROBES[1:],
+        "c": [{"x": torch.tensor([2.0, 0.5, -1.0, 0.0], dtype=torch.float64), "y": torch.tensor(0.0, dtype=torch.float64)}],
+    }
+    base = dict(measurement="prediction", batch_loss="example-mean", hvp_examples=N)
+    per_step = hw.StageAttribution(traj, model, task, hw.StageConfig(**base), data).records("pre", probes, curvature=True)
+    empty = exact_curvature(model, records)
+    for block in empty.modules.values():
+        block.corrected = torch.zeros_like(block.corrected)
+    config = hw.StageConfig(**base, curvature_matrix="ekfac")
+    corrected = hw.StageAttribution(traj, model, task, config, data, curvatures={s: empty for s in STAGES}).records("pre", probes, curvature=True)
+    uncorrected = hw.StageAttribution(traj, model, task, config, curvatures={s: empty for s in STAGES}, data={"pre": records}).records(
+        "pre", probes, curvature=True
+    )
+    np.testing.assert_allclose(corrected.values, per_step.values, rtol=1e-8, atol=1e-10)
+    assert not np.allclose(uncorrected.values, per_step.values, rtol=1e-3)  # without the later stages' records: no correction

@@ -13,7 +13,9 @@ class StageConfig(Config):
     """How stage effects are estimated from a recorded trajectory."""
 
     batch_loss: str = option("token-mean", H_BATCH_LOSS, choices=("token-mean", "example-mean"))
-    curvature: bool = option(True, "Also estimate with the later steps' curvature (Hessian-vector products per step; needs the stages' records).")
+    curvature: bool = option(
+        True, "Also estimate with the later steps' curvature (needs the stages' records; ekfac: their records or fits given in Python)."
+    )
     curvature_matrix: str = option(
         "gauss-newton",
         "The later steps' curvature: per step, at the run's parameters for that step, gauss-newton (positive semi-definite, robust "
@@ -25,7 +27,7 @@ class StageConfig(Config):
         choices=("gauss-newton", "hessian", "ekfac"),
     )
     ekfac: CurvatureConfig = option(CurvatureConfig(), "How each later stage's EK-FAC curvature is fitted (--curvature-matrix ekfac).")
-    modules: list[str] | None = option(None, H_MODULES)
+    modules: list[str] | None = option(None, H_MODULES)  # the modules ekfac fits (the per-step products take the whole model)
     curvature_path: str = option(
         "interpolated",
         "Where the later steps' curvature is taken between saved parameters (ekfac's correction: at each stage's middle step): "

@@ -27,7 +27,6 @@ stage, `records` resolves the (linear) effect to the stage's training records by
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +36,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..collect import tracked_modules
 from ..concepts.vector import resolve_measurement
-from ..curvature import Curvature, fit_curvature
-from ..data import as_records, id_positions, record_ids
+from ..curvature import Curvature
+from ..data import as_records, id_positions
 from ..errors import UserError
 from ..measurement import Loss, Measurement
 from ..normalizer import floored
 from ..scores import Scores
-from ..task import Task, TokenExample, batch_normaliser, collated_batches, whole_examples
-from ..training import Bound, twice_differentiable_attention
+from ..task import Task, batch_normaliser, collated_batches, whole_examples
+from ..training import Bound
 from .config import StageConfig
 from .eigenbasis import StageEigenbasis
-from .gauss_newton import curvature_products, output_curvature
+from .later_curvature import LaterCurvature, targets_per_example
 from .propagation import ParamSpace, adjoint, forward, step_maps
-from .replay import StageReplay
 from .trajectory import Trajectory
 
 
@@ -106,7 +103,7 @@ class StageEffects:
         return out
 
 
-class StageAttribution:
+class StageAttribution(LaterCurvature):
     """Stage effects of a recorded trajectory on behaviours, for the model at the run's end.
 
         stages = StageAttribution("runs/traj", model, task, data={"sft-1": sft1_records})
@@ -143,13 +140,7 @@ class StageAttribution:
             self.trajectory.stage(name)  # refuses an unknown stage
         self.boundaries = [(self._flat(s.name, False), self._flat(s.name, True)) for s in self.trajectory.stages]
         self.maps = step_maps(self.trajectory, self.space, self._preconditioners())
-        self._saved: dict[int, torch.Tensor] = {}  # flattened parameters before a step, as loaded or replayed
-        self._replay_tried: set[int] = set()  # curvature_path="replayed": stages replayed, or tried
-        self._interpolated: list[str] = []  # the stages that could not be replayed, and why
-        self._positions: dict[str, dict[str, int]] = {}  # stage -> record id -> position in its data
-        self._bases: dict[int, StageEigenbasis | None] = {}  # curvature_matrix="ekfac": per stage, None without records
-        # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
-        self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
+        self._init_curvature()
 
     # ------------------------------------------------------------------ the run's recorded states
 
@@ -210,211 +201,44 @@ class StageAttribution:
                 grads.append(torch.autograd.grad(f, th)[0])
         return np.array(values), (torch.stack(grads) if grad else None)
 
-    # ------------------------------------------------------------------ curvature
-
-    def _hvp(self, first_stage: int = 0, progress: bool = False):
-        """(step, V [B, P]) -> C V, C the curvature (`config.curvature_matrix`) of the step's batch
-        loss at the run's parameters for that step (`_path_point`), for steps of stage
-        `first_stage` on."""
-        stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
-        twice_differentiable_attention(self.model)
-        if self.config.curvature_path == "replayed":
-            self._replay_path(first_stage, progress)
-
-        def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
-            batch = self._step_batch(t, stage_of[t])
-            if batch is None:
-                return torch.zeros_like(v)
-            normaliser = batch_normaliser(batch, self.config.batch_loss)
-            return curvature_products(
-                self.task,
-                lambda th: self.task.loss(self._bound(th), batch).sum() / normaliser,
-                lambda th: output_curvature(self.task, self._bound(th), batch, normaliser),
-                self._path_point(t),
-                v,
-                self.config.curvature_matrix,
-            )
-
-        return hvp
-
-    def _eigenbases(self, first_stage: int, progress: bool = False) -> dict[int, StageEigenbasis | None]:
-        """Each stage's EK-FAC eigenbasis from stage `first_stage` on: the fit given in `curvatures`,
-        or one fitted on the stage's records, pooled over its start and end checkpoints (None for
-        a stage with neither: it propagates to first order)."""
-        modules = tracked_modules(self.model, self.config.modules)
-        for k, stage in enumerate(self.trajectory.stages):
-            if k < first_stage or k in self._bases:
-                continue
-            curvature = self.curvatures.get(stage.name)
-            if curvature is None and stage.name in self.data:
-                models = [self.trajectory.checkpoint(stage.name, self.model, end) for end in (False, True)]
-                curvature = fit_curvature(models, self.task, self.data[stage.name], self.config.modules, self.config.ekfac, progress=progress)
-                self.curvatures[stage.name] = curvature
-            scale = 1.0
-            if self.config.batch_loss == "token-mean" and stage.name in self.data:
-                scale = 1 / targets_per_example(self.task, self.data[stage.name])
-            self._bases[k] = StageEigenbasis(curvature, modules, self.space, scale) if curvature is not None else None
-        return self._bases
-
-    def _replay_path(self, first_stage: int, progress: bool = False) -> None:
-        """The starting parameters of every step of stage `first_stage` on, from replaying each
-        stage over its recorded batches (`StageReplay`); a stage that cannot be replayed keeps
-        the interpolated path."""
-        for k, stage in enumerate(self.trajectory.stages):
-            if k < first_stage or k in self._replay_tried:
-                continue
-            self._replay_tried.add(k)
-            try:
-                if stage.name not in self.data:
-                    raise UserError("its records were not given")
-                replay = StageReplay(self.trajectory, stage.name, self.model, self.task, self.data[stage.name], self.config.batch_loss)
-            except UserError as exc:
-                self._interpolated.append(f"{stage.name} ({exc})")
-                continue
-            s, ones = replay.initial_state(), replay.ones()
-            for t in tqdm(range(stage.stop - stage.start), desc=f"replaying {stage.name}", disable=not progress):
-                self._saved.setdefault(stage.start + t, self.space.flatten({n: s[f"p.{n}"] for n in replay.names}))
-                s = replay.step(s, t, replay.weights_for(ones, t))
-        self._saved_steps = sorted(set(self._saved_steps) | set(self._saved))
-
-    def _path_point(self, t: int) -> torch.Tensor:
-        """θ_t [P], the parameters step t started from: replayed (`curvature_path="replayed"`), or between the
-        nearest saved parameters before and after it (stage boundaries, the recorder's
-        `checkpoint_every` checkpoints), interpolated by the learning rate spent, as the run moves
-        in proportion to it."""
-        saved = self._saved_steps
-        i = bisect.bisect_right(saved, t) - 1
-        a, b = saved[i], saved[min(i + 1, len(saved) - 1)]
-        if a == t or a == b:
-            return self._saved_point(a)
-        spent = [self.trajectory.steps[s].lr[0] * self.trajectory.steps[s].clip for s in range(a, b)]
-        w = sum(spent[: t - a]) / sum(spent) if sum(spent) > 0 else (t - a) / (b - a)
-        return (1 - w) * self._saved_point(a) + w * self._saved_point(b)
-
-    def _saved_point(self, step: int) -> torch.Tensor:
-        if step not in self._saved:
-            self._saved[step] = self.space.flatten(self.trajectory.params_before(step))
-        return self._saved[step]
-
-    def _step_batch(self, t: int, k: int):
-        """The records of step t (or a seeded sample of its stage's records when not recorded)."""
-        stage = self.trajectory.stages[k]
-        if stage.name not in self.data:
-            return None
-        records = self.data[stage.name]
-        ids = self.trajectory.steps[t].ids
-        if ids is not None:
-            if stage.name not in self._positions:  # once per stage, not per curvature product
-                self._positions[stage.name] = id_positions(self._ids(stage.name))
-            position = self._positions[stage.name]
-            chosen = [position[str(i)] for i in ids if str(i) in position]
-        else:
-            g = torch.Generator().manual_seed(self.config.sample_seed + k)
-            chosen = torch.randperm(len(records), generator=g)[: self.config.hvp_examples].tolist()
-        if not chosen:
-            return None
-        return self.task.collate([self.task.whole(records[i]) for i in chosen])
-
-    def _ids(self, stage: str) -> list:
-        return record_ids(self.data[stage])
-
     # ------------------------------------------------------------------ estimators
 
-    def counterfactual_gap(self, k: int, hvp=None) -> torch.Tensor:
-        """e_k = θ_T − θ_T^(−k), [P]: the parameter and moment gaps stage k leaves, carried through
-        every later step's linearised update (with its curvature when `hvp` is given).
+    def counterfactual_gaps(self, hvp=None, bases: dict[int, StageEigenbasis | None] | None = None, progress: bool = False) -> list[torch.Tensor]:
+        """e_k = θ_T − θ_T^(−k), [P], for every stage k: the parameter and moment gaps stage k
+        leaves, carried through every later step's linearised update: to first order, with each
+        step's curvature products `hvp(t, V [B, P])`, or across each later stage in its eigenbasis
+        `bases[j]` (made exact on the span of the gaps entering it: `_corrected`). The gaps that
+        enter a stage cross it together, [B, P].
 
         Where training runs at the edge of stability (η·λ_max(H) > 2), the linearised steps grow
         a gap that the real, nonlinear run keeps bounded: a gap that outgrows ten times the whole
         run's movement is reported as NaN (the estimate is omitted, not extrapolated)."""
-        start, end = self.boundaries[k]
-        d_theta, d_m = end - start, self._moment_gap(k)
-        bound = self._gap_bound(k)
-        for stage in self.trajectory.stages[k + 1 :]:
+        stages = self.trajectory.stages
+        d_theta = torch.stack([end - start for start, end in self.boundaries])
+        d_m = torch.stack([self._moment_gap(k) for k in range(len(stages))])
+        live: list[int] = []  # the gaps still carried
+        for j in tqdm(range(1, len(stages)), desc="curvature", disable=not progress):
+            live.append(j - 1)
+            stage, rows = stages[j], torch.tensor(live)
             if stage.recreated:
-                d_m = torch.zeros_like(d_m)
-            for t in range(stage.start, stage.stop):
-                d_theta, d_m = forward(self.maps[t], d_theta, d_m, hvp(t, d_theta[None])[0] if hvp is not None else None)
-            if not float(d_theta.norm()) <= bound:
-                return torch.full_like(d_theta, float("nan"))
-        return d_theta
+                d_m[rows] = 0  # a fresh optimizer holds no trace of the gap
+            x, y = d_theta[rows], d_m[rows]
+            basis = bases.get(j) if bases is not None else None
+            if basis is not None:
+                x, y = self._corrected(j, basis, torch.cat([x, y])).carry(self.maps[stage.start : stage.stop], x, y)
+            else:
+                for t in range(stage.start, stage.stop):
+                    x, y = forward(self.maps[t], x, y, hvp(t, x) if hvp is not None else None)
+            d_theta[rows], d_m[rows] = x, y
+            for k in [k for k in live if not float(d_theta[k].norm()) <= self._gap_bound(k)]:
+                d_theta[k] = float("nan")
+                live.remove(k)
+        return list(d_theta)
 
     def _gap_bound(self, k: int) -> float:
         """Ten times the whole run's movement plus stage k's: a gap beyond it has diverged."""
         start, end = self.boundaries[k]
         return 10 * float((self.boundaries[-1][1] - self.boundaries[0][0]).norm() + (end - start).norm())
-
-    def eigenbasis_gaps(self, progress: bool = False) -> list[torch.Tensor]:
-        """Every stage's e_k [P] with each later stage crossed in its EK-FAC eigenbasis
-        (`curvature_matrix="ekfac"`). The gaps cross the stages together: on entering stage j,
-        the curvature is made exact on the span of the gaps entering it and their curvature
-        products (a few Gauss–Newton products per gap and stage, at the stage's midpoint on a
-        sample of its records: `_stage_products`), where KFAC misses the blocks between layers."""
-        bases = self._eigenbases(first_stage=1, progress=progress)
-        stages = self.trajectory.stages
-        gaps = [(end - start, self._moment_gap(k)) for k, (start, end) in enumerate(self.boundaries)]
-        for j in tqdm(range(1, len(stages)), desc="curvature (EK-FAC)", disable=not progress):
-            stage, maps = stages[j], self.maps[stages[j].start : stages[j].stop]
-            if stage.recreated:
-                gaps[:j] = [(d_theta, torch.zeros_like(d_m)) for d_theta, d_m in gaps[:j]]
-            basis = bases.get(j)
-            if basis is None:
-                for k in range(j):
-                    for m in maps:
-                        gaps[k] = forward(m, *gaps[k])
-                continue
-            basis = self._corrected(j, basis, torch.stack([v for gap in gaps[:j] for v in gap]))
-            gaps[:j] = [basis.carry(maps, *gaps[k]) for k in range(j)]
-            gaps[:j] = [(d if float(d.norm()) <= self._gap_bound(k) else torch.full_like(d, float("nan")), m) for k, (d, m) in enumerate(gaps[:j])]
-        return [d_theta for d_theta, _ in gaps]
-
-    def _corrected(self, j: int, basis: StageEigenbasis, vectors: torch.Tensor) -> StageEigenbasis:
-        """Stage j's basis made exact on the span of `vectors` [B, P] and their Gauss–Newton
-        products (as is, without the stage's records)."""
-        vectors = vectors[torch.isfinite(vectors).all(1) & vectors.ne(0).any(1)]
-        if self.trajectory.stages[j].name not in self.data or not len(vectors):
-            return basis
-        span = orthonormal(torch.cat([vectors, self._stage_products(j, vectors)]))
-        return basis.corrected(span, self._stage_products(j, span))
-
-    def _eigenbasis_adjoint(self, first_stage: int):
-        """(hvp, on_boundary) for `adjoint` with each stage's eigenbasis from `first_stage` on,
-        corrected on the span of the adjoint vectors entering it from the end of the run."""
-        bases = dict(self._eigenbases(first_stage))
-        stage_of = {t: k for k, s in enumerate(self.trajectory.stages) for t in range(s.start, s.stop)}
-
-        def on_boundary(j: int, a_theta: torch.Tensor, a_m: torch.Tensor) -> None:
-            if bases.get(j) is not None:
-                bases[j] = self._corrected(j, bases[j], torch.cat([a_theta, a_m]))
-
-        def hvp(t: int, v: torch.Tensor) -> torch.Tensor:
-            basis = bases.get(stage_of[t])
-            return basis.products(v) if basis is not None else torch.zeros_like(v)
-
-        return hvp, on_boundary
-
-    def _stage_products(self, j: int, vectors: torch.Tensor) -> torch.Tensor:
-        """C V [B, P] for V [B, P]: the Gauss–Newton matrix of stage j's batch loss at its middle
-        step's parameters, on a seeded sample of `hvp_examples` of its records (its expected
-        per-step curvature)."""
-        twice_differentiable_attention(self.model)
-        stage, records = self.trajectory.stages[j], self.data[self.trajectory.stages[j].name]
-        g = torch.Generator().manual_seed(self.config.sample_seed + j)
-        chosen = torch.randperm(len(records), generator=g)[: self.config.hvp_examples].tolist()
-        batches = list(collated_batches(self.task, [self.task.whole(records[i]) for i in chosen], self.config.batch_size))
-        normaliser = sum(batch_normaliser(b, self.config.batch_loss) for b in batches)
-        theta = self._path_point((stage.start + stage.stop - 1) // 2)
-        return sum(
-            curvature_products(
-                self.task,
-                lambda th, b=b: self.task.loss(self._bound(th), b).sum() / normaliser,
-                lambda th, b=b: output_curvature(self.task, self._bound(th), b, normaliser),
-                theta,
-                vectors,
-                "gauss-newton",
-            )
-            for b in batches
-        )
 
     def effects(self, behaviours: dict, progress: bool = False) -> StageEffects:
         """Every stage's effect on every behaviour (a dict name → query records)."""
@@ -422,12 +246,12 @@ class StageAttribution:
         theta_T = self.boundaries[-1][1]
         final, q = self._values(theta_T, batches, grad=True)
         n = len(self.trajectory.stages)
-        gaps = {"naive": [end - start for start, end in self.boundaries], "propagated": [self.counterfactual_gap(k) for k in range(n)]}
+        gaps = {"naive": [end - start for start, end in self.boundaries], "propagated": self.counterfactual_gaps()}
+        # skipping stage k replays the stages after it: their curvature is needed from stage 1 on
         if self.config.curvature and self.config.curvature_matrix == "ekfac" and (self.data or self.curvatures):
-            gaps["curvature"] = self.eigenbasis_gaps(progress)
+            gaps["curvature"] = self.counterfactual_gaps(bases=self._eigenbases(first_stage=1, progress=progress), progress=progress)
         elif self.config.curvature and self.data:
-            hvp = self._hvp(first_stage=1, progress=progress)
-            gaps["curvature"] = [self.counterfactual_gap(k, hvp) for k in tqdm(range(n), desc="curvature", disable=not progress)]
+            gaps["curvature"] = self.counterfactual_gaps(self._hvp(first_stage=1, progress=progress), progress=progress)
         gaps = {name: [self.config.removed * e for e in es] for name, es in gaps.items()}
         estimates = {}
         for name, es in gaps.items():
@@ -442,7 +266,9 @@ class StageAttribution:
         if self.config.curvature and not self.data and not self.curvatures:
             ignores.append("curvature (no stage records given)")
         if "curvature" in gaps and self.config.curvature_matrix == "ekfac":
-            ignores.append("each later stage's curvature away from one EK-FAC fit, corrected on the span of the gaps entering it")
+            ignores.append(
+                "each later stage's curvature away from one EK-FAC fit (corrected on the span of the gaps entering it where its records are given)"
+            )
             flat = [s.name for k, s in enumerate(self.trajectory.stages) if k >= 1 and self._bases.get(k) is None]
             if flat:
                 ignores.append("the curvature of stages with neither records nor a fit (first order there): " + ", ".join(flat))
@@ -529,16 +355,3 @@ class StageAttribution:
                 loss = self.task.loss(self._bound(th), batch).sum()
                 out = out + torch.autograd.grad(loss, th)[0] / 2
         return out
-
-
-def targets_per_example(task: Task, records) -> float:
-    """The mean number of predicted targets per record (1 for a record that is one example)."""
-    return float(np.mean([sum(e.target_mask[1:]) if isinstance(e, TokenExample) else 1 for e in whole_examples(task, records)]))
-
-
-def orthonormal(vectors: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis [r, P] of the span of `vectors` [B, P], directions below 1e-10 of the
-    largest dropped."""
-    q, r = torch.linalg.qr(vectors.T)
-    keep = r.diagonal().abs() > 1e-10 * r.diagonal().abs().max()
-    return q.T[keep]

@@ -44,6 +44,7 @@ import torch
 
 from ..collect import TrackedModule
 from ..curvature import Curvature, ModuleCurvature
+from ..errors import UserError
 from .propagation import ParamSpace, StepMap, forward
 
 
@@ -56,6 +57,8 @@ class StageEigenbasis:
         self.blocks: list[tuple[torch.Tensor, ModuleCurvature]] = []  # (flat positions [d_out, d_in_aug], block)
         self.eigenvalues = torch.zeros(space.size, dtype=torch.float64)  # [P]: 0 outside the tracked modules
         for name, block in curvature.modules.items():
+            if name not in modules:
+                raise UserError(f"the EK-FAC fit has a module {name!r} that is not a linear module of the model")
             tm = modules[name]
             if tm.weight_name not in offsets or (tm.has_bias and tm.bias_name not in offsets):
                 continue  # a parameter the run did not train
@@ -66,7 +69,7 @@ class StageEigenbasis:
                 positions = torch.cat([positions, torch.arange(bias, bias + tm.d_out)[:, None]], 1)
             self.blocks.append((positions, block))
             self.eigenvalues[positions.reshape(-1)] = scale * block.eigenvalues().double().reshape(-1)
-        self._maps: dict[tuple, tuple[StepMap, StepMap]] = {}  # settings' ids -> (a map with them, as in the basis)
+        self._settings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (a setting, as in the basis)
         self.subspace: torch.Tensor | None = None  # U [r, P], orthonormal, in eigen-coordinates
         self.correction: torch.Tensor | None = None  # M [r, r]: the exact curvature minus the basis's, on U
 
@@ -111,30 +114,29 @@ class StageEigenbasis:
         return out
 
     def _per_module(self, values: torch.Tensor) -> torch.Tensor:
-        """A per-element setting with each tracked module's elements set to its weight's."""
-        out = values.clone()
-        for positions, _ in self.blocks:
-            out[positions] = values[positions[0, 0]]
-        return out
+        """A per-element setting [P] with each tracked module's elements set to its weight's (the
+        setting itself when they already agree, as they usually do: no copy per step)."""
+        if id(values) not in self._settings:  # the step maps share their settings' tensors
+            out = values
+            if any(bool((values[positions] != values[positions[0, 0]]).any()) for positions, _ in self.blocks):
+                out = values.clone()
+                for positions, _ in self.blocks:
+                    out[positions] = values[positions[0, 0]]
+            self._settings[id(values)] = (values, out)  # the tensor is kept so that its id is not reused
+        return self._settings[id(values)][1]
 
     def step_map(self, m: StepMap) -> StepMap:
         """SGD step m's linearised update as it acts on eigen-coordinates."""
-        key = tuple(id(x) for x in (m.lr, m.coupled, m.decay, m.momentum, m.dampening, m.nesterov))
-        if key not in self._maps:  # the maps share their settings' tensors; m is kept so that no id is reused
-            self._maps[key] = (
-                m,
-                replace(m, **{f: self._per_module(getattr(m, f)) for f in ("lr", "coupled", "decay", "momentum", "dampening", "nesterov")}),
-            )
-        return replace(self._maps[key][1], clip=m.clip, first=m.first)
+        return replace(m, **{f: self._per_module(getattr(m, f)) for f in ("lr", "coupled", "decay", "momentum", "dampening", "nesterov")})
 
     def carry(self, maps: list[StepMap], d_theta: torch.Tensor, d_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(δθ, δm) [P] each after the stage's steps `maps`, from the gap entering the stage."""
+        """(δθ, δm) [B, P] each after the stage's steps `maps`, from the gaps entering the stage."""
         if any(m.kind == "adam" for m in maps):
             for m in maps:
-                d_theta, d_m = forward(m, d_theta, d_m, self.products(d_theta[None])[0])
+                d_theta, d_m = forward(m, d_theta, d_m, self.products(d_theta))
             return d_theta, d_m
-        x, y = self.rotate(torch.stack([d_theta, d_m]))
+        x, y = self.rotate(torch.cat([d_theta, d_m])).split(len(d_theta))
         for m in maps:
-            x, y = forward(self.step_map(m), x, y, self._diagonal_products(x[None])[0])
-        x, y = self.unrotate(torch.stack([x, y]))
+            x, y = forward(self.step_map(m), x, y, self._diagonal_products(x))
+        x, y = self.unrotate(torch.cat([x, y])).split(len(d_theta))
         return x, y
