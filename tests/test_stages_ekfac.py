@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from reference import mlp, mlp_records
-from stage_runs import N, batch_hessian, problem, retrain_without, run_stage
+from stage_runs import N, batch_hessian, make_optimizer, problem, retrain_without, run_stage
 
 import headwater as hw
 from headwater.collect import tracked_modules
@@ -20,6 +20,7 @@ from headwater.curvature import Curvature, ModuleCurvature
 from headwater.stages.eigenbasis import StageEigenbasis
 from headwater.stages.gauss_newton import curvature_products
 from headwater.stages.propagation import ParamSpace, StepMap, forward
+from headwater.stages.replay import StageReplay
 
 STAGES = ["pre", "mid", "tune", "late"]
 PROBES = [
@@ -321,3 +322,63 @@ def test_the_adjoints_correction_alone_recovers_the_per_step_records_when_its_sp
     )
     np.testing.assert_allclose(corrected.values, per_step.values, rtol=1e-8, atol=1e-10)
     assert not np.allclose(uncorrected.values, per_step.values, rtol=1e-3)  # without the later stages' records: no correction
+
+
+def adam_run(path):
+    """Three mini-batch AdamW stages of least squares (per-group decay): "a", then "b" continuing
+    its optimizer (moments and step count) at a new rate, then "c" with a fresh one."""
+    model, task, records = problem()
+    recorder = hw.TrajectoryRecorder(path, model)
+    opt = make_optimizer("adamw", model, lr=0.5)
+    run_stage(recorder, model, task, records, opt, 6, "a", seed=1)
+    for group in opt.param_groups:
+        group["lr"] = 0.02
+    run_stage(recorder, model, task, records, opt, 5, "b", seed=2)
+    run_stage(recorder, model, task, records, make_optimizer("adamw", model, lr=0.3), 6, "c", sched="cosine", seed=3)
+    return model, task, records
+
+
+def adam_replay_with_less_of(traj, k: int, fraction: float, model, task, records) -> dict:
+    """The run with `fraction` of stage k taken out (its end parameters and both Adam moments moved
+    that far back to its start), the later stages replayed as torch.optim ran them (StageReplay)."""
+    stage = traj.stages[k]
+    moved = lambda end, start: {n: end[n] - fraction * (end[n] - start.get(n, 0 * end[n])) for n in end}  # noqa: E731
+    p = moved(traj.params_at(stage.name, True), traj.params_at(stage.name, False))
+    ends, starts = traj.moments_at(stage.name, True), traj.moments_at(stage.name, False)
+    m, v = (moved(ends[key], starts.get(key, {})) for key in ("exp_avg", "exp_avg_sq"))
+    for later in traj.stages[k + 1 :]:
+        replay = StageReplay(traj, later.name, model, task, records, "example-mean")
+        s = replay.initial_state()
+        for n in replay.names:
+            s[f"p.{n}"] = p[n]
+            if not later.recreated:
+                s[f"m.{n}"], s[f"v.{n}"] = m[n], v[n]
+        for t in range(later.stop - later.start):
+            s = replay.step(s, t, replay.weights_for(replay.ones(), t))
+        p, m, v = ({n: s[f"{x}.{n}"] for n in replay.names} for x in "pmv")
+    return p
+
+
+def test_replayed_adam_stages_carry_the_second_moments_response(tmp_path):
+    """Taking 10⁻⁶ of a stage out of an AdamW run (optimizer continued, then re-created): with the
+    replayed path each later Adam step takes its own moments and its second moment's response to
+    the gap, and the curvature estimate equals retraining to first order; with the stage-end
+    preconditioner and no second-moment gap it does not."""
+    fraction = 1e-6
+    model, task, records = adam_run(tmp_path / "traj")
+    traj = hw.Trajectory(tmp_path / "traj")
+    assert [s.recreated for s in traj.stages] == [True, False, True]
+    final = np.array([float(model(p["x"][None]).squeeze()) for p in PROBES])
+    truth = np.zeros((3, 2))
+    for k in range(3):
+        p = adam_replay_with_less_of(traj, k, fraction, model, task, records)
+        truth[k] = final - np.array([float(pr["x"] @ p["weight"][0] + p["bias"][0]) for pr in PROBES])
+    errors = {}
+    for path in ("replayed", "interpolated"):
+        config = hw.StageConfig(
+            measurement="prediction", batch_loss="example-mean", curvature_matrix="hessian", curvature_path=path, removed=fraction
+        )
+        est = hw.StageAttribution(traj, model, task, config, {s.name: records for s in traj.stages}).effects({"a": PROBES[:1], "b": PROBES[1:]})
+        errors[path] = np.abs(est.estimates["curvature (linear)"] - truth).max() / np.abs(truth).max()
+    assert errors["replayed"] < 1e-4, errors
+    assert errors["interpolated"] > 1e-2, errors

@@ -48,7 +48,7 @@ from ..training import Bound
 from .config import StageConfig
 from .eigenbasis import StageEigenbasis
 from .later_curvature import LaterCurvature, targets_per_example
-from .propagation import ParamSpace, adjoint, forward, step_maps
+from .propagation import ParamSpace, adjoint, forward, forward_adam, step_maps
 from .trajectory import Trajectory
 
 
@@ -155,6 +155,12 @@ class StageAttribution(LaterCurvature):
         key = "exp_avg" if self.trajectory.steps[stage.start].kind == "adam" else "momentum_buffer"
         return self.space.flatten(end.get(key, {})) - self.space.flatten(start.get(key, {}))
 
+    def _second_moment_gap(self, k: int) -> torch.Tensor:
+        """Adam's second moment at stage k's end minus at its start (zero for SGD)."""
+        stage = self.trajectory.stages[k]
+        end, start = (self.trajectory.moments_at(stage.name, e).get("exp_avg_sq", {}) for e in (True, False))
+        return self.space.flatten(end) - self.space.flatten(start)
+
     def _preconditioners(self) -> dict[str, torch.Tensor]:
         """Adam's 1/(√v̂ + ε) per stage, from the second moment at the stage's end, each tensor's
         floored at `normalizer.V_FLOOR` of its mean. A coordinate whose gradient stayed at zero
@@ -208,7 +214,8 @@ class StageAttribution(LaterCurvature):
         leaves, carried through every later step's linearised update: to first order, with each
         step's curvature products `hvp(t, V [B, P])`, or across each later stage in its eigenbasis
         `bases[j]` (made exact on the span of the gaps entering it: `_corrected`). The gaps that
-        enter a stage cross it together, [B, P].
+        enter a stage cross it together, [B, P]. With `hvp`, an Adam step replayed with its own
+        moments (`curvature_path="replayed"`) takes them, and carries the second-moment gap too.
 
         Where training runs at the edge of stability (η·λ_max(H) > 2), the linearised steps grow
         a gap that the real, nonlinear run keeps bounded: a gap that outgrows ten times the whole
@@ -216,20 +223,24 @@ class StageAttribution(LaterCurvature):
         stages = self.trajectory.stages
         d_theta = torch.stack([end - start for start, end in self.boundaries])
         d_m = torch.stack([self._moment_gap(k) for k in range(len(stages))])
+        d_v = torch.stack([self._second_moment_gap(k) for k in range(len(stages))])
         live: list[int] = []  # the gaps still carried
         for j in tqdm(range(1, len(stages)), desc="curvature", disable=not progress):
             live.append(j - 1)
             stage, rows = stages[j], torch.tensor(live)
             if stage.recreated:
-                d_m[rows] = 0  # a fresh optimizer holds no trace of the gap
-            x, y = d_theta[rows], d_m[rows]
+                d_m[rows], d_v[rows] = 0, 0  # a fresh optimizer holds no trace of the gap
+            x, y, z = d_theta[rows], d_m[rows], d_v[rows]
             basis = bases.get(j) if bases is not None else None
             if basis is not None:
                 x, y = self._corrected(j, basis, torch.cat([x, y])).carry(self.maps[stage.start : stage.stop], x, y)
             else:
                 for t in range(stage.start, stage.stop):
-                    x, y = forward(self.maps[t], x, y, hvp(t, x) if hvp is not None else None)
-            d_theta[rows], d_m[rows] = x, y
+                    if hvp is not None and t in self._adam_steps:
+                        x, y, z = forward_adam(self.maps[t], self._adam_steps[t], x, y, z, hvp(t, x))
+                    else:
+                        x, y = forward(self.maps[t], x, y, hvp(t, x) if hvp is not None else None)
+            d_theta[rows], d_m[rows], d_v[rows] = x, y, z
             for k in [k for k in live if not float(d_theta[k].norm()) <= self._gap_bound(k)]:
                 d_theta[k] = float("nan")
                 live.remove(k)
@@ -262,7 +273,10 @@ class StageAttribution(LaterCurvature):
         diverged = [f"{name}: {s.name}" for name, es in gaps.items() for s, e in zip(self.trajectory.stages, es) if not torch.isfinite(e).all()]
         values = [self._values(theta, batches)[0] for theta in [self.boundaries[0][0]] + [end for _, end in self.boundaries]]
         completeness = np.stack([values[k + 1] - values[k] for k in range(n)])
-        ignores = list(self.trajectory.ignores) + ["the second-moment gap's effect on later Adam steps", "Adam's bias-correction step count"]
+        second = "the second-moment gap's effect on later Adam steps"
+        if self._adam_steps:  # replayed Adam stages take it: say what does not
+            second += " (modelled by the curvature estimate in the replayed Adam stages)"
+        ignores = list(self.trajectory.ignores) + [second, "Adam's bias-correction step count"]
         if self.config.curvature and not self.data and not self.curvatures:
             ignores.append("curvature (no stage records given)")
         if "curvature" in gaps and self.config.curvature_matrix == "ekfac":

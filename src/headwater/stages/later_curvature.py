@@ -23,10 +23,12 @@ from ..collect import tracked_modules
 from ..curvature import fit_curvature
 from ..data import id_positions, record_ids
 from ..errors import UserError
+from ..normalizer import floored
 from ..task import LanguageModelTask, Task, TokenExample, batch_normaliser, collated_batches, whole_examples
 from ..training import twice_differentiable_attention
 from .eigenbasis import StageEigenbasis
 from .gauss_newton import curvature_products, output_curvature
+from .propagation import AdamStep
 from .replay import StageReplay
 
 
@@ -38,6 +40,7 @@ class LaterCurvature:
         self._replay_tried: set[int] = set()  # curvature_path="replayed": stages replayed, or tried
         self._interpolated: list[str] = []  # the stages that could not be replayed, and why
         self._positions: dict[str, dict[str, int]] = {}  # stage -> record id -> position in its data
+        self._adam_steps: dict[int, AdamStep] = {}  # curvature_path="replayed": each replayed Adam step's own moments
         self._bases: dict[int, StageEigenbasis | None] = {}  # curvature_matrix="ekfac": per stage, None with neither records nor a fit
         # the steps whose starting parameters are saved: stage boundaries and checkpoints inside stages
         self._saved_steps = sorted({b for s in self.trajectory.stages for b in (s.start, s.stop)} | set(self.trajectory.checkpoint_steps))
@@ -96,9 +99,9 @@ class LaterCurvature:
         return self._bases
 
     def _replay_path(self, first_stage: int, progress: bool = False) -> None:
-        """The starting parameters of every step of stage `first_stage` on, from replaying each
-        stage over its recorded batches (`StageReplay`); a stage that cannot be replayed keeps
-        the interpolated path."""
+        """The starting parameters of every step of stage `first_stage` on, and each Adam step's
+        own moments (`_adam_steps`), from replaying each stage over its recorded batches
+        (`StageReplay`); a stage that cannot be replayed keeps the interpolated path."""
         for k, stage in enumerate(self.trajectory.stages):
             if k < first_stage or k in self._replay_tried:
                 continue
@@ -113,8 +116,27 @@ class LaterCurvature:
             s, ones = replay.initial_state(), replay.ones()
             for t in tqdm(range(stage.stop - stage.start), desc=f"replaying {stage.name}", disable=not progress):
                 self._saved.setdefault(stage.start + t, self.space.flatten({n: s[f"p.{n}"] for n in replay.names}))
-                s = replay.step(s, t, replay.weights_for(ones, t))
+                after = replay.step(s, t, replay.weights_for(ones, t))
+                if replay.config.optimizer == "adamw":
+                    self._adam_steps[stage.start + t] = self._adam_step(replay, t, s, after)
+                s = after
         self._saved_steps = sorted(set(self._saved_steps) | set(self._saved))
+
+    def _adam_step(self, replay: StageReplay, t: int, before: dict, after: dict) -> AdamStep:
+        """Replayed Adam step t's coefficients (`AdamStep`), from the moments before and after it;
+        each tensor's v̂ floored as the stage preconditioners' are (`normalizer.floored`)."""
+        cfg, count = replay.config, replay.counts[t]
+        b1, b2 = 1 - cfg.beta1**count, 1 - cfg.beta2**count
+        parts: dict[str, dict[str, torch.Tensor]] = {"precondition": {}, "response": {}, "gradient": {}}
+        for n in replay.names:
+            m, v = after[f"m.{n}"].double(), after[f"v.{n}"].double()
+            g = (m - cfg.beta1 * before[f"m.{n}"].double()) / (1 - cfg.beta1)  # the (clipped) gradient the step took
+            root = floored(v / b2).sqrt()
+            denom = root + cfg.adam_eps
+            parts["precondition"][n] = 1 / denom
+            parts["response"][n] = torch.where(root > 0, (m / b1) / (2 * root.clamp_min(1e-300) * denom**2 * b2), torch.zeros_like(m))
+            parts["gradient"][n] = 2 * (1 - cfg.beta2) * g
+        return AdamStep(**{k: self.space.flatten(v) for k, v in parts.items()}, beta2=cfg.beta2)
 
     def _path_point(self, t: int) -> torch.Tensor:
         """θ_t [P], the parameters step t started from: replayed (`curvature_path="replayed"`), or between the

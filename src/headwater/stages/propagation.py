@@ -100,6 +100,27 @@ def step_maps(trajectory: Trajectory, space: ParamSpace, preconditioners: dict[s
     return maps
 
 
+@dataclass
+class AdamStep:
+    """One Adam step as it ran (from a replay), as the per-element coefficients of its second
+    moment's response, [P] each: the step is θ ← … − η m̂/(√v̂ + ε), so a gap moves it by
+    η(δm̂/(√v̂ + ε) − m̂ δv̂/(2√v̂ (√v̂ + ε)²)), with δv' = β2 δv + 2(1 − β2) g δg."""
+
+    precondition: torch.Tensor  # 1/(√v̂ + ε) of this step (v̂ floored per tensor; 0 where not stepped)
+    response: torch.Tensor  # m̂ / (2√v̂ (√v̂ + ε)² (1 − β2^n)): the step's change per unit of δv
+    gradient: torch.Tensor  # 2(1 − β2) g: δv's change per unit of δg
+    beta2: float
+
+
+def forward_adam(m: StepMap, a: AdamStep, dtheta: torch.Tensor, dm: torch.Tensor, dv: torch.Tensor, hvp: torch.Tensor):
+    """(δθ, δm, δv) after Adam step m with its own moments `a`: `forward` with the step's second
+    moment and that moment's response to the gap; `hvp` is H δθ."""
+    dg = m.coupled * dtheta + m.clip * hvp
+    dm2 = m.momentum * dm + (1 - m.momentum) * dg
+    dv2 = a.beta2 * dv + a.gradient * dg
+    return m.decay * dtheta - m.lr * (a.precondition * dm2 / m.bias - a.response * dv2), dm2, dv2
+
+
 def forward(m: StepMap, dtheta: torch.Tensor, dm: torch.Tensor, hvp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(δθ, δm) after one step, from the gap before it; `hvp` is H δθ (None: first order)."""
     dg = m.coupled * dtheta + (m.clip * hvp if hvp is not None else 0)
