@@ -33,8 +33,9 @@ class StageConfig(Config):
         "Where the later steps' curvature is taken between saved parameters (ekfac's correction: at each stage's middle step): "
         "interpolated (by learning rate spent between the "
         "stage boundaries and any checkpoints) or replayed (each stage replayed from its start over its recorded batches, "
-        "so every step's own parameters: as a checkpoint every step would give, at one forward and backward pass per step "
-        "and memory for every step's parameters; stages that cannot be replayed stay interpolated, and the result says which).",
+        "so every step's own parameters, and in Adam stages its own moments and their response to the gap, at one forward "
+        "and backward pass per step and memory for every step's parameters; stages that cannot be replayed stay "
+        "interpolated, and the result says which).",
         choices=("interpolated", "replayed"),
     )
     removed: float = option(

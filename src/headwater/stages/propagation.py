@@ -13,6 +13,10 @@ second moment at the stage's end, bias-corrected). Linearised around the recorde
 (δθ, δm) moves as the same recursion with ∇L replaced by H δθ (H the Hessian of the step's batch
 loss; H = 0 for first-order propagation). Re-creating the optimizer zeroes the moment gap.
 
+An Adam step replayed with its own moments (`AdamStep`, `forward_adam`) takes its own P and the
+second moment's response as well: the gap carries δv, δv' = β2 δv + 2(1 − β2) g δg, and the step
+moves by −η m̂ δv̂ / (2√v̂ (√v̂ + ε)²) more. `adjoint` keeps the stage's P and no δv.
+
 `adjoint` carries behaviour vectors backwards through these maps, so one pass gives, at every
 stage boundary, the sensitivity of the final measurement to the parameter and moment gaps there,
 and at every step the sensitivity to that step's data gradient.
