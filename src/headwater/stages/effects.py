@@ -147,19 +147,14 @@ class StageAttribution(LaterCurvature):
     def _flat(self, stage: str, end: bool) -> torch.Tensor:
         return self.space.flatten(self.trajectory.params_at(stage, end))
 
-    def _moment_gap(self, k: int) -> torch.Tensor:
-        """The optimizer-state gap stage k leaves: its first moment (or momentum buffer) at its
-        end minus at its start (after any re-creation)."""
+    def _moment_gaps(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The optimizer-state gaps stage k leaves, [P] each: its first moment (or momentum buffer)
+        and Adam's second moment (zero for SGD) at its end minus at its start (after any
+        re-creation). Each boundary's state is read once."""
         stage = self.trajectory.stages[k]
         end, start = self.trajectory.moments_at(stage.name, True), self.trajectory.moments_at(stage.name, False)
-        key = "exp_avg" if self.trajectory.steps[stage.start].kind == "adam" else "momentum_buffer"
-        return self.space.flatten(end.get(key, {})) - self.space.flatten(start.get(key, {}))
-
-    def _second_moment_gap(self, k: int) -> torch.Tensor:
-        """Adam's second moment at stage k's end minus at its start (zero for SGD)."""
-        stage = self.trajectory.stages[k]
-        end, start = (self.trajectory.moments_at(stage.name, e).get("exp_avg_sq", {}) for e in (True, False))
-        return self.space.flatten(end) - self.space.flatten(start)
+        first = "exp_avg" if self.trajectory.steps[stage.start].kind == "adam" else "momentum_buffer"
+        return tuple(self.space.flatten(end.get(key, {})) - self.space.flatten(start.get(key, {})) for key in (first, "exp_avg_sq"))
 
     def _preconditioners(self) -> dict[str, torch.Tensor]:
         """Adam's 1/(√v̂ + ε) per stage, from the second moment at the stage's end, each tensor's
@@ -222,8 +217,7 @@ class StageAttribution(LaterCurvature):
         run's movement is reported as NaN (the estimate is omitted, not extrapolated)."""
         stages = self.trajectory.stages
         d_theta = torch.stack([end - start for start, end in self.boundaries])
-        d_m = torch.stack([self._moment_gap(k) for k in range(len(stages))])
-        d_v = torch.stack([self._second_moment_gap(k) for k in range(len(stages))])
+        d_m, d_v = (torch.stack(gaps) for gaps in zip(*(self._moment_gaps(k) for k in range(len(stages)))))
         live: list[int] = []  # the gaps still carried
         for j in tqdm(range(1, len(stages)), desc="curvature", disable=not progress):
             live.append(j - 1)

@@ -170,11 +170,15 @@ class LaterCurvature:
             position = self._positions[stage.name]
             chosen = [position[str(i)] for i in ids if str(i) in position]
         else:
-            g = torch.Generator().manual_seed(self.config.sample_seed + k)
-            chosen = torch.randperm(len(records), generator=g)[: self.config.hvp_examples].tolist()
+            chosen = self._stage_sample(k)
         if not chosen:
             return None
         return self.task.collate([self.task.whole(records[i]) for i in chosen])
+
+    def _stage_sample(self, k: int) -> list[int]:
+        """Positions of a seeded sample of `hvp_examples` of stage k's records (the same every call)."""
+        g = torch.Generator().manual_seed(self.config.sample_seed + k)
+        return torch.randperm(len(self.data[self.trajectory.stages[k].name]), generator=g)[: self.config.hvp_examples].tolist()
 
     def _ids(self, stage: str) -> list:
         return record_ids(self.data[stage])
@@ -210,9 +214,7 @@ class LaterCurvature:
         per-step curvature)."""
         twice_differentiable_attention(self.model)
         stage, records = self.trajectory.stages[j], self.data[self.trajectory.stages[j].name]
-        g = torch.Generator().manual_seed(self.config.sample_seed + j)
-        chosen = torch.randperm(len(records), generator=g)[: self.config.hvp_examples].tolist()
-        batches = list(collated_batches(self.task, [self.task.whole(records[i]) for i in chosen], self.config.batch_size))
+        batches = list(collated_batches(self.task, [self.task.whole(records[i]) for i in self._stage_sample(j)], self.config.batch_size))
         normaliser = sum(batch_normaliser(b, self.config.batch_loss) for b in batches)
         theta = self._path_point((stage.start + stage.stop - 1) // 2)
         return sum(
